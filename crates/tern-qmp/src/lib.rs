@@ -1,0 +1,12 @@
+//! A QMP-compatible control socket.
+//!
+//! Speaks QEMU's wire protocol: the greeting, capabilities negotiation, one JSON object per line
+//! in each direction (CRLF-terminated, QEMU's spacing), `id` echoed, errors as
+//! `{"error": {"class", "desc"}}`, events with a timestamp. The commands themselves are the
+//! [`Backend`]'s; this crate owns the session rules.
+
+mod format;
+mod server;
+
+pub use format::to_qemu_json;
+pub use server::{no_args, Backend, QmpError, Server};

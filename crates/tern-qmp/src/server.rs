@@ -1,0 +1,340 @@
+//! The QMP server: sockets, sessions, negotiation, replies and events.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+use crate::format::to_qemu_json;
+
+/// Longest accepted input line; a longer one closes the session.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A QMP error: QEMU's error class and a human description.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{class}: {desc}")]
+pub struct QmpError {
+    pub class: &'static str,
+    pub desc: String,
+}
+
+impl QmpError {
+    /// A `GenericError`.
+    pub fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+    /// A `CommandNotFound` for `name`.
+    pub fn not_found(name: &str) -> Self {
+        QmpError {
+            class: "CommandNotFound",
+            desc: format!("The command {name} has not been found"),
+        }
+    }
+}
+
+/// What the VMM does with commands.
+pub trait Backend: Send + Sync + 'static {
+    /// Runs one command (never `qmp_capabilities`, which the server answers).
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError>;
+    /// Called after the reply to a successful `quit` has been written.
+    fn quit(&self);
+}
+
+struct Client {
+    out: Mutex<UnixStream>,
+    negotiated: Mutex<bool>,
+}
+
+impl Client {
+    fn send(&self, v: &Value) -> io::Result<()> {
+        let mut line = to_qemu_json(v);
+        line.push_str("\r\n");
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        out.write_all(line.as_bytes())
+    }
+}
+
+/// A listening QMP socket and its sessions.
+pub struct Server {
+    path: PathBuf,
+    clients: Mutex<Vec<Arc<Client>>>,
+    version: (u32, u32, u32),
+}
+
+impl Server {
+    /// Binds the socket at `path` (replacing a stale socket file).
+    pub fn bind(path: &Path) -> io::Result<(Arc<Server>, UnixListener)> {
+        if path.exists() {
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path)?;
+        Ok((
+            Arc::new(Server {
+                path: path.to_path_buf(),
+                clients: Mutex::new(Vec::new()),
+                version: (10, 0, 0),
+            }),
+            listener,
+        ))
+    }
+
+    /// Accepts clients on a background thread, each served on its own thread.
+    pub fn serve(self: &Arc<Self>, listener: UnixListener, backend: Arc<dyn Backend>) -> io::Result<()> {
+        let server = self.clone();
+        std::thread::Builder::new()
+            .name("qmp-accept".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let stream = match stream {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!("QMP accept on {}: {e}", server.path.display());
+                            continue;
+                        }
+                    };
+                    let (server, backend) = (server.clone(), backend.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("qmp-client".into())
+                        .spawn(move || {
+                            if let Err(e) = server.session(stream, &*backend) {
+                                tracing::debug!("QMP session ended: {e}");
+                            }
+                        });
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Sends an event to every negotiated client.
+    pub fn emit(&self, event: &str, data: Option<Value>) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let mut v = json!({
+            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
+            "event": event,
+        });
+        if let Some(d) = data {
+            v["data"] = d;
+        }
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for c in clients {
+            if *c.negotiated.lock().unwrap_or_else(|e| e.into_inner()) {
+                let _ = c.send(&v);
+            }
+        }
+    }
+
+    fn session(&self, stream: UnixStream, backend: &dyn Backend) -> io::Result<()> {
+        let client = Arc::new(Client {
+            out: Mutex::new(stream.try_clone()?),
+            negotiated: Mutex::new(false),
+        });
+        let (major, minor, micro) = self.version;
+        client.send(&json!({"QMP": {
+            "version": {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": ""},
+            "capabilities": ["oob"]}}))?;
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(client.clone());
+        let result = self.read_loop(stream, &client, backend);
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| !Arc::ptr_eq(c, &client));
+        result
+    }
+
+    fn read_loop(&self, stream: UnixStream, client: &Client, backend: &dyn Backend) -> io::Result<()> {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+            if n == 0 {
+                return Ok(());
+            }
+            if line.len() > MAX_LINE {
+                client.send(&json!({"error": {"class": "GenericError",
+                    "desc": format!("QMP input exceeds {MAX_LINE} bytes")}}))?;
+                return Ok(());
+            }
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
+                continue;
+            }
+            let (reply, quit) = self.handle(text.trim(), client, backend);
+            client.send(&reply)?;
+            if quit {
+                backend.quit();
+            }
+        }
+    }
+
+    /// Handles one input line; returns the reply and whether it was a successful `quit`.
+    fn handle(&self, text: &str, client: &Client, backend: &dyn Backend) -> (Value, bool) {
+        let input: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => return (error_reply(None, QmpError::generic(format!("JSON parse error, {e}"))), false),
+        };
+        let Value::Object(obj) = input else {
+            return (error_reply(None, QmpError::generic("QMP input must be a JSON object")), false);
+        };
+        let id = obj.get("id").cloned();
+        let cmd = match (obj.get("execute"), obj.get("exec-oob")) {
+            (Some(Value::String(c)), None) | (None, Some(Value::String(c))) => c.clone(),
+            (Some(_), Some(_)) => {
+                return (error_reply(id, QmpError::generic(
+                    "QMP input must not have both 'execute' and 'exec-oob'")), false)
+            }
+            (None, None) => {
+                return (error_reply(id, QmpError::generic("QMP input lacks member 'execute'")), false)
+            }
+            _ => {
+                return (error_reply(id, QmpError::generic(
+                    "QMP input member 'execute' must be a string")), false)
+            }
+        };
+        for key in obj.keys() {
+            if !matches!(key.as_str(), "execute" | "exec-oob" | "arguments" | "id" | "control") {
+                return (error_reply(id, QmpError::generic(format!(
+                    "QMP input member '{key}' is unexpected"))), false);
+            }
+        }
+        let empty = Map::new();
+        let args = match obj.get("arguments") {
+            None => &empty,
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                return (error_reply(id, QmpError::generic(
+                    "QMP input member 'arguments' must be an object")), false)
+            }
+        };
+        let mut negotiated = client.negotiated.lock().unwrap_or_else(|e| e.into_inner());
+        if cmd == "qmp_capabilities" {
+            if *negotiated {
+                return (error_reply(id, QmpError {
+                    class: "CommandNotFound",
+                    desc: "Capabilities negotiation is already complete, command ignored".into(),
+                }), false);
+            }
+            if let Some(caps) = args.get("enable") {
+                let ok = caps.as_array().is_some_and(|a| a.iter().all(|c| c == "oob"));
+                if !ok {
+                    return (error_reply(id, QmpError::generic(
+                        "Capability negotiation supports only 'oob'")), false);
+                }
+            }
+            *negotiated = true;
+            return (ok_reply(id, json!({})), false);
+        }
+        if !*negotiated {
+            return (error_reply(id, QmpError {
+                class: "CommandNotFound",
+                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+            }), false);
+        }
+        drop(negotiated);
+        match backend.execute(&cmd, args) {
+            Ok(v) => (ok_reply(id, v), cmd == "quit"),
+            Err(e) => (error_reply(id, e), false),
+        }
+    }
+}
+
+fn ok_reply(id: Option<Value>, v: Value) -> Value {
+    let mut r = json!({"return": v});
+    if let Some(id) = id {
+        r["id"] = id;
+    }
+    r
+}
+
+fn error_reply(id: Option<Value>, e: QmpError) -> Value {
+    let mut r = json!({"error": {"class": e.class, "desc": e.desc}});
+    if let Some(id) = id {
+        r["id"] = id;
+    }
+    r
+}
+
+/// Rejects any argument of a command that takes none, as QEMU does.
+pub fn no_args(args: &Map<String, Value>) -> Result<(), QmpError> {
+    match args.keys().next() {
+        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl Backend for Echo {
+        fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+            match command {
+                "query-status" => {
+                    no_args(args)?;
+                    Ok(json!({"running": true, "status": "running"}))
+                }
+                "quit" => Ok(json!({})),
+                other => Err(QmpError::not_found(other)),
+            }
+        }
+        fn quit(&self) {}
+    }
+
+    fn session() -> (Server, Client, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = Server {
+            path: PathBuf::new(),
+            clients: Mutex::new(vec![]),
+            version: (10, 0, 0),
+        };
+        let client = Client {
+            out: Mutex::new(a),
+            negotiated: Mutex::new(false),
+        };
+        (server, client, b)
+    }
+
+    #[test]
+    fn negotiation_rules() {
+        let (s, c, _peer) = session();
+        let (r, _) = s.handle(r#"{"execute":"query-status","id":1}"#, &c, &Echo);
+        assert_eq!(r["error"]["class"], "CommandNotFound");
+        assert_eq!(r["id"], 1);
+        let (r, _) = s.handle(r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#, &c, &Echo);
+        assert_eq!(r, json!({"return": {}}));
+        let (r, _) = s.handle(r#"{"execute":"qmp_capabilities"}"#, &c, &Echo);
+        assert_eq!(r["error"]["class"], "CommandNotFound");
+        let (r, _) = s.handle(r#"{"execute":"query-status","id":"__qmp#00001"}"#, &c, &Echo);
+        assert_eq!(r, json!({"return": {"running": true, "status": "running"}, "id": "__qmp#00001"}));
+        let (_, quit) = s.handle(r#"{"execute":"quit"}"#, &c, &Echo);
+        assert!(quit);
+    }
+
+    #[test]
+    fn malformed_input_gets_generic_errors() {
+        let (s, c, _peer) = session();
+        *c.negotiated.lock().unwrap() = true;
+        for bad in [
+            "{", "[1]", "42", r#"{"arguments":{}}"#, r#"{"execute":7}"#,
+            r#"{"execute":"stop","arguments":[]}"#, r#"{"execute":"stop","bogus":1}"#,
+        ] {
+            let (r, quit) = s.handle(bad, &c, &Echo);
+            assert_eq!(r["error"]["class"], "GenericError", "{bad}");
+            assert!(!quit);
+        }
+        let (r, _) = s.handle(r#"{"execute":"nope"}"#, &c, &Echo);
+        assert_eq!(r["error"]["desc"], "The command nope has not been found");
+        let (r, _) = s.handle(r#"{"execute":"query-status","arguments":{"x":1}}"#, &c, &Echo);
+        assert_eq!(r["error"]["desc"], "Parameter 'x' is unexpected");
+    }
+}

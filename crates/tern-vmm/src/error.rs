@@ -1,0 +1,37 @@
+use std::io;
+
+/// Errors of the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open {path}: {source}")]
+    OpenKvm { path: String, source: io::Error },
+    #[error("{path} is not a usable KVM device: {source}")]
+    NotKvm { path: String, source: io::Error },
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("cannot create guest memory: {0}")]
+    Memory(String),
+    #[error("cannot read the kernel {path}: {source}")]
+    KernelFile { path: String, source: io::Error },
+    #[error("cannot load the kernel: {0}")]
+    KernelLoad(String),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+/// Result of VMM operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Wraps a KVM ioctl failure with what was being done.
+pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}

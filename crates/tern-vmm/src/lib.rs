@@ -1,0 +1,20 @@
+//! tern's KVM virtual machine monitor: guest memory, vCPUs, boot and devices.
+//!
+//! A [`Vm`] is built from a [`VmConfig`]: guest RAM in a memfd (split around the 32-bit PCI hole),
+//! an in-kernel irqchip and PIT, a 16550 serial port, an ELF kernel booted through its PVH entry,
+//! and one thread per vCPU. Pause and resume are handshakes with the vCPU threads.
+
+pub mod boot;
+pub mod cpuid;
+mod error;
+pub mod memory;
+pub mod serial;
+mod vcpu;
+mod vm;
+
+pub use error::{Error, Result};
+pub use serial::SerialOutput;
+pub use vm::{RunState, Vm, VmConfig, VmExit};
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = 32;

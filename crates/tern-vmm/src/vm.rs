@@ -1,0 +1,367 @@
+//! The VM: KVM objects, memory, devices and vCPU threads, and its lifecycle.
+
+use std::ffi::CString;
+use std::os::fd::FromRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::boot::{self, BootInfo};
+use crate::error::kvm;
+use crate::memory::GuestRam;
+use crate::serial::{IrqTrigger, SerialDevice, SerialOutput, SerialSink, COM1_BASE, COM1_IRQ};
+use crate::vcpu::{self, Control};
+use crate::{cpuid, Error, Result, MAX_VCPUS};
+
+/// Port the built-in guest (and QEMU's q35 ACPI PM1a control) powers off through.
+pub const SHUTDOWN_PORT: u16 = 0x604;
+const SHUTDOWN_VALUE: u16 = 0x2000;
+/// Where KVM puts the TSS it needs on Intel (three pages below the 4 GiB boundary area).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// How a VM is built.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The ELF kernel image.
+    pub kernel: Vec<u8>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Serial console output.
+    pub serial: SerialOutput,
+    /// The KVM device node.
+    pub kvm_path: PathBuf,
+}
+
+/// Whether the guest runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// Why a VM stopped for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest shut down (QEMU's SHUTDOWN reason string).
+    Shutdown(&'static str),
+    /// The VM cannot go on.
+    Error(String),
+}
+
+/// Outcome of a port write.
+pub(crate) enum PioOutcome {
+    Done,
+    Shutdown,
+}
+
+/// Port-I/O devices and the exit notification, shared with the vCPU threads.
+pub(crate) struct Devices {
+    serial: Mutex<SerialDevice>,
+    exit: Mutex<Option<VmExit>>,
+    exit_cv: Condvar,
+}
+
+impl Devices {
+    pub(crate) fn pio_write(&self, port: u16, data: &[u8]) -> PioOutcome {
+        if (COM1_BASE..COM1_BASE + 8).contains(&port) && data.len() == 1 {
+            let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = s.write((port - COM1_BASE) as u8, data[0]) {
+                tracing::warn!("serial write: {e:?}");
+            }
+        } else if port == SHUTDOWN_PORT && data.len() == 2 {
+            if u16::from_le_bytes([data[0], data[1]]) & SHUTDOWN_VALUE != 0 {
+                return PioOutcome::Shutdown;
+            }
+        } else {
+            tracing::trace!(port, ?data, "write to an unclaimed port");
+        }
+        PioOutcome::Done
+    }
+
+    pub(crate) fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if (COM1_BASE..COM1_BASE + 8).contains(&port) && data.len() == 1 {
+            let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            data[0] = s.read((port - COM1_BASE) as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    /// Records the first reason the VM stopped and wakes whoever waits for it.
+    pub(crate) fn report_exit(&self, exit: VmExit) {
+        let mut e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        if e.is_none() {
+            *e = Some(exit);
+        }
+        self.exit_cv.notify_all();
+    }
+}
+
+/// A running virtual machine.
+pub struct Vm {
+    _kvm: Kvm,
+    _vm_fd: VmFd,
+    ram: GuestRam,
+    boot: BootInfo,
+    devices: Arc<Devices>,
+    control: Arc<Control>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    state: Mutex<RunState>,
+    vcpus: u32,
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn open_kvm(path: &PathBuf) -> Result<Kvm> {
+    let display = path.display().to_string();
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::OpenKvm {
+        path: display.clone(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    let fd = Kvm::open_with_cloexec_at(&cpath, true).map_err(|e| Error::OpenKvm {
+        path: display.clone(),
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })?;
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let kvm = unsafe { Kvm::from_raw_fd(fd) };
+    let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(Error::NotKvm {
+            path: display,
+            source: std::io::Error::from_raw_os_error(-version),
+        });
+    }
+    if version != 12 {
+        return Err(Error::KvmApiVersion(version));
+    }
+    Ok(kvm)
+}
+
+impl Vm {
+    /// Builds the VM and starts its vCPUs.
+    pub fn start(cfg: VmConfig) -> Result<Arc<Vm>> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(Error::InvalidConfig(format!(
+                "vcpus must be between 1 and {MAX_VCPUS}, not {}",
+                cfg.vcpus
+            )));
+        }
+        let kvm = open_kvm(&cfg.kvm_path)?;
+        let max = kvm.get_max_vcpus();
+        if cfg.vcpus as usize > max {
+            return Err(Error::InvalidConfig(format!(
+                "this host's KVM allows at most {max} vCPUs, not {}",
+                cfg.vcpus
+            )));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::MissingCap(name));
+            }
+        }
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let ram = GuestRam::new(cfg.memory)?;
+        for (slot, (region, host)) in ram.regions().iter().zip(ram.host_addrs()).enumerate() {
+            let mr = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start,
+                memory_size: region.size,
+                userspace_addr: host,
+            };
+            // SAFETY: the mapping at `host` is `region.size` bytes of guest RAM owned by `ram`,
+            // which lives as long as the VM (both are fields of `Vm`, and the VM fd is dropped
+            // first).
+            unsafe { vm_fd.set_user_memory_region(mr) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io {
+            what: "eventfd for the serial IRQ".into(),
+            source: e.into(),
+        })?;
+        vm_fd
+            .register_irqfd(&irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let sink = SerialSink::open(&cfg.serial).map_err(|e| Error::Io {
+            what: format!("opening the serial output {:?}", cfg.serial),
+            source: e,
+        })?;
+        let serial = SerialDevice::new(IrqTrigger(irq), sink);
+
+        let boot = boot::load(&ram, &cfg.kernel, &cfg.cmdline, cfg.vcpus)?;
+        if cfg.vcpus > 1 && boot.ap_entry.is_none() {
+            tracing::warn!(
+                "the kernel names no AP entry (Tern note); vCPUs 1.. will wait for INIT/SIPI"
+            );
+        }
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpu_fds = Vec::new();
+        for i in 0..cfg.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let tsc_khz = fd.get_tsc_khz().ok();
+            fd.set_cpuid2(&cpuid::filter(&supported, i, cfg.vcpus, tsc_khz))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            if i == 0 || boot.ap_entry.is_some() {
+                vcpu::setup(&fd, &boot, i)?;
+            }
+            vcpu_fds.push(fd);
+        }
+
+        static SIGNAL: Once = Once::new();
+        let mut sig_result = Ok(());
+        SIGNAL.call_once(|| {
+            sig_result = register_signal_handler(kick_signal(), vcpu::kick_handler);
+        });
+        sig_result.map_err(|e| Error::Io {
+            what: "installing the vCPU kick signal handler".into(),
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+
+        let devices = Arc::new(Devices {
+            serial: Mutex::new(serial),
+            exit: Mutex::new(None),
+            exit_cv: Condvar::new(),
+        });
+        let control = Arc::new(Control::new(cfg.vcpus));
+        let mut threads = Vec::new();
+        for (i, fd) in vcpu_fds.into_iter().enumerate() {
+            let (d, c) = (devices.clone(), control.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu::run(fd, i as u32, d, c))
+                .map_err(|e| Error::Io {
+                    what: "spawning a vCPU thread".into(),
+                    source: e,
+                })?;
+            threads.push(h);
+        }
+        Ok(Arc::new(Vm {
+            _kvm: kvm,
+            _vm_fd: vm_fd,
+            ram,
+            boot,
+            devices,
+            control,
+            threads: Mutex::new(threads),
+            state: Mutex::new(RunState::Running),
+            vcpus: cfg.vcpus,
+        }))
+    }
+
+    fn kick_all(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for t in threads.iter() {
+            // SAFETY: the pthread handle belongs to a thread we spawned and have not joined;
+            // the kick signal has a handler installed, so delivery cannot kill the process.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Pauses every vCPU and returns once all are parked outside `KVM_RUN`.
+    pub fn pause(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *state == RunState::Paused {
+            return;
+        }
+        self.control.request_pause();
+        self.kick_all();
+        self.control.wait_parked();
+        *state = RunState::Paused;
+    }
+
+    /// Resumes every vCPU and returns once all have left the parking lot.
+    pub fn resume(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *state == RunState::Running {
+            return;
+        }
+        self.control.resume();
+        *state = RunState::Running;
+    }
+
+    /// Whether the guest runs.
+    pub fn state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the VM stops for good.
+    pub fn wait_exit(&self) -> VmExit {
+        let mut e = self.devices.exit.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(exit) = e.clone() {
+                return exit;
+            }
+            e = self.devices.exit_cv.wait(e).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Ends the VM from the host side (QMP `quit`): wakes `wait_exit` with this reason.
+    pub fn request_exit(&self, exit: VmExit) {
+        self.devices.report_exit(exit);
+    }
+
+    /// Stops the vCPU threads and joins them.
+    pub fn shutdown(&self) {
+        self.control.request_stop();
+        self.kick_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// How the guest was booted.
+    pub fn boot_info(&self) -> BootInfo {
+        self.boot
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    kvm(what)
+}

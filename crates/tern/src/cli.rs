@@ -1,0 +1,56 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::run;
+
+/// tern: a KVM virtual machine monitor built for live migration.
+#[derive(Parser, Debug)]
+#[command(name = "tern", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a guest (the built-in test guest unless --kernel is given).
+    Run(run::RunArgs),
+    /// The built-in test guest.
+    Guest {
+        #[command(subcommand)]
+        action: GuestAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GuestAction {
+    /// Write the guest's PVH ELF image to PATH (QEMU and Cloud Hypervisor boot it as is).
+    Write { path: PathBuf },
+}
+
+pub fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Guest {
+            action: GuestAction::Write { path },
+        } => {
+            if path.as_os_str().is_empty() {
+                bail!("the output path is empty");
+            }
+            std::fs::write(&path, tern_guest::GUEST_ELF)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!(
+                "wrote {} ({} bytes); boot it with: qemu-system-x86_64 -accel kvm -cpu host,-arch-capabilities -m 1G -nographic -kernel {} -append 'tern.wss=256'",
+                path.display(),
+                tern_guest::GUEST_ELF.len(),
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

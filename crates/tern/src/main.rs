@@ -1,0 +1,27 @@
+//! `tern`: boot a guest under KVM, drive it over QMP, and (soon) migrate it live.
+
+mod cli;
+mod run;
+mod size;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = cli::Cli::parse();
+    match cli::dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tern: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
