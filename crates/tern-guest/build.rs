@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn run(cmd: &mut Command, what: &str) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {what} ({cmd:?}): {e}; the guest needs rustc and binutils' ld"));
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!("cannot run {what} ({cmd:?}): {e}; the guest needs rustc and binutils' ld")
+    });
     assert!(status.success(), "{what} failed: {cmd:?}");
 }
 

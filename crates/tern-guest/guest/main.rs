@@ -466,7 +466,7 @@ fn setup(start_info: u64) {
         Pattern::Hot => "hot",
     };
     say!(
-        "tern-guest boot cpus={} ram_mib={} wss_mib={} rate={} pattern={} check={} hb={} tsc_khz={} ({})",
+        "tern-guest boot cpus={} ram_top_mib={} wss_mib={} rate={} pattern={} check={} hb={} tsc_khz={} ({})",
         ncpus,
         ram_top >> 20,
         wss_pages / 256,

@@ -85,7 +85,11 @@ impl Server {
     }
 
     /// Accepts clients on a background thread, each served on its own thread.
-    pub fn serve(self: &Arc<Self>, listener: UnixListener, backend: Arc<dyn Backend>) -> io::Result<()> {
+    pub fn serve(
+        self: &Arc<Self>,
+        listener: UnixListener,
+        backend: Arc<dyn Backend>,
+    ) -> io::Result<()> {
         let server = self.clone();
         std::thread::Builder::new()
             .name("qmp-accept".into())
@@ -99,13 +103,14 @@ impl Server {
                         }
                     };
                     let (server, backend) = (server.clone(), backend.clone());
-                    let _ = std::thread::Builder::new()
-                        .name("qmp-client".into())
-                        .spawn(move || {
-                            if let Err(e) = server.session(stream, &*backend) {
-                                tracing::debug!("QMP session ended: {e}");
-                            }
-                        });
+                    let _ =
+                        std::thread::Builder::new()
+                            .name("qmp-client".into())
+                            .spawn(move || {
+                                if let Err(e) = server.session(stream, &*backend) {
+                                    tracing::debug!("QMP session ended: {e}");
+                                }
+                            });
                 }
             })?;
         Ok(())
@@ -113,7 +118,9 @@ impl Server {
 
     /// Sends an event to every negotiated client.
     pub fn emit(&self, event: &str, data: Option<Value>) {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let mut v = json!({
             "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
             "event": event,
@@ -121,7 +128,11 @@ impl Server {
         if let Some(d) = data {
             v["data"] = d;
         }
-        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for c in clients {
             if *c.negotiated.lock().unwrap_or_else(|e| e.into_inner()) {
                 let _ = c.send(&v);
@@ -150,12 +161,19 @@ impl Server {
         result
     }
 
-    fn read_loop(&self, stream: UnixStream, client: &Client, backend: &dyn Backend) -> io::Result<()> {
+    fn read_loop(
+        &self,
+        stream: UnixStream,
+        client: &Client,
+        backend: &dyn Backend,
+    ) -> io::Result<()> {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
         loop {
             line.clear();
-            let n = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+            let n = (&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)?;
             if n == 0 {
                 return Ok(());
             }
@@ -180,30 +198,59 @@ impl Server {
     fn handle(&self, text: &str, client: &Client, backend: &dyn Backend) -> (Value, bool) {
         let input: Value = match serde_json::from_str(text) {
             Ok(v) => v,
-            Err(e) => return (error_reply(None, QmpError::generic(format!("JSON parse error, {e}"))), false),
+            Err(e) => {
+                return (
+                    error_reply(None, QmpError::generic(format!("JSON parse error, {e}"))),
+                    false,
+                )
+            }
         };
         let Value::Object(obj) = input else {
-            return (error_reply(None, QmpError::generic("QMP input must be a JSON object")), false);
+            return (
+                error_reply(None, QmpError::generic("QMP input must be a JSON object")),
+                false,
+            );
         };
         let id = obj.get("id").cloned();
         let cmd = match (obj.get("execute"), obj.get("exec-oob")) {
             (Some(Value::String(c)), None) | (None, Some(Value::String(c))) => c.clone(),
             (Some(_), Some(_)) => {
-                return (error_reply(id, QmpError::generic(
-                    "QMP input must not have both 'execute' and 'exec-oob'")), false)
+                return (
+                    error_reply(
+                        id,
+                        QmpError::generic("QMP input must not have both 'execute' and 'exec-oob'"),
+                    ),
+                    false,
+                )
             }
             (None, None) => {
-                return (error_reply(id, QmpError::generic("QMP input lacks member 'execute'")), false)
+                return (
+                    error_reply(id, QmpError::generic("QMP input lacks member 'execute'")),
+                    false,
+                )
             }
             _ => {
-                return (error_reply(id, QmpError::generic(
-                    "QMP input member 'execute' must be a string")), false)
+                return (
+                    error_reply(
+                        id,
+                        QmpError::generic("QMP input member 'execute' must be a string"),
+                    ),
+                    false,
+                )
             }
         };
         for key in obj.keys() {
-            if !matches!(key.as_str(), "execute" | "exec-oob" | "arguments" | "id" | "control") {
-                return (error_reply(id, QmpError::generic(format!(
-                    "QMP input member '{key}' is unexpected"))), false);
+            if !matches!(
+                key.as_str(),
+                "execute" | "exec-oob" | "arguments" | "id" | "control"
+            ) {
+                return (
+                    error_reply(
+                        id,
+                        QmpError::generic(format!("QMP input member '{key}' is unexpected")),
+                    ),
+                    false,
+                );
             }
         }
         let empty = Map::new();
@@ -211,33 +258,58 @@ impl Server {
             None => &empty,
             Some(Value::Object(m)) => m,
             Some(_) => {
-                return (error_reply(id, QmpError::generic(
-                    "QMP input member 'arguments' must be an object")), false)
+                return (
+                    error_reply(
+                        id,
+                        QmpError::generic("QMP input member 'arguments' must be an object"),
+                    ),
+                    false,
+                )
             }
         };
         let mut negotiated = client.negotiated.lock().unwrap_or_else(|e| e.into_inner());
         if cmd == "qmp_capabilities" {
             if *negotiated {
-                return (error_reply(id, QmpError {
-                    class: "CommandNotFound",
-                    desc: "Capabilities negotiation is already complete, command ignored".into(),
-                }), false);
+                return (
+                    error_reply(
+                        id,
+                        QmpError {
+                            class: "CommandNotFound",
+                            desc: "Capabilities negotiation is already complete, command ignored"
+                                .into(),
+                        },
+                    ),
+                    false,
+                );
             }
             if let Some(caps) = args.get("enable") {
-                let ok = caps.as_array().is_some_and(|a| a.iter().all(|c| c == "oob"));
+                let ok = caps
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|c| c == "oob"));
                 if !ok {
-                    return (error_reply(id, QmpError::generic(
-                        "Capability negotiation supports only 'oob'")), false);
+                    return (
+                        error_reply(
+                            id,
+                            QmpError::generic("Capability negotiation supports only 'oob'"),
+                        ),
+                        false,
+                    );
                 }
             }
             *negotiated = true;
             return (ok_reply(id, json!({})), false);
         }
         if !*negotiated {
-            return (error_reply(id, QmpError {
-                class: "CommandNotFound",
-                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
-            }), false);
+            return (
+                error_reply(
+                    id,
+                    QmpError {
+                        class: "CommandNotFound",
+                        desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+                    },
+                ),
+                false,
+            );
         }
         drop(negotiated);
         match backend.execute(&cmd, args) {
@@ -310,12 +382,23 @@ mod tests {
         let (r, _) = s.handle(r#"{"execute":"query-status","id":1}"#, &c, &Echo);
         assert_eq!(r["error"]["class"], "CommandNotFound");
         assert_eq!(r["id"], 1);
-        let (r, _) = s.handle(r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#, &c, &Echo);
+        let (r, _) = s.handle(
+            r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#,
+            &c,
+            &Echo,
+        );
         assert_eq!(r, json!({"return": {}}));
         let (r, _) = s.handle(r#"{"execute":"qmp_capabilities"}"#, &c, &Echo);
         assert_eq!(r["error"]["class"], "CommandNotFound");
-        let (r, _) = s.handle(r#"{"execute":"query-status","id":"__qmp#00001"}"#, &c, &Echo);
-        assert_eq!(r, json!({"return": {"running": true, "status": "running"}, "id": "__qmp#00001"}));
+        let (r, _) = s.handle(
+            r#"{"execute":"query-status","id":"__qmp#00001"}"#,
+            &c,
+            &Echo,
+        );
+        assert_eq!(
+            r,
+            json!({"return": {"running": true, "status": "running"}, "id": "__qmp#00001"})
+        );
         let (_, quit) = s.handle(r#"{"execute":"quit"}"#, &c, &Echo);
         assert!(quit);
     }
@@ -325,8 +408,13 @@ mod tests {
         let (s, c, _peer) = session();
         *c.negotiated.lock().unwrap() = true;
         for bad in [
-            "{", "[1]", "42", r#"{"arguments":{}}"#, r#"{"execute":7}"#,
-            r#"{"execute":"stop","arguments":[]}"#, r#"{"execute":"stop","bogus":1}"#,
+            "{",
+            "[1]",
+            "42",
+            r#"{"arguments":{}}"#,
+            r#"{"execute":7}"#,
+            r#"{"execute":"stop","arguments":[]}"#,
+            r#"{"execute":"stop","bogus":1}"#,
         ] {
             let (r, quit) = s.handle(bad, &c, &Echo);
             assert_eq!(r["error"]["class"], "GenericError", "{bad}");
@@ -334,7 +422,11 @@ mod tests {
         }
         let (r, _) = s.handle(r#"{"execute":"nope"}"#, &c, &Echo);
         assert_eq!(r["error"]["desc"], "The command nope has not been found");
-        let (r, _) = s.handle(r#"{"execute":"query-status","arguments":{"x":1}}"#, &c, &Echo);
+        let (r, _) = s.handle(
+            r#"{"execute":"query-status","arguments":{"x":1}}"#,
+            &c,
+            &Echo,
+        );
         assert_eq!(r["error"]["desc"], "Parameter 'x' is unexpected");
     }
 }

@@ -1,11 +1,11 @@
 use std::io;
 
-/// Errors of the VMM.
+/// Errors of the VMM. Messages do not repeat their source: print with `{:#}` for the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     OpenKvm { path: String, source: io::Error },
-    #[error("{path} is not a usable KVM device: {source}")]
+    #[error("{path} is not a usable KVM device")]
     NotKvm { path: String, source: io::Error },
     #[error("KVM API version {0} is not supported (need 12)")]
     KvmApiVersion(i32),
@@ -15,16 +15,16 @@ pub enum Error {
     InvalidConfig(String),
     #[error("cannot create guest memory: {0}")]
     Memory(String),
-    #[error("cannot read the kernel {path}: {source}")]
+    #[error("cannot read the kernel {path}")]
     KernelFile { path: String, source: io::Error },
     #[error("cannot load the kernel: {0}")]
     KernelLoad(String),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Kvm {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io { what: String, source: io::Error },
 }
 

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+pub use vm_memory;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -111,7 +112,8 @@ impl GuestRam {
             .map(|r| {
                 Ok((
                     GuestAddress(r.start),
-                    usize::try_from(r.size).map_err(|_| Error::Memory("region too large".into()))?,
+                    usize::try_from(r.size)
+                        .map_err(|_| Error::Memory("region too large".into()))?,
                     Some(FileOffset::new(
                         memfd
                             .try_clone()
@@ -189,15 +191,23 @@ mod tests {
         let map = e820(&layout(5 << 30));
         assert_eq!(map[0], (0, EBDA_START, E820_RAM));
         assert_eq!(map[1].2, E820_RESERVED);
-        assert_eq!(map[2], (HIGH_RAM_START, MMIO_HOLE_START - HIGH_RAM_START, E820_RAM));
-        assert_eq!(map[3], (MMIO_HOLE_END, (5 << 30) - MMIO_HOLE_START, E820_RAM));
+        assert_eq!(
+            map[2],
+            (HIGH_RAM_START, MMIO_HOLE_START - HIGH_RAM_START, E820_RAM)
+        );
+        assert_eq!(
+            map[3],
+            (MMIO_HOLE_END, (5 << 30) - MMIO_HOLE_START, E820_RAM)
+        );
     }
 
     #[test]
     fn guest_ram_is_memfd_backed_and_shared() {
         use vm_memory::Bytes;
         let ram = GuestRam::new(64 << 20).unwrap();
-        ram.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        ram.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
         let mut buf = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(ram.memfd(), &mut buf, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);

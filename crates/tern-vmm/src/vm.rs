@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot::{self, BootInfo};
-use crate::error::kvm;
+use crate::error::kvm as kvm_err;
 use crate::memory::GuestRam;
 use crate::serial::{IrqTrigger, SerialDevice, SerialOutput, SerialSink, COM1_BASE, COM1_IRQ};
 use crate::vcpu::{self, Control};
@@ -124,7 +124,7 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-fn open_kvm(path: &PathBuf) -> Result<Kvm> {
+fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
     let display = path.display().to_string();
     let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::OpenKvm {
         path: display.clone(),
@@ -208,7 +208,7 @@ impl Vm {
 
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io {
             what: "eventfd for the serial IRQ".into(),
-            source: e.into(),
+            source: e,
         })?;
         vm_fd
             .register_irqfd(&irq, COM1_IRQ)
@@ -327,7 +327,11 @@ impl Vm {
             if let Some(exit) = e.clone() {
                 return exit;
             }
-            e = self.devices.exit_cv.wait(e).unwrap_or_else(|e| e.into_inner());
+            e = self
+                .devices
+                .exit_cv
+                .wait(e)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -360,8 +364,4 @@ impl Vm {
     pub fn vcpus(&self) -> u32 {
         self.vcpus
     }
-}
-
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    kvm(what)
 }

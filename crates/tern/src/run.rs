@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Map, Value};
 use tern_qmp::{no_args, Backend, QmpError, Server};
+use tern_vmm::memory::vm_memory::{Bytes, GuestAddress};
 use tern_vmm::{RunState, SerialOutput, Vm, VmConfig, VmExit};
 
 use crate::size::{human, parse_size};
@@ -124,8 +125,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 
     let mut server = None;
     if let Some(path) = &qmp_path {
-        let (srv, listener) = Server::bind(path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        let (srv, listener) =
+            Server::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
         let backend = Arc::new(RunBackend {
             vm: vm.clone(),
             server: OnceLock::new(),
@@ -172,7 +173,9 @@ impl Backend for RunBackend {
             "query-status" => {
                 no_args(args)?;
                 let running = self.vm.state() == RunState::Running;
-                Ok(json!({"running": running, "status": if running { "running" } else { "paused" }}))
+                Ok(
+                    json!({"running": running, "status": if running { "running" } else { "paused" }}),
+                )
             }
             "stop" => {
                 no_args(args)?;
@@ -201,11 +204,33 @@ impl Backend for RunBackend {
             }
             "query-commands" => {
                 no_args(args)?;
-                Ok(json!(["qmp_capabilities", "query-status", "stop", "cont", "quit",
-                          "query-version", "query-commands"]
-                    .iter()
-                    .map(|n| json!({"name": n}))
-                    .collect::<Vec<_>>()))
+                Ok(json!([
+                    "qmp_capabilities",
+                    "query-status",
+                    "stop",
+                    "cont",
+                    "quit",
+                    "query-version",
+                    "query-commands"
+                ]
+                .iter()
+                .map(|n| json!({"name": n}))
+                .collect::<Vec<_>>()))
+            }
+            // Test aid, named like QEMU's experimental commands: write a u64 into guest RAM.
+            "x-tern-write-guest-memory" => {
+                let get = |k: &str| {
+                    args.get(k).and_then(Value::as_u64).ok_or_else(|| {
+                        QmpError::generic(format!("Parameter '{k}' is missing or not a number"))
+                    })
+                };
+                let (addr, value) = (get("addr")?, get("value")?);
+                self.vm
+                    .ram()
+                    .memory()
+                    .write_obj(value, GuestAddress(addr))
+                    .map_err(|e| QmpError::generic(format!("cannot write at {addr:#x}: {e}")))?;
+                Ok(json!({}))
             }
             other => Err(QmpError::not_found(other)),
         }

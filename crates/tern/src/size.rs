@@ -10,12 +10,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if num.is_empty() {
         return Err(format!("'{s}' is not a size (try 512M or 2G)"));
     }
-    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" | "M" => 20,
         "K" => 10,
         "G" => 30,
         "T" => 40,
-        _ => return Err(format!("'{s}': unknown size unit '{unit}' (use K, M, G or T)")),
+        _ => {
+            return Err(format!(
+                "'{s}': unknown size unit '{unit}' (use K, M, G or T)"
+            ))
+        }
     };
     let value: f64 = num
         .parse()
@@ -31,8 +40,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn human(bytes: u64) -> String {
     const G: u64 = 1 << 30;
     const M: u64 = 1 << 20;
-    if bytes >= G && bytes % (G / 10) == 0 {
-        format!("{}G", bytes as f64 / G as f64)
+    if bytes >= G {
+        format!("{:.1}G", bytes as f64 / G as f64)
     } else {
         format!("{}M", bytes / M)
     }

@@ -1,0 +1,249 @@
+//! Helpers for end-to-end tests: run `tern`, read the guest's serial lines, talk QMP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Tests that run guests take the machine's cores: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn tern_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tern")
+}
+
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tern-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A process whose stdout lines are collected.
+pub struct Proc {
+    pub child: Child,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// `tern run` with these arguments.
+    pub fn tern_run(args: &[&str]) -> Proc {
+        let mut cmd = Command::new(tern_bin());
+        cmd.arg("run").args(args);
+        Proc::spawn(&mut cmd)
+    }
+
+    /// Waits for a line matching `pred`; panics with what was seen on timeout or EOF.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    assert!(
+                        !line.contains("check FAIL")
+                            && !line.contains("FAULT")
+                            && !line.contains("PANIC"),
+                        "guest reported a failure while waiting for {what}: {line}"
+                    );
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "timed out after {timeout:?} waiting for {what}; last lines: {:?}",
+                    self.tail()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "output ended while waiting for {what}; last lines: {:?}",
+                    self.tail()
+                ),
+            }
+        }
+    }
+
+    /// Like [`Self::wait_for`] but failures are returned, not asserted (for negative tests).
+    pub fn wait_raw(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if pred(&line) {
+                return Some(line);
+            }
+        }
+    }
+
+    /// Lines received so far but not yet consumed, without waiting.
+    pub fn drain(&mut self) -> Vec<String> {
+        let mut v = Vec::new();
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l.clone());
+            v.push(l);
+        }
+        v
+    }
+
+    pub fn tail(&self) -> Vec<String> {
+        self.seen.iter().rev().take(8).rev().cloned().collect()
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The number in `tern-guest hb <n> gap_us=<g>`.
+pub fn hb(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("tern-guest hb ")?;
+    let (n, g) = rest.split_once(" gap_us=")?;
+    Some((n.parse().ok()?, g.trim().parse().ok()?))
+}
+
+pub fn is_hb(line: &str) -> bool {
+    hb(line).is_some()
+}
+
+/// A QMP client, negotiated.
+pub struct Qmp {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path, timeout: Duration) -> Qmp {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP socket {path:?}: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut q = Qmp {
+            stream,
+            reader,
+            events: vec![],
+        };
+        let greeting = q.read();
+        assert!(
+            greeting["QMP"]["version"]["qemu"]["major"].is_u64(),
+            "{greeting}"
+        );
+        assert!(greeting["QMP"]["capabilities"].is_array(), "{greeting}");
+        let r = q.execute("qmp_capabilities", json!({}));
+        assert_eq!(r, json!({"return": {}}));
+        q
+    }
+
+    pub fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("QMP read");
+        assert!(line.ends_with("\r\n"), "QMP lines end with CRLF: {line:?}");
+        serde_json::from_str(&line).expect("QMP JSON")
+    }
+
+    /// Sends a command and returns its reply (events are kept in `events`).
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Value {
+        let msg = json!({"execute": cmd, "arguments": args});
+        self.stream
+            .write_all(format!("{msg}\r\n").as_bytes())
+            .expect("QMP write");
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    pub fn ok(&mut self, cmd: &str, args: Value) -> Value {
+        let r = self.execute(cmd, args);
+        assert!(r.get("return").is_some(), "{cmd} failed: {r}");
+        r["return"].clone()
+    }
+
+    pub fn wait_event(&mut self, name: &str) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i);
+        }
+        loop {
+            let v = self.read();
+            if v["event"] == name {
+                return v;
+            }
+            self.events.push(v);
+        }
+    }
+}
+
+pub const BOOT: Duration = Duration::from_secs(90);
+pub const LINE: Duration = Duration::from_secs(30);
