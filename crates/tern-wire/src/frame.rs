@@ -1,0 +1,360 @@
+//! The stream header and record framing: type, flags, length, body, padding, CRC.
+
+use std::io::{self, Read, Write};
+
+use crate::error::{ErrorKind, WireError};
+use crate::{limits, FORMAT_VERSION, HEADER_LEN, MAGIC, PAGE_SIZE};
+
+/// Bytes of a record header and of its trailer.
+pub(crate) const RECORD_HEADER: usize = 8;
+pub(crate) const RECORD_TRAILER: usize = 8;
+
+pub(crate) fn pad_len(len: usize) -> usize {
+    (8 - len % 8) % 8
+}
+
+/// Total bytes a record with an `len`-byte body occupies.
+pub fn record_size(len: usize) -> usize {
+    RECORD_HEADER + len + pad_len(len) + RECORD_TRAILER
+}
+
+/// Encodes the stream header.
+pub(crate) fn encode_header() -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&0u32.to_le_bytes());
+    h[16..20].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    let crc = crc32c::crc32c(&h[0..24]);
+    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Checks a stream header.
+pub(crate) fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(), ErrorKind> {
+    if h[0..8] != MAGIC {
+        return Err(ErrorKind::BadMagic);
+    }
+    let stored = u32_at(h, 24);
+    let computed = crc32c::crc32c(&h[0..24]);
+    let version = u32_at(h, 8);
+    if version != FORMAT_VERSION {
+        return Err(ErrorKind::UnsupportedVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if stored != computed {
+        return Err(ErrorKind::HeaderChecksum { stored, computed });
+    }
+    let flags = u32_at(h, 12);
+    if flags & 0xffff != 0 {
+        return Err(ErrorKind::UnknownFlags(flags & 0xffff));
+    }
+    let page = u32_at(h, 16);
+    if page as usize != PAGE_SIZE {
+        return Err(ErrorKind::BadPageSize(page));
+    }
+    if u32_at(h, 20) != 0 || u32_at(h, 28) != 0 {
+        return Err(ErrorKind::NonZeroReserved("header field"));
+    }
+    Ok(())
+}
+
+/// Writes framed records, counting bytes.
+pub struct RecordWriter<W: Write> {
+    w: W,
+    offset: u64,
+}
+
+impl<W: Write> RecordWriter<W> {
+    /// A writer at offset 0 (no stream header written yet).
+    pub fn new(w: W) -> Self {
+        RecordWriter { w, offset: 0 }
+    }
+
+    /// Writes the stream header.
+    pub fn write_stream_header(&mut self) -> Result<(), WireError> {
+        let h = encode_header();
+        self.put(&h)
+    }
+
+    fn put(&mut self, b: &[u8]) -> Result<(), WireError> {
+        self.w
+            .write_all(b)
+            .map_err(|e| WireError::at(self.offset, e.into()))?;
+        self.offset += b.len() as u64;
+        Ok(())
+    }
+
+    /// Writes one record whose body is the concatenation of `parts`.
+    pub fn write_parts(&mut self, ty: u16, flags: u16, parts: &[&[u8]]) -> Result<(), WireError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > limits::MAX_RECORD {
+            return Err(WireError::at(
+                self.offset,
+                ErrorKind::TooLarge {
+                    what: "record body",
+                    len: len as u64,
+                    max: limits::MAX_RECORD as u64,
+                },
+            ));
+        }
+        let mut head = [0u8; RECORD_HEADER];
+        head[0..2].copy_from_slice(&ty.to_le_bytes());
+        head[2..4].copy_from_slice(&flags.to_le_bytes());
+        head[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+        let mut crc = crc32c::crc32c(&head);
+        self.put(&head)?;
+        for p in parts {
+            crc = crc32c::crc32c_append(crc, p);
+            self.put(p)?;
+        }
+        let mut tail = [0u8; 7 + RECORD_TRAILER];
+        let pad = pad_len(len);
+        tail[pad..pad + 4].copy_from_slice(&crc.to_le_bytes());
+        self.put(&tail[..pad + RECORD_TRAILER])
+    }
+
+    /// Writes one record.
+    pub fn write(&mut self, ty: u16, flags: u16, body: &[u8]) -> Result<(), WireError> {
+        self.write_parts(ty, flags, &[body])
+    }
+
+    /// Bytes written so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Flushes the underlying writer.
+    pub fn flush(&mut self) -> Result<(), WireError> {
+        self.w
+            .flush()
+            .map_err(|e| WireError::at(self.offset, e.into()))
+    }
+
+    /// The underlying writer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
+    /// Gives the underlying writer back.
+    pub fn into_inner(self) -> W {
+        self.w
+    }
+}
+
+/// A record as framed: its offset, type, flags and checked body.
+#[derive(Debug)]
+pub struct RawRecord<'a> {
+    pub offset: u64,
+    pub ty: u16,
+    pub flags: u16,
+    pub body: &'a [u8],
+}
+
+/// Reads framed records, checking lengths, padding and CRCs; holds one body at a time.
+pub struct RecordReader<R: Read> {
+    r: R,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+impl<R: Read> RecordReader<R> {
+    /// A reader at offset 0.
+    pub fn new(r: R) -> Self {
+        RecordReader {
+            r,
+            offset: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    fn fill(&mut self, n: usize, what: &'static str, at: u64) -> Result<(), WireError> {
+        let got =
+            read_full(&mut self.r, &mut self.buf[..n]).map_err(|e| WireError::at(at, e.into()))?;
+        if got < n {
+            return Err(WireError::at(at, ErrorKind::Truncated(what)));
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the stream header.
+    pub fn read_stream_header(&mut self) -> Result<(), WireError> {
+        let mut h = [0u8; HEADER_LEN];
+        let got = read_full(&mut self.r, &mut h).map_err(|e| WireError::at(0, e.into()))?;
+        if got < HEADER_LEN {
+            return Err(WireError::at(
+                0,
+                ErrorKind::Truncated("in the stream header"),
+            ));
+        }
+        decode_header(&h).map_err(|k| WireError::at(0, k))?;
+        self.offset = HEADER_LEN as u64;
+        Ok(())
+    }
+
+    /// The next record, or `None` at a clean end of input.
+    pub fn next_record(&mut self) -> Result<Option<RawRecord<'_>>, WireError> {
+        Ok(self.advance()?.map(|(offset, ty, flags, len)| RawRecord {
+            offset,
+            ty,
+            flags,
+            body: &self.buf[..len],
+        }))
+    }
+
+    /// Body of the record [`Self::advance`] read last.
+    pub(crate) fn body(&self, len: usize) -> &[u8] {
+        &self.buf[..len]
+    }
+
+    /// Reads and checks the next record; returns (offset, type, flags, body length).
+    pub(crate) fn advance(&mut self) -> Result<Option<(u64, u16, u16, usize)>, WireError> {
+        let at = self.offset;
+        let mut head = [0u8; RECORD_HEADER];
+        let got = read_full(&mut self.r, &mut head).map_err(|e| WireError::at(at, e.into()))?;
+        if got == 0 {
+            return Ok(None);
+        }
+        if got < RECORD_HEADER {
+            return Err(WireError::at(
+                at,
+                ErrorKind::Truncated("in a record header"),
+            ));
+        }
+        let ty = u16::from_le_bytes([head[0], head[1]]);
+        let flags = u16::from_le_bytes([head[2], head[3]]);
+        let len = u32_at(&head, 4) as usize;
+        if len > limits::MAX_RECORD {
+            return Err(WireError::at(
+                at,
+                ErrorKind::TooLarge {
+                    what: "record body",
+                    len: len as u64,
+                    max: limits::MAX_RECORD as u64,
+                },
+            ));
+        }
+        let pad = pad_len(len);
+        let total = len + pad + RECORD_TRAILER;
+        if self.buf.len() < total {
+            self.buf.resize(total, 0);
+        }
+        self.fill(total, "in a record body", at)?;
+        let (body, rest) = self.buf[..total].split_at(len);
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&head), body);
+        let stored = u32_at(rest, pad);
+        if stored != computed {
+            return Err(WireError::at(
+                at,
+                ErrorKind::RecordChecksum { stored, computed },
+            ));
+        }
+        if rest[..pad].iter().any(|&b| b != 0) {
+            return Err(WireError::at(
+                at,
+                ErrorKind::NonZeroReserved("record padding"),
+            ));
+        }
+        if u32_at(rest, pad + 4) != 0 {
+            return Err(WireError::at(
+                at,
+                ErrorKind::NonZeroReserved("record trailer"),
+            ));
+        }
+        if flags & !crate::FLAG_OPTIONAL != 0 {
+            return Err(WireError::at(
+                at,
+                ErrorKind::NonZeroReserved("record flags"),
+            ));
+        }
+        self.offset += (RECORD_HEADER + total) as u64;
+        Ok(Some((at, ty, flags, len)))
+    }
+
+    /// True if no byte follows.
+    pub fn at_eof(&mut self) -> Result<bool, WireError> {
+        let mut b = [0u8; 1];
+        let got =
+            read_full(&mut self.r, &mut b).map_err(|e| WireError::at(self.offset, e.into()))?;
+        Ok(got == 0)
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Capacity of the body buffer (bounded by the record limit).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip_and_alignment() {
+        for len in [0usize, 1, 7, 8, 9, 4096] {
+            let body: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut w = RecordWriter::new(Vec::new());
+            w.write(0x42, 0, &body).unwrap();
+            let bytes = w.into_inner();
+            assert_eq!(bytes.len(), record_size(len));
+            assert_eq!(bytes.len() % 8, 0);
+            let mut r = RecordReader::new(&bytes[..]);
+            let rec = r.next_record().unwrap().unwrap();
+            assert_eq!((rec.ty, rec.flags, rec.body), (0x42, 0, &body[..]));
+            assert!(r.next_record().unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn header_checks() {
+        let h = encode_header();
+        assert!(decode_header(&h).is_ok());
+        let mut bad = h;
+        bad[0] = b'X';
+        assert!(matches!(decode_header(&bad), Err(ErrorKind::BadMagic)));
+        let mut bad = h;
+        bad[8] = 2;
+        assert!(matches!(
+            decode_header(&bad),
+            Err(ErrorKind::UnsupportedVersion { found: 2, .. })
+        ));
+        let mut bad = h;
+        bad[30] = 1;
+        assert!(decode_header(&bad).is_err());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_reading() {
+        let mut rec = [0u8; 8];
+        rec[0] = 2;
+        rec[4..8].copy_from_slice(&(limits::MAX_RECORD as u32 + 1).to_le_bytes());
+        let mut r = RecordReader::new(&rec[..]);
+        let e = r.next_record().unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::TooLarge { .. }));
+        assert_eq!(r.buffer_capacity(), 0);
+    }
+}

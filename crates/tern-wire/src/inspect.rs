@@ -1,0 +1,202 @@
+//! Reading a whole stream for `tern analyze` and `tern verify`.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use serde_json::{json, Value as Json};
+
+use crate::error::WireError;
+use crate::record_type;
+use crate::stream::{Record, StreamReader, Totals};
+use crate::Section;
+
+/// Per-region RAM figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionStats {
+    pub records: u64,
+    pub raw_pages: u64,
+    pub zero_pages: u64,
+    /// Bytes of RAM_PAGES records on the wire, framing included.
+    pub bytes: u64,
+}
+
+/// What a stream holds.
+#[derive(Debug, Default)]
+pub struct Analysis {
+    /// Per record type name: (count, bytes on the wire).
+    pub records: BTreeMap<&'static str, (u64, u64)>,
+    pub regions: BTreeMap<u32, RegionStats>,
+    /// Sections with their size on the wire.
+    pub sections: Vec<(Section, u64)>,
+    pub description: Option<crate::VmDescription>,
+    pub source_info: Option<Json>,
+    pub skipped: Vec<(u64, u16)>,
+    pub postcopy_commands: u64,
+    pub totals: Option<Totals>,
+    pub bytes: u64,
+}
+
+/// A stream that failed validation: what was read before the error, and the error.
+#[derive(Debug)]
+pub struct AnalyzeError {
+    pub partial: Analysis,
+    pub error: WireError,
+}
+
+/// Reads a stream to its end, validating everything. On error returns what was read so far.
+pub fn analyze<R: Read>(input: R) -> Result<Analysis, Box<AnalyzeError>> {
+    let mut a = Analysis::default();
+    let mut r = match StreamReader::new(input) {
+        Ok(r) => r,
+        Err(error) => return Err(Box::new(AnalyzeError { partial: a, error })),
+    };
+    loop {
+        let before = r.offset();
+        let rec = match r.next_record() {
+            Ok(Some(rec)) => rec,
+            Ok(None) => break,
+            Err(error) => {
+                a.skipped = r.skipped().to_vec();
+                a.bytes = r.offset();
+                return Err(Box::new(AnalyzeError { partial: a, error }));
+            }
+        };
+        let mut ram_region = None;
+        let (name, extra): (&'static str, Option<Section>) = match rec {
+            Record::Description => ("VM_DESCRIPTION", None),
+            Record::SourceInfo(v) => {
+                a.source_info = Some(v);
+                ("SOURCE_INFO", None)
+            }
+            Record::Ram(ram) => {
+                let s = a.regions.entry(ram.region).or_default();
+                s.records += 1;
+                s.raw_pages += ram.raw_pages();
+                s.zero_pages += ram.zero_pages();
+                ram_region = Some(ram.region);
+                ("RAM_PAGES", None)
+            }
+            Record::Section(sec) => ("DEVICE_STATE", Some(sec)),
+            Record::Postcopy(_) => {
+                a.postcopy_commands += 1;
+                ("POSTCOPY_COMMAND", None)
+            }
+            Record::SkippedOptional { ty, .. } => (record_type::name(ty), None),
+            Record::End(t) => {
+                a.totals = Some(t);
+                ("END", None)
+            }
+        };
+        // The END record checks for trailing data, which may read one byte past it.
+        let size = r.offset() - before;
+        let e = a.records.entry(name).or_insert((0, 0));
+        e.0 += 1;
+        e.1 += size;
+        if let Some(region) = ram_region.and_then(|id| a.regions.get_mut(&id)) {
+            region.bytes += size;
+        }
+        if let Some(sec) = extra {
+            a.sections.push((sec, size));
+        }
+    }
+    a.description = r.description().cloned();
+    a.skipped = r.skipped().to_vec();
+    a.bytes = r.offset();
+    Ok(a)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+impl Analysis {
+    /// A human summary.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!(
+            "stream: {} bytes ({})\n",
+            self.bytes,
+            mib(self.bytes)
+        ));
+        s.push_str("records:\n");
+        for (name, (n, b)) in &self.records {
+            s.push_str(&format!("  {name:<18} {n:>9}  {:>12}\n", mib(*b)));
+        }
+        if !self.skipped.is_empty() {
+            s.push_str("skipped optional records of unknown type:\n");
+            for (at, ty) in &self.skipped {
+                s.push_str(&format!("  type {ty:#06x} at byte {at}\n"));
+            }
+        }
+        s.push_str("RAM:\n");
+        for (id, r) in &self.regions {
+            let name = self
+                .description
+                .as_ref()
+                .and_then(|d| d.ram.iter().find(|x| x.id == *id))
+                .map(|x| format!("{} gpa {:#x} size {}", x.name, x.gpa, mib(x.size)))
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "  region {id} ({name}): {} records, {} on the wire, {} pages with data ({}), {} zero pages\n",
+                r.records,
+                mib(r.bytes),
+                r.raw_pages,
+                mib(r.raw_pages * crate::PAGE_SIZE as u64),
+                r.zero_pages
+            ));
+        }
+        s.push_str("sections:\n");
+        for (sec, size) in &self.sections {
+            s.push_str(&format!(
+                "  {:<24} instance {:<3} version {:<3} {:>6} bytes, {} fields, {} subsections{}\n",
+                sec.name,
+                sec.instance,
+                sec.version,
+                size,
+                sec.fields.len(),
+                sec.subsections.len(),
+                if sec.subsections.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({})",
+                        sec.subsections
+                            .iter()
+                            .map(|x| x.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            ));
+        }
+        if let Some(t) = &self.totals {
+            s.push_str(&format!(
+                "end: {} records, {} pages with data, {} zero pages, digest {:#010x}\n",
+                t.records, t.raw_pages, t.zero_pages, t.digest
+            ));
+        }
+        s
+    }
+
+    /// A full dump: description, record counts, RAM, every section with its field values.
+    pub fn to_json(&self) -> Json {
+        json!({
+            "bytes": self.bytes,
+            "description": self.description,
+            "source_info": self.source_info,
+            "records": self.records.iter().map(|(k, (n, b))| (k.to_string(), json!({"count": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
+            "ram": self.regions.iter().map(|(id, r)| json!({
+                "region": id, "records": r.records, "bytes": r.bytes, "raw_pages": r.raw_pages, "zero_pages": r.zero_pages,
+            })).collect::<Vec<_>>(),
+            "sections": self.sections.iter().map(|(s, size)| {
+                let mut j = s.to_json();
+                j["size"] = json!(size);
+                j
+            }).collect::<Vec<_>>(),
+            "skipped": self.skipped.iter().map(|(at, ty)| json!({"offset": at, "type": ty})).collect::<Vec<_>>(),
+            "end": self.totals.map(|t| json!({
+                "records": t.records, "raw_pages": t.raw_pages, "zero_pages": t.zero_pages, "digest": t.digest,
+            })),
+        })
+    }
+}

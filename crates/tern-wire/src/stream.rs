@@ -1,0 +1,544 @@
+//! Streams: a writer that frames records and keeps the totals, and a reader that enforces the
+//! format's ordering, limits, region bounds, section rules and END totals.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+
+use crate::desc::VmDescription;
+use crate::error::{ErrorKind, WireError};
+use crate::frame::{RecordReader, RecordWriter};
+use crate::ram::{self, RamRecord, RamRun};
+use crate::record_type as rt;
+use crate::state::Section;
+use crate::{limits, FLAG_OPTIONAL};
+
+/// The totals an END record carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Records before END.
+    pub records: u64,
+    /// Pages sent as data.
+    pub raw_pages: u64,
+    /// Pages sent as zero ranges.
+    pub zero_pages: u64,
+    /// CRC chained over all RAM_PAGES bodies.
+    pub digest: u32,
+}
+
+impl Totals {
+    fn encode(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[0..8].copy_from_slice(&self.records.to_le_bytes());
+        b[8..16].copy_from_slice(&self.raw_pages.to_le_bytes());
+        b[16..24].copy_from_slice(&self.zero_pages.to_le_bytes());
+        b[24..28].copy_from_slice(&self.digest.to_le_bytes());
+        b
+    }
+
+    fn decode(body: &[u8]) -> Result<Totals, ErrorKind> {
+        if body.len() != 32 {
+            return Err(ErrorKind::Malformed {
+                record: "END",
+                reason: format!("body is {} bytes, not 32", body.len()),
+            });
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8"));
+        if body[28..32] != [0; 4] {
+            return Err(ErrorKind::NonZeroReserved("END reserved field"));
+        }
+        Ok(Totals {
+            records: u64_at(0),
+            raw_pages: u64_at(8),
+            zero_pages: u64_at(16),
+            digest: u32::from_le_bytes(body[24..28].try_into().expect("4")),
+        })
+    }
+}
+
+/// Postcopy commands (specified now, used by postcopy later).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PostcopyCommand {
+    Advise {
+        page_size: u64,
+        total_pages: u64,
+    },
+    Discard {
+        region: u32,
+        ranges: Vec<(u64, u64)>,
+    },
+    Listen,
+    Run,
+}
+
+impl PostcopyCommand {
+    /// Encodes the record body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        let (cmd, data): (u16, Vec<u8>) = match self {
+            PostcopyCommand::Advise {
+                page_size,
+                total_pages,
+            } => {
+                let mut d = page_size.to_le_bytes().to_vec();
+                d.extend_from_slice(&total_pages.to_le_bytes());
+                (1, d)
+            }
+            PostcopyCommand::Discard { region, ranges } => {
+                let mut d = region.to_le_bytes().to_vec();
+                d.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+                for (first, count) in ranges {
+                    d.extend_from_slice(&first.to_le_bytes());
+                    d.extend_from_slice(&count.to_le_bytes());
+                }
+                (2, d)
+            }
+            PostcopyCommand::Listen => (3, vec![]),
+            PostcopyCommand::Run => (4, vec![]),
+        };
+        b.extend_from_slice(&cmd.to_le_bytes());
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&data);
+        b
+    }
+
+    /// Decodes a record body.
+    pub fn decode(body: &[u8]) -> Result<Self, ErrorKind> {
+        let bad = |reason: &str| ErrorKind::Malformed {
+            record: "POSTCOPY_COMMAND",
+            reason: reason.into(),
+        };
+        if body.len() < 4 {
+            return Err(bad("body shorter than 4 bytes"));
+        }
+        if body[2..4] != [0, 0] {
+            return Err(ErrorKind::NonZeroReserved(
+                "postcopy command reserved field",
+            ));
+        }
+        let d = &body[4..];
+        let u64_at = |at: usize| u64::from_le_bytes(d[at..at + 8].try_into().expect("8"));
+        match u16::from_le_bytes([body[0], body[1]]) {
+            1 if d.len() == 16 => Ok(PostcopyCommand::Advise {
+                page_size: u64_at(0),
+                total_pages: u64_at(8),
+            }),
+            2 if d.len() >= 8 => {
+                let region = u32::from_le_bytes(d[0..4].try_into().expect("4"));
+                let n = u32::from_le_bytes(d[4..8].try_into().expect("4")) as usize;
+                if (d.len() - 8) != n.checked_mul(16).ok_or_else(|| bad("count overflows"))? {
+                    return Err(bad("DISCARD count does not match its length"));
+                }
+                let ranges = (0..n)
+                    .map(|i| (u64_at(8 + i * 16), u64_at(16 + i * 16)))
+                    .collect();
+                Ok(PostcopyCommand::Discard { region, ranges })
+            }
+            3 if d.is_empty() => Ok(PostcopyCommand::Listen),
+            4 if d.is_empty() => Ok(PostcopyCommand::Run),
+            1..=4 => Err(bad("wrong length for the command")),
+            other => Err(bad(&format!("unknown command {other}"))),
+        }
+    }
+}
+
+/// Messages on the return path (target to source).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReturnMessage {
+    PageRequest {
+        region: u32,
+        first_page: u64,
+        count: u64,
+    },
+    Ack {
+        sequence: u64,
+    },
+    Error {
+        code: u32,
+        message: String,
+    },
+}
+
+impl ReturnMessage {
+    /// Encodes the record body (record type RETURN_MESSAGE).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        match self {
+            ReturnMessage::PageRequest {
+                region,
+                first_page,
+                count,
+            } => {
+                b.extend_from_slice(&[1, 0, 0, 0]);
+                b.extend_from_slice(&region.to_le_bytes());
+                b.extend_from_slice(&[0; 4]);
+                b.extend_from_slice(&first_page.to_le_bytes());
+                b.extend_from_slice(&count.to_le_bytes());
+            }
+            ReturnMessage::Ack { sequence } => {
+                b.extend_from_slice(&[2, 0, 0, 0]);
+                b.extend_from_slice(&sequence.to_le_bytes());
+            }
+            ReturnMessage::Error { code, message } => {
+                b.extend_from_slice(&[3, 0, 0, 0]);
+                b.extend_from_slice(&code.to_le_bytes());
+                b.extend_from_slice(message.as_bytes());
+            }
+        }
+        b
+    }
+
+    /// Decodes a record body.
+    pub fn decode(body: &[u8]) -> Result<Self, ErrorKind> {
+        let bad = |reason: &str| ErrorKind::Malformed {
+            record: "RETURN_MESSAGE",
+            reason: reason.into(),
+        };
+        if body.len() < 4 || body[2..4] != [0, 0] {
+            return Err(bad("bad header"));
+        }
+        let d = &body[4..];
+        let u64_at = |at: usize| u64::from_le_bytes(d[at..at + 8].try_into().expect("8"));
+        match u16::from_le_bytes([body[0], body[1]]) {
+            1 if d.len() == 24 => Ok(ReturnMessage::PageRequest {
+                region: u32::from_le_bytes(d[0..4].try_into().expect("4")),
+                first_page: u64_at(8),
+                count: u64_at(16),
+            }),
+            2 if d.len() == 8 => Ok(ReturnMessage::Ack {
+                sequence: u64_at(0),
+            }),
+            3 if d.len() >= 4 => Ok(ReturnMessage::Error {
+                code: u32::from_le_bytes(d[0..4].try_into().expect("4")),
+                message: String::from_utf8_lossy(&d[4..]).into_owned(),
+            }),
+            _ => Err(bad("unknown kind or wrong length")),
+        }
+    }
+}
+
+/// Writes a stream. Wrap a socket or file in a `BufWriter`: small headers are written as-is.
+pub struct StreamWriter<W: Write> {
+    w: RecordWriter<W>,
+    totals: Totals,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Starts a stream (writes its header).
+    pub fn new(w: W) -> Result<Self, WireError> {
+        let mut w = RecordWriter::new(w);
+        w.write_stream_header()?;
+        Ok(StreamWriter {
+            w,
+            totals: Totals::default(),
+        })
+    }
+
+    fn record(&mut self, ty: u16, flags: u16, parts: &[&[u8]]) -> Result<(), WireError> {
+        self.w.write_parts(ty, flags, parts)?;
+        self.totals.records += 1;
+        Ok(())
+    }
+
+    /// The VM description (first record).
+    pub fn description(&mut self, d: &VmDescription) -> Result<(), WireError> {
+        d.validate()
+            .map_err(|e| WireError::at(self.w.offset(), ErrorKind::Description(e)))?;
+        let json = serde_json::to_vec(d)
+            .map_err(|e| WireError::at(self.w.offset(), ErrorKind::Description(e.to_string())))?;
+        if json.len() > limits::MAX_DESCRIPTION {
+            return Err(WireError::at(
+                self.w.offset(),
+                ErrorKind::TooLarge {
+                    what: "VM description",
+                    len: json.len() as u64,
+                    max: limits::MAX_DESCRIPTION as u64,
+                },
+            ));
+        }
+        self.record(rt::VM_DESCRIPTION, 0, &[&json])
+    }
+
+    /// Source information, as an optional record.
+    pub fn source_info(&mut self, info: &serde_json::Value) -> Result<(), WireError> {
+        let json = serde_json::to_vec(info)
+            .map_err(|e| WireError::at(self.w.offset(), ErrorKind::Description(e.to_string())))?;
+        self.record(rt::SOURCE_INFO, FLAG_OPTIONAL, &[&json])
+    }
+
+    /// One RAM_PAGES record of `region`.
+    pub fn ram_pages(&mut self, region: u32, runs: &[RamRun<'_>]) -> Result<(), WireError> {
+        let headers =
+            ram::encode_headers(region, runs).map_err(|k| WireError::at(self.w.offset(), k))?;
+        let parts = ram::body_parts(&headers, runs);
+        let mut digest = self.totals.digest;
+        for p in &parts {
+            digest = crc32c::crc32c_append(digest, p);
+        }
+        self.record(rt::RAM_PAGES, 0, &parts)?;
+        self.totals.digest = digest;
+        for r in runs {
+            match r.data {
+                crate::RunData::Raw(_) => self.totals.raw_pages += r.pages(),
+                crate::RunData::Zero(_) => self.totals.zero_pages += r.pages(),
+            }
+        }
+        Ok(())
+    }
+
+    /// One device section.
+    pub fn section(&mut self, s: &Section) -> Result<(), WireError> {
+        let body = s.encode().map_err(|k| WireError::at(self.w.offset(), k))?;
+        self.record(rt::DEVICE_STATE, 0, &[&body])
+    }
+
+    /// A postcopy command.
+    pub fn postcopy(&mut self, c: &PostcopyCommand) -> Result<(), WireError> {
+        self.record(rt::POSTCOPY_COMMAND, 0, &[&c.encode()])
+    }
+
+    /// Any record, as is (for tools and tests).
+    pub fn raw_record(&mut self, ty: u16, flags: u16, body: &[u8]) -> Result<(), WireError> {
+        self.record(ty, flags, &[body])
+    }
+
+    /// Writes END and flushes; returns the writer and the totals.
+    pub fn finish(mut self) -> Result<(W, Totals), WireError> {
+        let totals = self.totals;
+        self.w.write(rt::END, 0, &totals.encode())?;
+        self.w.flush()?;
+        Ok((self.w.into_inner(), totals))
+    }
+
+    /// Bytes written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.w.offset()
+    }
+
+    /// Totals so far.
+    pub fn totals(&self) -> Totals {
+        self.totals
+    }
+
+    /// The underlying writer (to flush a socket between rounds).
+    pub fn flush(&mut self) -> Result<(), WireError> {
+        self.w.flush()
+    }
+}
+
+/// A decoded record.
+#[derive(Debug)]
+pub enum Record<'a> {
+    /// The VM description (also kept by the reader: [`StreamReader::description`]).
+    Description,
+    Ram(RamRecord<'a>),
+    Section(Section),
+    Postcopy(PostcopyCommand),
+    SourceInfo(serde_json::Value),
+    /// An OPTIONAL record of a type this build does not know, skipped.
+    SkippedOptional {
+        ty: u16,
+        len: usize,
+    },
+    End(Totals),
+}
+
+/// Reads and validates a stream, one record at a time, in bounded memory.
+pub struct StreamReader<R: Read> {
+    r: RecordReader<R>,
+    desc: Option<VmDescription>,
+    region_pages: Vec<(u32, u64)>,
+    declared: HashSet<(String, u32)>,
+    seen_sections: HashSet<(String, u32)>,
+    totals: Totals,
+    ended: bool,
+    skipped: Vec<(u64, u16)>,
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads and checks the stream header.
+    pub fn new(r: R) -> Result<Self, WireError> {
+        let mut r = RecordReader::new(r);
+        r.read_stream_header()?;
+        Ok(StreamReader {
+            r,
+            desc: None,
+            region_pages: Vec::new(),
+            declared: HashSet::new(),
+            seen_sections: HashSet::new(),
+            totals: Totals::default(),
+            ended: false,
+            skipped: Vec::new(),
+        })
+    }
+
+    /// The VM description, once read.
+    pub fn description(&self) -> Option<&VmDescription> {
+        self.desc.as_ref()
+    }
+
+    /// OPTIONAL records of unknown types that were skipped: (offset, type).
+    pub fn skipped(&self) -> &[(u64, u16)] {
+        &self.skipped
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.r.offset()
+    }
+
+    /// Capacity of the record buffer (bounded by the record limit).
+    pub fn buffer_capacity(&self) -> usize {
+        self.r.buffer_capacity()
+    }
+
+    /// The next record; `None` after END (having checked nothing follows it).
+    pub fn next_record(&mut self) -> Result<Option<Record<'_>>, WireError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let Some((at, ty, flags, len)) = self.r.advance()? else {
+            return Err(WireError::at(
+                self.r.offset(),
+                ErrorKind::Truncated("the stream ends without END"),
+            ));
+        };
+        let err = |k: ErrorKind| WireError::at(at, k);
+        if ty == rt::END {
+            if self.desc.is_none() {
+                return Err(err(ErrorKind::Order(
+                    "END before the VM description".into(),
+                )));
+            }
+            let t = Totals::decode(self.r.body(len)).map_err(err)?;
+            let mine = self.totals;
+            if t != mine {
+                return Err(err(ErrorKind::Totals(format!(
+                    "END says {} records, {} raw and {} zero pages, digest {:#010x}; the stream had {}, {}, {}, {:#010x}",
+                    t.records, t.raw_pages, t.zero_pages, t.digest,
+                    mine.records, mine.raw_pages, mine.zero_pages, mine.digest
+                ))));
+            }
+            if !self.r.at_eof()? {
+                return Err(WireError::at(self.r.offset(), ErrorKind::TrailingData));
+            }
+            self.ended = true;
+            return Ok(Some(Record::End(t)));
+        }
+        let body = self.r.body(len);
+        let in_body = |(pos, k): (usize, ErrorKind)| WireError::at(at + 8 + pos as u64, k);
+        let known = matches!(
+            ty,
+            rt::VM_DESCRIPTION
+                | rt::RAM_PAGES
+                | rt::DEVICE_STATE
+                | rt::POSTCOPY_COMMAND
+                | rt::SOURCE_INFO
+                | rt::END
+        );
+        if !known {
+            if flags & FLAG_OPTIONAL == 0 {
+                return Err(err(ErrorKind::UnknownRecordType(ty)));
+            }
+            self.skipped.push((at, ty));
+            self.totals.records += 1;
+            return Ok(Some(Record::SkippedOptional {
+                ty,
+                len: body.len(),
+            }));
+        }
+        if self.desc.is_none() && !matches!(ty, rt::VM_DESCRIPTION | rt::SOURCE_INFO) {
+            return Err(err(ErrorKind::Order(format!(
+                "{} before the VM description",
+                rt::name(ty)
+            ))));
+        }
+        let record = match ty {
+            rt::VM_DESCRIPTION => {
+                if self.desc.is_some() {
+                    return Err(err(ErrorKind::Order("a second VM description".into())));
+                }
+                if body.len() > limits::MAX_DESCRIPTION {
+                    return Err(err(ErrorKind::TooLarge {
+                        what: "VM description",
+                        len: body.len() as u64,
+                        max: limits::MAX_DESCRIPTION as u64,
+                    }));
+                }
+                let d: VmDescription = serde_json::from_slice(body)
+                    .map_err(|e| err(ErrorKind::Description(e.to_string())))?;
+                d.validate().map_err(|e| err(ErrorKind::Description(e)))?;
+                self.region_pages = d
+                    .ram
+                    .iter()
+                    .map(|r| (r.id, r.size / crate::PAGE_SIZE as u64))
+                    .collect();
+                self.declared = d
+                    .sections
+                    .iter()
+                    .map(|s| (s.name.clone(), s.instance))
+                    .collect();
+                self.desc = Some(d);
+                Record::Description
+            }
+            rt::SOURCE_INFO => {
+                let v = serde_json::from_slice(body).map_err(|e| {
+                    err(ErrorKind::Malformed {
+                        record: "SOURCE_INFO",
+                        reason: e.to_string(),
+                    })
+                })?;
+                Record::SourceInfo(v)
+            }
+            rt::RAM_PAGES => {
+                let rec = ram::decode(body).map_err(in_body)?;
+                let pages = self
+                    .region_pages
+                    .iter()
+                    .find(|(id, _)| *id == rec.region)
+                    .map(|(_, p)| *p)
+                    .ok_or_else(|| err(ErrorKind::UnknownRegion(rec.region)))?;
+                for run in &rec.runs {
+                    if run
+                        .first_page
+                        .checked_add(u64::from(run.count))
+                        .is_none_or(|end| end > pages)
+                    {
+                        return Err(err(ErrorKind::RunOutOfRange {
+                            region: rec.region,
+                            first: run.first_page,
+                            count: run.count,
+                            pages,
+                        }));
+                    }
+                }
+                self.totals.raw_pages += rec.raw_pages();
+                self.totals.zero_pages += rec.zero_pages();
+                self.totals.digest = crc32c::crc32c_append(self.totals.digest, body);
+                Record::Ram(rec)
+            }
+            rt::DEVICE_STATE => {
+                let s = Section::decode(body).map_err(in_body)?;
+                let key = (s.name.clone(), s.instance);
+                if !self.declared.contains(&key) {
+                    return Err(err(ErrorKind::State(crate::StateError::Invalid {
+                        section: s.name.clone(),
+                        reason: format!("instance {} is not in the VM description", s.instance),
+                    })));
+                }
+                if self.seen_sections.len() >= limits::MAX_SECTIONS
+                    || !self.seen_sections.insert(key)
+                {
+                    return Err(err(ErrorKind::State(crate::StateError::DuplicateSection {
+                        section: s.name.clone(),
+                        instance: s.instance,
+                    })));
+                }
+                Record::Section(s)
+            }
+            rt::POSTCOPY_COMMAND => Record::Postcopy(PostcopyCommand::decode(body).map_err(err)?),
+            _ => unreachable!("known types are matched above"),
+        };
+        self.totals.records += 1;
+        Ok(Some(record))
+    }
+}
