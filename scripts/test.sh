@@ -18,4 +18,5 @@ bash scripts/install-qemu.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+# The decoder mutation fuzzer runs for a bounded time (see crates/tern-wire/tests/robustness.rs).
+TERN_FUZZ_SECS=${TERN_FUZZ_SECS:-20} cargo test --workspace

@@ -8,6 +8,9 @@ use crate::{limits, FORMAT_VERSION, HEADER_LEN, MAGIC, PAGE_SIZE};
 /// Bytes of a record header and of its trailer.
 pub(crate) const RECORD_HEADER: usize = 8;
 pub(crate) const RECORD_TRAILER: usize = 8;
+/// Bodies are checksummed and copied in chunks of this size, so that each chunk is read from
+/// memory once and checksummed and copied while in cache.
+const CHUNK: usize = 48 << 10;
 
 pub(crate) fn pad_len(len: usize) -> usize {
     (8 - len % 8) % 8
@@ -91,8 +94,8 @@ impl<W: Write> RecordWriter<W> {
         Ok(())
     }
 
-    /// Writes one record whose body is the concatenation of `parts`.
-    pub fn write_parts(&mut self, ty: u16, flags: u16, parts: &[&[u8]]) -> Result<(), WireError> {
+    /// Writes one record whose body is the concatenation of `parts`; returns its CRC.
+    pub fn write_parts(&mut self, ty: u16, flags: u16, parts: &[&[u8]]) -> Result<u32, WireError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len > limits::MAX_RECORD {
             return Err(WireError::at(
@@ -110,18 +113,22 @@ impl<W: Write> RecordWriter<W> {
         head[4..8].copy_from_slice(&(len as u32).to_le_bytes());
         let mut crc = crc32c::crc32c(&head);
         self.put(&head)?;
+        // Checksum each chunk just before copying it out, while it is still in cache.
         for p in parts {
-            crc = crc32c::crc32c_append(crc, p);
-            self.put(p)?;
+            for chunk in p.chunks(CHUNK) {
+                crc = crc32c::crc32c_append(crc, chunk);
+                self.put(chunk)?;
+            }
         }
         let mut tail = [0u8; 7 + RECORD_TRAILER];
         let pad = pad_len(len);
         tail[pad..pad + 4].copy_from_slice(&crc.to_le_bytes());
-        self.put(&tail[..pad + RECORD_TRAILER])
+        self.put(&tail[..pad + RECORD_TRAILER])?;
+        Ok(crc)
     }
 
-    /// Writes one record.
-    pub fn write(&mut self, ty: u16, flags: u16, body: &[u8]) -> Result<(), WireError> {
+    /// Writes one record; returns its CRC.
+    pub fn write(&mut self, ty: u16, flags: u16, body: &[u8]) -> Result<u32, WireError> {
         self.write_parts(ty, flags, &[body])
     }
 
@@ -146,6 +153,15 @@ impl<W: Write> RecordWriter<W> {
     pub fn into_inner(self) -> W {
         self.w
     }
+}
+
+/// A checked record's framing: offset, type, flags, body length and CRC.
+pub(crate) struct Framed {
+    pub offset: u64,
+    pub ty: u16,
+    pub flags: u16,
+    pub len: usize,
+    pub crc: u32,
 }
 
 /// A record as framed: its offset, type, flags and checked body.
@@ -187,15 +203,6 @@ impl<R: Read> RecordReader<R> {
         }
     }
 
-    fn fill(&mut self, n: usize, what: &'static str, at: u64) -> Result<(), WireError> {
-        let got =
-            read_full(&mut self.r, &mut self.buf[..n]).map_err(|e| WireError::at(at, e.into()))?;
-        if got < n {
-            return Err(WireError::at(at, ErrorKind::Truncated(what)));
-        }
-        Ok(())
-    }
-
     /// Reads and checks the stream header.
     pub fn read_stream_header(&mut self) -> Result<(), WireError> {
         let mut h = [0u8; HEADER_LEN];
@@ -213,11 +220,11 @@ impl<R: Read> RecordReader<R> {
 
     /// The next record, or `None` at a clean end of input.
     pub fn next_record(&mut self) -> Result<Option<RawRecord<'_>>, WireError> {
-        Ok(self.advance()?.map(|(offset, ty, flags, len)| RawRecord {
-            offset,
-            ty,
-            flags,
-            body: &self.buf[..len],
+        Ok(self.advance()?.map(|f| RawRecord {
+            offset: f.offset,
+            ty: f.ty,
+            flags: f.flags,
+            body: &self.buf[..f.len],
         }))
     }
 
@@ -226,8 +233,8 @@ impl<R: Read> RecordReader<R> {
         &self.buf[..len]
     }
 
-    /// Reads and checks the next record; returns (offset, type, flags, body length).
-    pub(crate) fn advance(&mut self) -> Result<Option<(u64, u16, u16, usize)>, WireError> {
+    /// Reads and checks the next record; its body is then [`Self::body`].
+    pub(crate) fn advance(&mut self) -> Result<Option<Framed>, WireError> {
         let at = self.offset;
         let mut head = [0u8; RECORD_HEADER];
         let got = read_full(&mut self.r, &mut head).map_err(|e| WireError::at(at, e.into()))?;
@@ -258,9 +265,20 @@ impl<R: Read> RecordReader<R> {
         if self.buf.len() < total {
             self.buf.resize(total, 0);
         }
-        self.fill(total, "in a record body", at)?;
-        let (body, rest) = self.buf[..total].split_at(len);
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&head), body);
+        let mut computed = crc32c::crc32c(&head);
+        let mut done = 0;
+        while done < total {
+            let n = CHUNK.min(total - done);
+            let got = read_full(&mut self.r, &mut self.buf[done..done + n])
+                .map_err(|e| WireError::at(at, e.into()))?;
+            if got < n {
+                return Err(WireError::at(at, ErrorKind::Truncated("in a record body")));
+            }
+            let body_end = len.clamp(done, done + n);
+            computed = crc32c::crc32c_append(computed, &self.buf[done..body_end]);
+            done += n;
+        }
+        let (_, rest) = self.buf[..total].split_at(len);
         let stored = u32_at(rest, pad);
         if stored != computed {
             return Err(WireError::at(
@@ -287,7 +305,13 @@ impl<R: Read> RecordReader<R> {
             ));
         }
         self.offset += (RECORD_HEADER + total) as u64;
-        Ok(Some((at, ty, flags, len)))
+        Ok(Some(Framed {
+            offset: at,
+            ty,
+            flags,
+            len,
+            crc: computed,
+        }))
     }
 
     /// True if no byte follows.

@@ -338,10 +338,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn decode_body(
-    c: &mut Cursor<'_>,
-    depth: usize,
-) -> DecodeResult<(Fields, Vec<Subsection>)> {
+fn decode_body(c: &mut Cursor<'_>, depth: usize) -> DecodeResult<(Fields, Vec<Subsection>)> {
     let at = c.pos;
     let nfields = c.len(3)?;
     if nfields > limits::MAX_FIELDS {

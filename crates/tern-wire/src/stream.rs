@@ -21,7 +21,7 @@ pub struct Totals {
     pub raw_pages: u64,
     /// Pages sent as zero ranges.
     pub zero_pages: u64,
-    /// CRC chained over all RAM_PAGES bodies.
+    /// CRC chained over the CRCs of all RAM_PAGES records, in order.
     pub digest: u32,
 }
 
@@ -233,10 +233,10 @@ impl<W: Write> StreamWriter<W> {
         })
     }
 
-    fn record(&mut self, ty: u16, flags: u16, parts: &[&[u8]]) -> Result<(), WireError> {
-        self.w.write_parts(ty, flags, parts)?;
+    fn record(&mut self, ty: u16, flags: u16, parts: &[&[u8]]) -> Result<u32, WireError> {
+        let crc = self.w.write_parts(ty, flags, parts)?;
         self.totals.records += 1;
-        Ok(())
+        Ok(crc)
     }
 
     /// The VM description (first record).
@@ -255,7 +255,7 @@ impl<W: Write> StreamWriter<W> {
                 },
             ));
         }
-        self.record(rt::VM_DESCRIPTION, 0, &[&json])
+        self.record(rt::VM_DESCRIPTION, 0, &[&json]).map(drop)
     }
 
     /// Source information, as an optional record.
@@ -263,6 +263,7 @@ impl<W: Write> StreamWriter<W> {
         let json = serde_json::to_vec(info)
             .map_err(|e| WireError::at(self.w.offset(), ErrorKind::Description(e.to_string())))?;
         self.record(rt::SOURCE_INFO, FLAG_OPTIONAL, &[&json])
+            .map(drop)
     }
 
     /// One RAM_PAGES record of `region`.
@@ -270,12 +271,8 @@ impl<W: Write> StreamWriter<W> {
         let headers =
             ram::encode_headers(region, runs).map_err(|k| WireError::at(self.w.offset(), k))?;
         let parts = ram::body_parts(&headers, runs);
-        let mut digest = self.totals.digest;
-        for p in &parts {
-            digest = crc32c::crc32c_append(digest, p);
-        }
-        self.record(rt::RAM_PAGES, 0, &parts)?;
-        self.totals.digest = digest;
+        let crc = self.record(rt::RAM_PAGES, 0, &parts)?;
+        self.totals.digest = crc32c::crc32c_append(self.totals.digest, &crc.to_le_bytes());
         for r in runs {
             match r.data {
                 crate::RunData::Raw(_) => self.totals.raw_pages += r.pages(),
@@ -288,17 +285,18 @@ impl<W: Write> StreamWriter<W> {
     /// One device section.
     pub fn section(&mut self, s: &Section) -> Result<(), WireError> {
         let body = s.encode().map_err(|k| WireError::at(self.w.offset(), k))?;
-        self.record(rt::DEVICE_STATE, 0, &[&body])
+        self.record(rt::DEVICE_STATE, 0, &[&body]).map(drop)
     }
 
     /// A postcopy command.
     pub fn postcopy(&mut self, c: &PostcopyCommand) -> Result<(), WireError> {
         self.record(rt::POSTCOPY_COMMAND, 0, &[&c.encode()])
+            .map(drop)
     }
 
     /// Any record, as is (for tools and tests).
     pub fn raw_record(&mut self, ty: u16, flags: u16, body: &[u8]) -> Result<(), WireError> {
-        self.record(ty, flags, &[body])
+        self.record(ty, flags, &[body]).map(drop)
     }
 
     /// Writes END and flushes; returns the writer and the totals.
@@ -396,12 +394,19 @@ impl<R: Read> StreamReader<R> {
         if self.ended {
             return Ok(None);
         }
-        let Some((at, ty, flags, len)) = self.r.advance()? else {
+        let Some(framed) = self.r.advance()? else {
             return Err(WireError::at(
                 self.r.offset(),
                 ErrorKind::Truncated("the stream ends without END"),
             ));
         };
+        let (at, ty, flags, len, crc) = (
+            framed.offset,
+            framed.ty,
+            framed.flags,
+            framed.len,
+            framed.crc,
+        );
         let err = |k: ErrorKind| WireError::at(at, k);
         if ty == rt::END {
             if self.desc.is_none() {
@@ -513,7 +518,7 @@ impl<R: Read> StreamReader<R> {
                 }
                 self.totals.raw_pages += rec.raw_pages();
                 self.totals.zero_pages += rec.zero_pages();
-                self.totals.digest = crc32c::crc32c_append(self.totals.digest, body);
+                self.totals.digest = crc32c::crc32c_append(self.totals.digest, &crc.to_le_bytes());
                 Record::Ram(rec)
             }
             rt::DEVICE_STATE => {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::run;
+use crate::{run, stream};
 
 /// tern: a KVM virtual machine monitor built for live migration.
 #[derive(Parser, Debug)]
@@ -20,6 +20,19 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest (the built-in test guest unless --kernel is given).
     Run(run::RunArgs),
+    /// Summarise a migration stream (a saved file, or - for standard input).
+    Analyze {
+        /// The stream: a file or - for standard input.
+        input: String,
+        /// A full dump of every record's contents (sections with their fields and values) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every CRC, ordering rule and total of a migration stream.
+    Verify {
+        /// The stream: a file or - for standard input.
+        input: String,
+    },
     /// The built-in test guest.
     Guest {
         #[command(subcommand)]
@@ -36,6 +49,8 @@ pub enum GuestAction {
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Analyze { input, json } => stream::analyze(&input, json),
+        Command::Verify { input } => stream::verify(&input),
         Command::Guest {
             action: GuestAction::Write { path },
         } => {

@@ -3,6 +3,7 @@
 mod cli;
 mod run;
 mod size;
+mod stream;
 
 use std::process::ExitCode;
 
