@@ -133,11 +133,13 @@ impl Line {
     fn new() -> Self {
         Line { buf: [0; 256], len: 0 }
     }
-    fn send(mut self) {
+    /// Prints the line; returns its length.
+    fn send(mut self) -> usize {
         let end = self.len.min(self.buf.len() - 2);
         self.buf[end] = b'\n';
         self.buf[end + 1] = 0;
         puts(&self.buf[..end + 2]);
+        end + 1
     }
 }
 
@@ -157,7 +159,7 @@ macro_rules! say {
     ($($arg:tt)*) => {{
         let mut l = Line::new();
         let _ = write!(l, $($arg)*);
-        l.send();
+        l.send()
     }};
 }
 
@@ -228,10 +230,12 @@ fn parse_cmdline(cmd: &[u8]) -> Knobs {
                 b"seq" => k.pattern = Pattern::Seq,
                 b"random" => k.pattern = Pattern::Random,
                 b"hot" => k.pattern = Pattern::Hot,
-                _ => say!("tern-guest warning: unknown tern.pattern, using seq"),
+                _ => {
+                    say!("tern-guest warning: unknown tern.pattern, using seq");
+                }
             },
             _ if key.starts_with(b"tern.") => {
-                say!("tern-guest warning: ignoring a bad or unknown tern.* option")
+                say!("tern-guest warning: ignoring a bad or unknown tern.* option");
             }
             _ => {}
         }
@@ -553,9 +557,25 @@ struct Monitor {
     chk_bad: u64,
     first_bad: Option<Bad>,
     boot: u64,
+    /// Cheapest print seen, in TSC ticks per byte (x16): printing exits to the VMM for every
+    /// byte, so its own cost is not a stall, but a print that took longer than that was one.
+    print_cost16: u64,
 }
 
 impl Monitor {
+    /// Accounts for a print that started at `start` and wrote `len` bytes.
+    fn printed(&mut self, start: u64, len: usize) {
+        let end = rdtsc();
+        let took = end.wrapping_sub(start);
+        let len = len.max(1) as u64;
+        self.print_cost16 = self.print_cost16.min(took * 16 / len);
+        let stall = took.saturating_sub(self.print_cost16 * len / 16);
+        if stall > self.max_gap {
+            self.max_gap = stall;
+        }
+        self.last = end;
+    }
+
     fn step(&mut self, cfg: &Config, now: u64) {
         let gap = now.wrapping_sub(self.last);
         if gap > self.max_gap {
@@ -577,34 +597,35 @@ impl Monitor {
                 self.chk_pos += 1;
             }
             if self.chk_pos >= cfg.wss_pages {
-                match self.first_bad.take() {
+                let t = rdtsc();
+                let n = match self.first_bad.take() {
                     None => say!("tern-guest check ok {}", cfg.wss_pages),
                     Some(b) => say!(
                         "tern-guest check FAIL page={} gen={} word={} got={:#x} want={:#x} bad_pages={} of {}",
                         b.page, b.gen, b.word, b.got, b.want, self.chk_bad, cfg.wss_pages
                     ),
-                }
+                };
                 self.chk_pos = 0;
                 self.chk_bad = 0;
                 self.chk_t0 += period;
                 if now.wrapping_sub(self.chk_t0) > period {
                     self.chk_t0 = now;
                 }
-                self.last = rdtsc();
+                self.printed(t, n);
             }
         }
 
         if now >= self.next_hb {
             self.hb += 1;
             let gap_us = muldiv(self.max_gap, 1_000_000, cfg.tsc_hz);
-            say!("tern-guest hb {} gap_us={}", self.hb, gap_us);
             self.max_gap = 0;
+            let t = rdtsc();
+            let n = say!("tern-guest hb {} gap_us={}", self.hb, gap_us);
             self.next_hb += self.hb_ticks;
             if self.next_hb < now {
                 self.next_hb = now + self.hb_ticks;
             }
-            // The print itself is not a stall the guest should report.
-            self.last = rdtsc();
+            self.printed(t, n);
         }
 
         if cfg.exit_s > 0 && now.wrapping_sub(self.boot) >= cfg.exit_s * cfg.tsc_hz {
@@ -626,7 +647,10 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
         while u64::from(FILLED.load(Ordering::Acquire)) < cfg.ncpus {
             core::hint::spin_loop();
         }
-        say!("tern-guest ready");
+        let t = rdtsc();
+        let n = say!("tern-guest ready");
+        // The baseline cost of printing, at most 100 us a byte.
+        let print_cost16 = (rdtsc().wrapping_sub(t) * 16 / n as u64).min(muldiv(1600, cfg.tsc_hz, 1_000_000));
         PHASE.store(2, Ordering::Release);
         let now = rdtsc();
         let mut mon = Monitor {
@@ -640,6 +664,7 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
             chk_bad: 0,
             first_bad: None,
             boot,
+            print_cost16,
         };
         run(cfg, 0, Some(&mut mon));
     }
