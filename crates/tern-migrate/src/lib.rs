@@ -1,1 +1,152 @@
+//! tern's live-migration engine, generic over the VM it moves.
+//!
+//! Precopy in three stages: (1) setup — dirty tracking on, the VM description sent, all RAM
+//! counted dirty; (2) rounds — each sends the pages dirtied since the last sync, at most once per
+//! round, zero pages as ranges; after each round the [`convergence`] rule decides whether the rest
+//! fits in the downtime limit; (3) stop-and-copy — pause, last pages, CPU and device sections,
+//! END, and the target's acknowledgement on the return path. Any failure before that
+//! acknowledgement resumes the source through one guard.
+//!
+//! The VM is reached through the traits below, implemented by `tern-vmm` for KVM and by
+//! [`fake::FakeVm`] for tests. RAM is the first [`SaveParticipant`]/[`LoadParticipant`]; other
+//! iterative state (block storage) can join without touching the engine.
 
+pub mod convergence;
+mod error;
+pub mod fake;
+mod incoming;
+mod outgoing;
+mod params;
+mod ram;
+mod rate;
+mod stats;
+pub mod transport;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+pub use error::MigrateError;
+pub use incoming::{run_incoming, IncomingOutcome};
+pub use outgoing::{run_outgoing, MigrationControl, MigrationEvent};
+pub use params::{Capabilities, MigrationParams};
+pub use ram::{RamLoader, RamSaver};
+pub use stats::{MigrationStats, MigrationStatus};
+pub use tern_wire::{Section, SectionDesc, VmDescription};
+
+/// Result of engine operations.
+pub type Result<T> = std::result::Result<T, MigrateError>;
+
+/// A RAM region as the engine sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    pub id: u32,
+    pub name: String,
+    pub gpa: u64,
+    pub size: u64,
+}
+
+/// Guest RAM on the source.
+pub trait GuestRam: Send + Sync {
+    /// The regions, in order.
+    fn regions(&self) -> Vec<RegionInfo>;
+    /// Turns dirty tracking on (guest writes through the hypervisor, VMM writes through its own
+    /// bitmap). Pages written from now on show up in [`GuestRam::sync_dirty`].
+    fn start_dirty_log(&self) -> Result<()>;
+    /// ORs into `bitmap` (one bit per page, LSB first) the pages of `region` written since the
+    /// last call or since tracking started, and clears that record.
+    fn sync_dirty(&self, region: u32, bitmap: &mut [u64]) -> Result<()>;
+    /// Turns dirty tracking off.
+    fn stop_dirty_log(&self);
+    /// Copies whole pages starting at `first_page` into `out` (a multiple of the page size).
+    /// The guest may be running: torn pages are re-sent because they are dirty.
+    fn read_pages(&self, region: u32, first_page: u64, out: &mut [u8]) -> Result<()>;
+    /// Page ranges of `region` that may hold data; everything else is known to be zero.
+    fn populated(&self, region: u32) -> Vec<Range<u64>>;
+}
+
+/// The VM being migrated away.
+pub trait SourceVm: Send + Sync {
+    /// Guest RAM.
+    fn ram(&self) -> &dyn GuestRam;
+    /// Machine configuration for the VM description (memory, vCPUs...).
+    fn machine(&self) -> serde_json::Value;
+    /// Schemas of the sections [`SourceVm::save_state`] will produce.
+    fn state_schemas(&self) -> Vec<SectionDesc>;
+    /// Pauses every vCPU (returns once all are parked).
+    fn pause(&self) -> Result<()>;
+    /// Resumes the vCPUs.
+    fn resume(&self) -> Result<()>;
+    /// Saves CPU and device state; the VM is paused.
+    fn save_state(&self) -> Result<Vec<Section>>;
+    /// A digest of all guest RAM (test aid: source at the stop vs target after load).
+    fn ram_digest(&self) -> u64;
+    /// Bytes of CPU and device state, for the downtime estimate.
+    fn state_size_hint(&self) -> u64;
+}
+
+/// Guest RAM on the target.
+pub trait TargetRam: Send + Sync {
+    /// Writes whole pages.
+    fn write_pages(&self, region: u32, first_page: u64, data: &[u8]) -> Result<()>;
+    /// Makes pages zero.
+    fn zero_pages(&self, region: u32, first_page: u64, count: u64) -> Result<()>;
+}
+
+/// The VM being migrated in.
+pub trait TargetVm: Send + Sync {
+    /// Guest RAM.
+    fn ram(&self) -> &dyn TargetRam;
+    /// Loads CPU and device state (all sections of the stream).
+    fn load_state(&self, sections: &[Section]) -> Result<()>;
+    /// Starts the guest.
+    fn resume(&self) -> Result<()>;
+    /// A digest of all guest RAM, computed the same way as the source's.
+    fn ram_digest(&self) -> u64;
+}
+
+/// The digest both sides compute: CRC32C of each MiB, folded into 64 bits in order.
+pub fn digest_chunks<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for c in chunks {
+        for block in c.chunks(1 << 20) {
+            h = (h ^ u64::from(crc32c_of(block))).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn crc32c_of(b: &[u8]) -> u32 {
+    tern_wire::crc32c(b)
+}
+
+/// Builds the target VM from the stream's description (or checks a pre-built one against it).
+pub type TargetFactory<'a> =
+    Box<dyn FnOnce(&VmDescription) -> Result<Arc<dyn TargetVm>> + Send + 'a>;
+
+/// A participant in precopy on the source: RAM today, block storage later.
+pub trait SaveParticipant: Send {
+    /// Its name, for errors and statistics.
+    fn name(&self) -> &'static str;
+    /// Before the first round.
+    fn save_setup(&mut self) -> Result<()>;
+    /// Starts a round: collects what became dirty since the last round. Returns pages found.
+    fn sync(&mut self) -> Result<u64>;
+    /// Bytes still to send in this round (an upper bound: zero pages cost almost nothing).
+    fn pending(&self) -> u64;
+    /// Sends the next chunk of this round; returns false once the round is done.
+    fn iterate(&mut self, out: &mut ram::Out<'_>) -> Result<bool>;
+    /// With the VM paused: sends everything that is left.
+    fn complete_precopy(&mut self, out: &mut ram::Out<'_>) -> Result<()>;
+    /// After success or failure.
+    fn cleanup(&mut self);
+}
+
+/// A participant on the target.
+pub trait LoadParticipant: Send {
+    /// After the VM description.
+    fn load_setup(&mut self, desc: &VmDescription) -> Result<()>;
+    /// One record; returns false if the record is not this participant's.
+    fn load(&mut self, record: &tern_wire::Record<'_>) -> Result<bool>;
+    /// After success or failure.
+    fn cleanup(&mut self);
+}

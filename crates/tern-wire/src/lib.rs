@@ -15,6 +15,7 @@ mod ram;
 mod state;
 mod stream;
 
+pub use crc32c::crc32c;
 pub use desc::{FieldDesc, RamRegionDesc, SectionDesc, SubsectionDesc, VmDescription};
 pub use error::{ErrorKind, StateError, WireError};
 pub use frame::{record_size, RawRecord, RecordReader, RecordWriter};

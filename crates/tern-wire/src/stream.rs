@@ -350,6 +350,7 @@ pub struct StreamReader<R: Read> {
     totals: Totals,
     ended: bool,
     skipped: Vec<(u64, u16)>,
+    check_trailing: bool,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -366,7 +367,15 @@ impl<R: Read> StreamReader<R> {
             totals: Totals::default(),
             ended: false,
             skipped: Vec::new(),
+            check_trailing: true,
         })
+    }
+
+    /// For a live connection, which stays open after END (the return path uses it): do not
+    /// wait for end of input to check that nothing follows END.
+    pub fn live(mut self) -> Self {
+        self.check_trailing = false;
+        self
     }
 
     /// The VM description, once read.
@@ -423,7 +432,7 @@ impl<R: Read> StreamReader<R> {
                     mine.records, mine.raw_pages, mine.zero_pages, mine.digest
                 ))));
             }
-            if !self.r.at_eof()? {
+            if self.check_trailing && !self.r.at_eof()? {
                 return Err(WireError::at(self.r.offset(), ErrorKind::TrailingData));
             }
             self.ended = true;

@@ -1,0 +1,89 @@
+//! When to stop iterating: a pure function of what was measured.
+
+/// What the last round measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Measured {
+    /// Bytes per second the link carried in the last round (as accepted by the socket).
+    pub bandwidth: f64,
+    /// Bytes of RAM dirty now (what the stop-and-copy would send, an upper bound).
+    pub dirty_bytes: u64,
+    /// Bytes of CPU and device state the stop-and-copy sends.
+    pub state_bytes: u64,
+    /// Bytes per second the target loads at (copy into guest RAM), if known.
+    pub target_load_rate: f64,
+    /// Fixed costs of the switch-over in seconds: pausing, the final dirty sync, the target's
+    /// state load and resume, the acknowledgement's round trip.
+    pub fixed_overhead: f64,
+}
+
+/// Expected downtime in seconds if the VM stopped now: everything the stop-and-copy sends,
+/// through the link and through the target's load, plus the fixed costs.
+pub fn expected_downtime(m: &Measured) -> f64 {
+    let bytes = (m.dirty_bytes + m.state_bytes) as f64;
+    let link = if m.bandwidth > 0.0 {
+        bytes / m.bandwidth
+    } else {
+        f64::INFINITY
+    };
+    // The target loads while it receives; only what it cannot overlap adds up, and loading is
+    // normally faster than the link. Count the slower of the two.
+    let load = if m.target_load_rate > 0.0 {
+        bytes / m.target_load_rate
+    } else {
+        0.0
+    };
+    link.max(load) + m.fixed_overhead
+}
+
+/// Whether to stop and copy now.
+pub fn converged(m: &Measured, downtime_limit_ms: u64) -> bool {
+    expected_downtime(m) * 1000.0 <= downtime_limit_ms as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(bandwidth: f64, dirty: u64) -> Measured {
+        Measured {
+            bandwidth,
+            dirty_bytes: dirty,
+            state_bytes: 100_000,
+            target_load_rate: 0.0,
+            fixed_overhead: 0.002,
+        }
+    }
+
+    #[test]
+    fn fits_when_the_rest_goes_through_in_time() {
+        // 1 GB/s, 100 MB dirty: 0.1 s + state + overhead < 300 ms.
+        assert!(converged(&m(1e9, 100_000_000), 300));
+        // 400 MB dirty: 0.4 s > 300 ms.
+        assert!(!converged(&m(1e9, 400_000_000), 300));
+    }
+
+    #[test]
+    fn device_state_and_overheads_count() {
+        let mut x = m(1e9, 0);
+        x.state_bytes = 290_000_000;
+        assert!(!converged(&x, 290), "state bytes are part of the downtime");
+        let mut y = m(1e9, 0);
+        y.fixed_overhead = 0.31;
+        assert!(!converged(&y, 300));
+    }
+
+    #[test]
+    fn a_slow_target_load_bounds_the_estimate() {
+        let mut x = m(10e9, 100_000_000);
+        assert!(converged(&x, 50));
+        x.target_load_rate = 1e9;
+        assert!(!converged(&x, 50));
+    }
+
+    #[test]
+    fn no_bandwidth_measured_never_converges_and_zero_dirty_does() {
+        assert!(!converged(&m(0.0, 1), 300));
+        assert!(converged(&m(1e6, 0), 300));
+        assert_eq!(expected_downtime(&m(1e9, 0)), 0.0021);
+    }
+}

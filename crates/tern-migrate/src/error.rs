@@ -1,0 +1,35 @@
+use tern_wire::{StateError, WireError};
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migration stream: {0}")]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    State(#[from] StateError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid migration URI '{0}': expected tcp:HOST:PORT or unix:PATH")]
+    BadUri(String),
+    #[error("the target refused the migration: {0}")]
+    TargetRefused(String),
+    #[error("the target closed the connection before acknowledging")]
+    NoAck,
+    #[error("migration cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Vm(String),
+    #[error("the stream does not match this machine: {0}")]
+    Mismatch(String),
+}
+
+impl MigrateError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
+        let what = what.into();
+        move |source| MigrateError::Io { what, source }
+    }
+}

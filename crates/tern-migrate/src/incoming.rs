@@ -1,0 +1,139 @@
+//! The target side: read the stream, build or check the VM, load, resume, acknowledge.
+
+use std::io::BufReader;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tern_wire::{record_type, Record, RecordWriter, ReturnMessage, StreamReader};
+
+use crate::outgoing::MigrationControl;
+use crate::ram::RamLoader;
+use crate::stats::{MigrationStats, MigrationStatus};
+use crate::transport::Connection;
+use crate::{LoadParticipant, MigrateError, Result, TargetFactory, TargetVm};
+
+/// What an incoming migration produced.
+pub struct IncomingOutcome {
+    /// The running guest.
+    pub vm: Arc<dyn TargetVm>,
+}
+
+fn send(conn: Connection, msg: &ReturnMessage) -> Result<()> {
+    let mut w = RecordWriter::new(conn);
+    w.write(record_type::RETURN_MESSAGE, 0, &msg.encode())?;
+    Ok(())
+}
+
+/// Receives a migration on `conn`. On failure the source is told why on the return path.
+pub fn run_incoming(
+    conn: Connection,
+    factory: TargetFactory<'_>,
+    ctl: &MigrationControl,
+) -> Result<IncomingOutcome> {
+    {
+        let mut s = ctl.stats();
+        *s = MigrationStats {
+            started: Some(Instant::now()),
+            ..MigrationStats::default()
+        };
+    }
+    ctl.set_status(MigrationStatus::Active);
+    let ret = conn
+        .try_clone()
+        .map_err(MigrateError::io("cloning the connection"))?;
+    let ret2 = conn
+        .try_clone()
+        .map_err(MigrateError::io("cloning the connection"))?;
+    let result = incoming(conn, factory, ctl);
+    match result {
+        Ok(vm) => {
+            let sequence = ctl.stats().normal;
+            send(ret, &ReturnMessage::Ack { sequence })?;
+            ctl.set_status(MigrationStatus::Completed);
+            Ok(IncomingOutcome { vm })
+        }
+        Err(e) => {
+            let _ = send(
+                ret,
+                &ReturnMessage::Error {
+                    code: 1,
+                    message: e.to_string(),
+                },
+            );
+            ret2.shutdown();
+            ctl.stats().error = Some(e.to_string());
+            ctl.set_status(MigrationStatus::Failed);
+            Err(e)
+        }
+    }
+}
+
+fn incoming(
+    conn: Connection,
+    factory: TargetFactory<'_>,
+    ctl: &MigrationControl,
+) -> Result<Arc<dyn TargetVm>> {
+    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?.live();
+    let mut factory = Some(factory);
+    let mut vm: Option<Arc<dyn TargetVm>> = None;
+    let mut loader: Option<RamLoader> = None;
+    let mut sections = Vec::new();
+    let mut want_digest = false;
+    let mut ended = false;
+    while !ended {
+        let mut described = false;
+        match r.next_record()? {
+            None => break,
+            Some(Record::Description) => described = true,
+            Some(rec @ Record::Ram(_)) => {
+                let l = loader
+                    .as_mut()
+                    .ok_or_else(|| MigrateError::Vm("RAM before the VM".into()))?;
+                l.load(&rec)?;
+            }
+            Some(Record::Section(s)) => sections.push(s),
+            Some(Record::SourceInfo(v)) => {
+                want_digest = v
+                    .get("x-tern-ram-digest")
+                    .and_then(|x| x.as_bool())
+                    .unwrap_or(false);
+            }
+            Some(Record::Postcopy(c)) => {
+                return Err(MigrateError::Vm(format!(
+                    "postcopy is not supported yet (got {c:?})"
+                )));
+            }
+            Some(Record::SkippedOptional { ty, .. }) => {
+                tracing::info!("skipped an optional record of unknown type {ty:#x}");
+            }
+            Some(Record::End(_)) => ended = true,
+        }
+        if described {
+            let desc = r
+                .description()
+                .cloned()
+                .ok_or_else(|| MigrateError::Vm("no VM description".into()))?;
+            let make = factory
+                .take()
+                .ok_or_else(|| MigrateError::Vm("second VM description".into()))?;
+            let v = make(&desc)?;
+            let mut l = RamLoader::new(v.clone());
+            l.load_setup(&desc)?;
+            ctl.stats().total = desc.ram.iter().map(|x| x.size).sum();
+            loader = Some(l);
+            vm = Some(v);
+        }
+        let mut s = ctl.stats();
+        s.transferred = r.offset();
+        if let Some(l) = &loader {
+            s.normal = l.pages;
+        }
+    }
+    let vm = vm.ok_or_else(|| MigrateError::Vm("the stream had no VM description".into()))?;
+    vm.load_state(&sections)?;
+    if want_digest {
+        ctl.stats().ram_digest = Some(vm.ram_digest());
+    }
+    vm.resume()?;
+    Ok(vm)
+}

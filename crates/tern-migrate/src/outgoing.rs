@@ -1,0 +1,424 @@
+//! The source side: setup, rounds, stop-and-copy, acknowledgement.
+
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tern_wire::{
+    record_type, RamRegionDesc, RecordReader, ReturnMessage, StreamWriter, VmDescription,
+};
+
+use crate::convergence::{self, Measured};
+use crate::ram::{send_holes, Out, RamSaver};
+use crate::rate::RateLimited;
+use crate::stats::{MigrationStats, MigrationStatus};
+use crate::transport::{Connection, Uri};
+use crate::{Capabilities, MigrateError, MigrationParams, Result, SaveParticipant, SourceVm};
+
+/// Something that happened, for the control socket to turn into events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MigrationEvent {
+    /// The status changed (QMP `MIGRATION`).
+    Status(MigrationStatus),
+    /// A new round started (QMP `MIGRATION_PASS`).
+    Pass(u64),
+}
+
+/// Shared between the migration thread and the control socket.
+pub struct MigrationControl {
+    stats: Mutex<MigrationStats>,
+    cancel: AtomicBool,
+    conn: Mutex<Option<Connection>>,
+    /// `max-bandwidth`, changeable while migrating.
+    pub bandwidth_limit: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+    params: MigrationParams,
+    caps: Capabilities,
+    events: Box<dyn Fn(MigrationEvent) + Send + Sync>,
+}
+
+impl MigrationControl {
+    /// A control block for one migration.
+    pub fn new(
+        params: MigrationParams,
+        caps: Capabilities,
+        events: Box<dyn Fn(MigrationEvent) + Send + Sync>,
+    ) -> Arc<Self> {
+        Arc::new(MigrationControl {
+            stats: Mutex::new(MigrationStats::default()),
+            cancel: AtomicBool::new(false),
+            conn: Mutex::new(None),
+            bandwidth_limit: Arc::new(AtomicU64::new(params.max_bandwidth)),
+            accepted: Arc::new(AtomicU64::new(0)),
+            params,
+            caps,
+            events,
+        })
+    }
+
+    pub(crate) fn stats(&self) -> MutexGuard<'_, MigrationStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the statistics.
+    pub fn snapshot(&self) -> MigrationStats {
+        let mut s = self.stats().clone();
+        if !s.status.is_final() && s.status != MigrationStatus::None {
+            s.transferred = s.transferred.max(self.accepted.load(Ordering::Relaxed));
+        }
+        s
+    }
+
+    pub(crate) fn set_status(&self, status: MigrationStatus) {
+        let changed = {
+            let mut s = self.stats();
+            let changed = s.status != status;
+            s.status = status;
+            if status.is_final() && s.ended.is_none() {
+                s.ended = Some(Instant::now());
+            }
+            changed
+        };
+        if changed {
+            (self.events)(MigrationEvent::Status(status));
+        }
+    }
+
+    pub(crate) fn pass(&self, n: u64) {
+        (self.events)(MigrationEvent::Pass(n));
+    }
+
+    /// The capabilities this migration runs with.
+    pub fn caps(&self) -> Capabilities {
+        self.caps
+    }
+
+    pub(crate) fn set_conn(&self, c: Connection) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+    }
+
+    /// Cancels: the migration thread stops at the next record (or its blocked write fails) and
+    /// resumes the source.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        {
+            let mut s = self.stats();
+            if !s.status.is_final() {
+                s.status = MigrationStatus::Cancelling;
+            }
+        }
+        (self.events)(MigrationEvent::Status(MigrationStatus::Cancelling));
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            c.shutdown();
+        }
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        if self.cancel.load(Ordering::SeqCst) {
+            Err(MigrateError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn accepted_counter(&self) -> Arc<AtomicU64> {
+        self.accepted.clone()
+    }
+}
+
+/// One guard for the whole outgoing migration: whatever way it ends before the target's
+/// acknowledgement, dirty logging stops and a source it paused runs again.
+struct Session {
+    vm: Arc<dyn SourceVm>,
+    ram: RamSaver,
+    paused: bool,
+    acknowledged: bool,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.ram.cleanup();
+        if self.paused && !self.acknowledged {
+            if let Err(e) = self.vm.resume() {
+                tracing::error!("cannot resume the source after a failed migration: {e}");
+            }
+        }
+    }
+}
+
+/// Bytes per second assumed before a round was large enough to measure the link.
+const UNMEASURED_BANDWIDTH: f64 = 100e6;
+
+/// Fixed costs of a switch-over, in seconds, before anything was measured.
+const SWITCHOVER_OVERHEAD: f64 = 0.005;
+
+/// Runs a migration to `uri` on the calling thread until it completes, fails or is cancelled.
+pub fn run_outgoing(vm: Arc<dyn SourceVm>, uri: &Uri, ctl: &MigrationControl) -> Result<()> {
+    {
+        let mut s = ctl.stats();
+        *s = MigrationStats {
+            started: Some(Instant::now()),
+            total: vm.ram().regions().iter().map(|r| r.size).sum(),
+            ..MigrationStats::default()
+        };
+    }
+    ctl.set_status(MigrationStatus::Setup);
+    let result = outgoing(vm, uri, ctl);
+    if result.is_err() {
+        // The target must not wait for a stream that will never end.
+        if let Some(c) = ctl.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            c.shutdown();
+        }
+    }
+    match &result {
+        Ok(()) => ctl.set_status(MigrationStatus::Completed),
+        Err(MigrateError::Cancelled) => ctl.set_status(MigrationStatus::Cancelled),
+        Err(e) if ctl.cancel.load(Ordering::SeqCst) => {
+            tracing::info!("migration cancelled ({e})");
+            ctl.set_status(MigrationStatus::Cancelled);
+        }
+        Err(e) => {
+            ctl.stats().error = Some(e.to_string());
+            ctl.set_status(MigrationStatus::Failed);
+        }
+    }
+    ctl.stats().transferred = ctl.accepted();
+    result
+}
+
+/// After a write failed: the target may have said why before closing.
+fn target_reason(ret: &mut Option<Connection>) -> Option<String> {
+    let c = ret.take()?;
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut rr = RecordReader::new(c);
+    match rr.next_record() {
+        Ok(Some(rec)) if rec.ty == record_type::RETURN_MESSAGE => {
+            match ReturnMessage::decode(rec.body) {
+                Ok(ReturnMessage::Error { message, .. }) => Some(message),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+fn outgoing(vm: Arc<dyn SourceVm>, uri: &Uri, ctl: &MigrationControl) -> Result<()> {
+    let conn = Connection::connect(uri)?;
+    ctl.set_conn(
+        conn.try_clone()
+            .map_err(MigrateError::io("cloning the connection"))?,
+    );
+    let mut ret = Some(
+        conn.try_clone()
+            .map_err(MigrateError::io("cloning the connection"))?,
+    );
+    ctl.check_cancel()?;
+    let writer: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(
+        256 << 10,
+        RateLimited::new(conn, ctl.bandwidth_limit.clone(), ctl.accepted_counter()),
+    ));
+    let mut out: Out<'_> = StreamWriter::new(writer)?;
+    let mut session = Session {
+        vm: vm.clone(),
+        ram: RamSaver::new(vm.clone()),
+        paused: false,
+        acknowledged: false,
+    };
+    let result = stream(&vm, ctl, &mut out, &mut session, &mut ret);
+    match result {
+        Err(MigrateError::Wire(e)) if matches!(e.kind, tern_wire::ErrorKind::Io(_)) => {
+            if let Some(reason) = target_reason(&mut ret) {
+                return Err(MigrateError::TargetRefused(reason));
+            }
+            ctl.check_cancel()?;
+            Err(MigrateError::Wire(e))
+        }
+        other => other,
+    }
+}
+
+fn stream(
+    vm: &Arc<dyn SourceVm>,
+    ctl: &MigrationControl,
+    out: &mut Out<'_>,
+    session: &mut Session,
+    ret: &mut Option<Connection>,
+) -> Result<()> {
+    let started = Instant::now();
+    let desc = VmDescription {
+        machine: vm.machine(),
+        ram: vm
+            .ram()
+            .regions()
+            .into_iter()
+            .map(|r| RamRegionDesc {
+                id: r.id,
+                name: r.name,
+                gpa: r.gpa,
+                size: r.size,
+            })
+            .collect(),
+        sections: vm.state_schemas(),
+    };
+    out.source_info(&json!({
+        "tern": env!("CARGO_PKG_VERSION"),
+        "x-tern-ram-digest": ctl.caps.ram_digest,
+    }))?;
+    out.description(&desc)?;
+    session.ram.save_setup()?;
+    let holes = send_holes(&**vm, out)?;
+    session.ram.counters.zero += holes;
+    {
+        let mut s = ctl.stats();
+        s.setup_time_ms = started.elapsed().as_millis() as u64;
+        s.remaining = session.ram.pending();
+    }
+    ctl.set_status(MigrationStatus::Active);
+
+    let state_bytes = vm.state_size_hint();
+    let limit_ms = ctl.params.downtime_limit_ms;
+    let mut round = 1u64;
+    let mut bandwidth = 0.0f64;
+    let mut last_sync = Instant::now();
+    loop {
+        ctl.pass(round);
+        ctl.stats().dirty_sync_count = round;
+        let t0 = Instant::now();
+        let b0 = ctl.accepted();
+        let p0 = session.ram.counters.normal + session.ram.counters.zero;
+        let mut batches = 0u64;
+        while session.ram.iterate(out)? {
+            batches += 1;
+            if batches.is_multiple_of(16) {
+                ctl.check_cancel()?;
+                let mut s = ctl.stats();
+                s.normal = session.ram.counters.normal;
+                s.duplicate = session.ram.counters.zero;
+                s.remaining = session.ram.pending();
+                s.transferred = ctl.accepted();
+                s.precopy_bytes = s.transferred;
+            }
+        }
+        out.flush()?;
+        ctl.check_cancel()?;
+        let dt = t0.elapsed().as_secs_f64();
+        let bytes = ctl.accepted() - b0;
+        if dt > 0.0005 && bytes > 64 << 10 {
+            bandwidth = bytes as f64 / dt;
+        }
+        // What became dirty meanwhile: the next round's work, and what a stop would send now.
+        let since = last_sync.elapsed().as_secs_f64();
+        let dirtied = session.ram.sync()?;
+        last_sync = Instant::now();
+        let pending = session.ram.pending();
+        let m = Measured {
+            // A round too small to measure the link: assume a slow one.
+            bandwidth: if bandwidth > 0.0 {
+                bandwidth
+            } else {
+                UNMEASURED_BANDWIDTH
+            },
+            dirty_bytes: pending,
+            state_bytes,
+            target_load_rate: 0.0,
+            fixed_overhead: SWITCHOVER_OVERHEAD,
+        };
+        let expected = convergence::expected_downtime(&m);
+        {
+            let mut s = ctl.stats();
+            let pages = session.ram.counters.normal + session.ram.counters.zero - p0;
+            s.normal = session.ram.counters.normal;
+            s.duplicate = session.ram.counters.zero;
+            s.remaining = pending;
+            s.transferred = ctl.accepted();
+            s.precopy_bytes = s.transferred;
+            s.mbps = bandwidth * 8.0 / 1e6;
+            s.dirty_pages_rate = (dirtied as f64 / since.max(1e-6)) as u64;
+            s.pages_per_second = (pages as f64 / dt.max(1e-6)) as u64;
+            s.expected_downtime_ms = (expected * 1000.0).min(u64::MAX as f64) as u64;
+        }
+        tracing::debug!(
+            round,
+            bytes,
+            dt,
+            dirtied,
+            pending,
+            expected,
+            "precopy round done"
+        );
+        if convergence::converged(&m, limit_ms) {
+            break;
+        }
+        round += 1;
+    }
+
+    // Stop and copy.
+    let t_pause = Instant::now();
+    let b0 = ctl.accepted();
+    vm.pause()?;
+    session.paused = true;
+    ctl.stats().dirty_sync_count = round + 1;
+    session.ram.complete_precopy(out)?;
+    let sections = vm.save_state()?;
+    for s in &sections {
+        out.section(s)?;
+    }
+    if ctl.caps.ram_digest {
+        ctl.stats().ram_digest = Some(vm.ram_digest());
+    }
+    // END, flushed.
+    let blank: Out<'_> = StreamWriter::new(Box::new(std::io::sink()) as Box<dyn Write + Send>)?;
+    let full = std::mem::replace(out, blank);
+    full.finish()?;
+    {
+        let mut s = ctl.stats();
+        s.normal = session.ram.counters.normal;
+        s.duplicate = session.ram.counters.zero;
+        s.remaining = 0;
+        s.transferred = ctl.accepted();
+        s.downtime_bytes = ctl.accepted() - b0;
+    }
+    // The acknowledgement: the target loaded everything and runs the guest.
+    let conn = ret.take().ok_or(MigrateError::NoAck)?;
+    conn.set_read_timeout(Some(Duration::from_secs(300)))
+        .map_err(MigrateError::io("return path timeout"))?;
+    let mut rr = RecordReader::new(conn);
+    let reply = rr.next_record().map_err(|e| {
+        if ctl.cancel.load(Ordering::SeqCst) {
+            MigrateError::Cancelled
+        } else {
+            MigrateError::Wire(e)
+        }
+    })?;
+    match reply {
+        Some(rec) if rec.ty == record_type::RETURN_MESSAGE => match ReturnMessage::decode(rec.body)
+        {
+            Ok(ReturnMessage::Ack { .. }) => {}
+            Ok(ReturnMessage::Error { message, .. }) => {
+                return Err(MigrateError::TargetRefused(message))
+            }
+            Ok(other) => {
+                return Err(MigrateError::Vm(format!(
+                    "unexpected return message {other:?}"
+                )))
+            }
+            Err(k) => return Err(MigrateError::Vm(format!("bad return message: {k}"))),
+        },
+        Some(rec) => {
+            return Err(MigrateError::Vm(format!(
+                "unexpected record type {:#x} on the return path",
+                rec.ty
+            )))
+        }
+        None => return Err(MigrateError::NoAck),
+    }
+    session.acknowledged = true;
+    ctl.stats().downtime_ms = Some(t_pause.elapsed().as_millis() as u64);
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Migration statistics, shaped like QEMU's `MigrationInfo` at the edge.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+/// QEMU's MigrationStatus values that tern uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationStatus {
+    None,
+    Setup,
+    Active,
+    Cancelling,
+    Cancelled,
+    Completed,
+    Failed,
+}
+
+impl MigrationStatus {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStatus::None => "none",
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Active => "active",
+            MigrationStatus::Cancelling => "cancelling",
+            MigrationStatus::Cancelled => "cancelled",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+        }
+    }
+
+    /// Whether the migration has ended.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::Cancelled | MigrationStatus::Completed | MigrationStatus::Failed
+        )
+    }
+}
+
+/// Everything `query-migrate` reports.
+#[derive(Clone, Debug)]
+pub struct MigrationStats {
+    pub status: MigrationStatus,
+    pub started: Option<Instant>,
+    pub ended: Option<Instant>,
+    /// Bytes the socket accepted.
+    pub transferred: u64,
+    /// Bytes of dirty RAM left (estimate).
+    pub remaining: u64,
+    /// Guest RAM size.
+    pub total: u64,
+    /// Zero pages (QEMU's `duplicate`).
+    pub duplicate: u64,
+    /// Pages sent with data.
+    pub normal: u64,
+    /// Pages dirtied per second, last round.
+    pub dirty_pages_rate: u64,
+    /// Throughput of the last round in Mbit/s.
+    pub mbps: f64,
+    /// Dirty bitmap syncs (rounds).
+    pub dirty_sync_count: u64,
+    /// Pages per second, last round.
+    pub pages_per_second: u64,
+    /// Bytes sent while the VM ran.
+    pub precopy_bytes: u64,
+    /// Bytes sent while it was paused.
+    pub downtime_bytes: u64,
+    pub setup_time_ms: u64,
+    pub expected_downtime_ms: u64,
+    pub downtime_ms: Option<u64>,
+    pub error: Option<String>,
+    /// Test aid: digest of guest RAM at the switch-over (source: paused; target: loaded).
+    pub ram_digest: Option<u64>,
+}
+
+impl Default for MigrationStats {
+    fn default() -> Self {
+        MigrationStats {
+            status: MigrationStatus::None,
+            started: None,
+            ended: None,
+            transferred: 0,
+            remaining: 0,
+            total: 0,
+            duplicate: 0,
+            normal: 0,
+            dirty_pages_rate: 0,
+            mbps: 0.0,
+            dirty_sync_count: 0,
+            pages_per_second: 0,
+            precopy_bytes: 0,
+            downtime_bytes: 0,
+            setup_time_ms: 0,
+            expected_downtime_ms: 0,
+            downtime_ms: None,
+            error: None,
+            ram_digest: None,
+        }
+    }
+}
+
+impl MigrationStats {
+    /// Milliseconds since the start (to the end, once ended).
+    pub fn total_time_ms(&self) -> u64 {
+        match (self.started, self.ended) {
+            (Some(s), Some(e)) => e.duration_since(s).as_millis() as u64,
+            (Some(s), None) => s.elapsed().as_millis() as u64,
+            _ => 0,
+        }
+    }
+
+    /// QEMU's `MigrationInfo` for `query-migrate`.
+    pub fn to_qmp(&self) -> Value {
+        if self.status == MigrationStatus::None {
+            return json!({});
+        }
+        let mut v = json!({"status": self.status.as_str()});
+        if self.status != MigrationStatus::Setup {
+            v["ram"] = json!({
+                "transferred": self.transferred,
+                "remaining": self.remaining,
+                "total": self.total,
+                "duplicate": self.duplicate,
+                "normal": self.normal,
+                "normal-bytes": self.normal * 4096,
+                "dirty-pages-rate": self.dirty_pages_rate,
+                "mbps": self.mbps,
+                "dirty-sync-count": self.dirty_sync_count,
+                "postcopy-requests": 0,
+                "page-size": 4096,
+                "multifd-bytes": 0,
+                "pages-per-second": self.pages_per_second,
+                "precopy-bytes": self.precopy_bytes,
+                "downtime-bytes": self.downtime_bytes,
+                "postcopy-bytes": 0,
+                "dirty-sync-missed-zero-copy": 0,
+            });
+        }
+        v["total-time"] = json!(self.total_time_ms());
+        v["setup-time"] = json!(self.setup_time_ms);
+        if self.status == MigrationStatus::Completed {
+            if let Some(d) = self.downtime_ms {
+                v["downtime"] = json!(d);
+            }
+        } else if !self.status.is_final() {
+            v["expected-downtime"] = json!(self.expected_downtime_ms);
+        }
+        if let Some(e) = &self.error {
+            v["error-desc"] = json!(e);
+        }
+        if let Some(d) = self.ram_digest {
+            v["x-tern-source-ram-digest"] = json!(format!("{d:016x}"));
+        }
+        v
+    }
+}

@@ -1,0 +1,248 @@
+//! The engine against the in-memory fake VM: the state machine and its edge cases, no KVM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use tern_migrate::fake::FakeVm;
+use tern_migrate::transport::{Connection, Listener, Uri};
+use tern_migrate::{
+    run_incoming, run_outgoing, Capabilities, MigrateError, MigrationControl, MigrationEvent,
+    MigrationParams, MigrationStatus, SourceVm, TargetVm,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn uri(name: &str) -> Uri {
+    let p = std::env::temp_dir().join(format!("tern-engine-{}-{name}.sock", std::process::id()));
+    Uri::Unix(p)
+}
+
+fn control(params: MigrationParams) -> (Arc<MigrationControl>, Arc<Mutex<Vec<MigrationEvent>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = events.clone();
+    let caps = Capabilities {
+        events: true,
+        ram_digest: true,
+    };
+    (
+        MigrationControl::new(params, caps, Box::new(move |ev| e.lock().unwrap().push(ev))),
+        events,
+    )
+}
+
+/// Starts a target that accepts one migration into `target` (or refuses with `refuse`).
+fn target(
+    uri: &Uri,
+    target: Arc<FakeVm>,
+    refuse: Option<&'static str>,
+) -> (
+    Arc<MigrationControl>,
+    thread::JoinHandle<Result<(), String>>,
+) {
+    let listener = Listener::bind(uri).unwrap();
+    let (ctl, _) = control(MigrationParams::default());
+    let c = ctl.clone();
+    let h = thread::spawn(move || {
+        let conn = listener.accept().map_err(|e| e.to_string())?;
+        let t = target.clone();
+        let factory: tern_migrate::TargetFactory<'_> = Box::new(move |_desc| match refuse {
+            Some(why) => Err(MigrateError::Mismatch(why.into())),
+            None => Ok(t as Arc<dyn TargetVm>),
+        });
+        run_incoming(conn, factory, &c)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    (ctl, h)
+}
+
+fn fill(vm: &FakeVm, pages: u64) {
+    let n = vm.contents().len() as u64;
+    for p in 0..pages {
+        if p % 3 != 0 {
+            vm.guest_write((p % n) as u32, p / n, (p % 251) as u8 + 1);
+        }
+    }
+}
+
+#[test]
+fn idle_migration_copies_everything_and_leaves_the_source_paused() {
+    let u = uri("idle");
+    let src = FakeVm::new(&[8 * MIB, 4 * MIB]);
+    fill(&src, 1024);
+    let dst = FakeVm::new_target(&[8 * MIB, 4 * MIB]);
+    let (tctl, t) = target(&u, dst.clone(), None);
+    let (ctl, events) = control(MigrationParams::default());
+    run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap();
+    t.join().unwrap().unwrap();
+    assert_eq!(src.contents(), dst.contents());
+    assert_eq!(dst.writes(), src.writes(), "device state travelled");
+    assert!(dst.is_running());
+    assert!(!src.is_running(), "the source stays paused after success");
+    let s = ctl.snapshot();
+    assert_eq!(s.status, MigrationStatus::Completed);
+    assert!(s.downtime_ms.is_some());
+    assert_eq!(s.ram_digest, tctl.snapshot().ram_digest);
+    assert!(s.duplicate > 0, "zero pages counted");
+    let ev = events.lock().unwrap().clone();
+    assert_eq!(
+        ev.first(),
+        Some(&MigrationEvent::Status(MigrationStatus::Setup))
+    );
+    assert!(ev.contains(&MigrationEvent::Pass(1)));
+    assert_eq!(
+        ev.last(),
+        Some(&MigrationEvent::Status(MigrationStatus::Completed))
+    );
+    // Zero pages travel as ranges: the stream is far smaller than RAM.
+    assert!(
+        s.transferred < 12 * MIB,
+        "{} bytes for 12 MiB of mostly zero RAM",
+        s.transferred
+    );
+}
+
+#[test]
+fn a_dirtying_guest_converges_and_loses_nothing() {
+    let u = uri("dirty");
+    let src = FakeVm::new(&[16 * MIB]);
+    fill(&src, 4096);
+    let dst = FakeVm::new_target(&[16 * MIB]);
+    let (tctl, t) = target(&u, dst.clone(), None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = {
+        let (src, stop) = (src.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                src.guest_write(0, (i * 7) % 4096, (i % 200) as u8 + 3);
+                i += 1;
+                if i.is_multiple_of(64) {
+                    thread::sleep(Duration::from_micros(200));
+                }
+            }
+        })
+    };
+    let (ctl, _) = control(MigrationParams {
+        downtime_limit_ms: 50,
+        ..Default::default()
+    });
+    run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap();
+    stop.store(true, Ordering::SeqCst);
+    guest.join().unwrap();
+    t.join().unwrap().unwrap();
+    let s = ctl.snapshot();
+    assert_eq!(
+        s.ram_digest,
+        tctl.snapshot().ram_digest,
+        "RAM at the switch-over equals the target's"
+    );
+    assert_eq!(
+        src.contents(),
+        dst.contents(),
+        "the paused source was not written after the stop"
+    );
+    assert!(s.dirty_sync_count >= 2);
+}
+
+#[test]
+fn cancel_resumes_nothing_it_did_not_pause_and_leaves_the_source_running() {
+    let u = uri("cancel");
+    let src = FakeVm::new(&[64 * MIB]);
+    fill(&src, 16384);
+    let dst = FakeVm::new_target(&[64 * MIB]);
+    let (_tctl, t) = target(&u, dst, None);
+    // 4 MiB/s for ~40 MiB of data: long enough to cancel.
+    let (ctl, _) = control(MigrationParams {
+        max_bandwidth: 4 * MIB,
+        ..Default::default()
+    });
+    let c = ctl.clone();
+    let s2 = src.clone();
+    let h = thread::spawn(move || run_outgoing(s2 as Arc<dyn SourceVm>, &u, &c));
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(ctl.snapshot().status, MigrationStatus::Active);
+    ctl.cancel();
+    let r = h.join().unwrap();
+    assert!(
+        matches!(r, Err(MigrateError::Cancelled) | Err(MigrateError::Wire(_))),
+        "{r:?}"
+    );
+    assert_eq!(ctl.snapshot().status, MigrationStatus::Cancelled);
+    assert!(src.is_running());
+    assert!(t.join().unwrap().is_err(), "the target sees the stream end");
+}
+
+#[test]
+fn a_refusing_target_fails_the_migration_with_its_reason() {
+    let u = uri("refuse");
+    let src = FakeVm::new(&[4 * MIB]);
+    fill(&src, 512);
+    let (_tctl, t) = target(
+        &u,
+        FakeVm::new_target(&[4 * MIB]),
+        Some("memory size differs: 1G here, 4M in the stream"),
+    );
+    let (ctl, _) = control(MigrationParams::default());
+    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap_err();
+    assert!(err.to_string().contains("memory size differs"), "{err}");
+    let s = ctl.snapshot();
+    assert_eq!(s.status, MigrationStatus::Failed);
+    assert!(s.error.unwrap().contains("memory size differs"));
+    assert!(src.is_running());
+    assert!(t.join().unwrap().is_err());
+}
+
+#[test]
+fn a_target_that_dies_mid_way_fails_the_migration_and_the_source_runs_on() {
+    let u = uri("dies");
+    let src = FakeVm::new(&[64 * MIB]);
+    fill(&src, 16384);
+    let listener = Listener::bind(&u).unwrap();
+    let killer = thread::spawn(move || {
+        let mut conn = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        std::io::Read::read_exact(&mut conn, &mut buf).unwrap();
+        drop(conn); // the target process dies
+    });
+    let (ctl, _) = control(MigrationParams {
+        max_bandwidth: 32 * MIB,
+        ..Default::default()
+    });
+    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap_err();
+    killer.join().unwrap();
+    assert_eq!(ctl.snapshot().status, MigrationStatus::Failed, "{err}");
+    assert!(src.is_running());
+}
+
+#[test]
+fn a_device_that_cannot_migrate_fails_after_the_pause_and_the_source_is_resumed() {
+    let u = uri("unmigratable");
+    let src = FakeVm::new(&[4 * MIB]);
+    src.unmigratable.store(true, Ordering::SeqCst);
+    let (_tctl, t) = target(&u, FakeVm::new_target(&[4 * MIB]), None);
+    let (ctl, _) = control(MigrationParams::default());
+    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap_err();
+    assert!(
+        err.to_string().contains("fake-gpu cannot be migrated"),
+        "{err}"
+    );
+    assert!(src.is_running());
+    assert_eq!(
+        src.pauses.load(Ordering::SeqCst),
+        src.resumes.load(Ordering::SeqCst)
+    );
+    assert!(t.join().unwrap().is_err());
+}
+
+#[test]
+fn no_target_listening_is_a_clear_failure() {
+    let src = FakeVm::new(&[4 * MIB]);
+    let (ctl, _) = control(MigrationParams::default());
+    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &uri("nobody"), &ctl).unwrap_err();
+    assert!(err.to_string().contains("connecting to unix:"), "{err}");
+    assert!(src.is_running());
+    let _ = Connection::connect(&Uri::Tcp("127.0.0.1".into(), 1)).unwrap_err();
+}
