@@ -104,19 +104,37 @@ pub trait TargetVm: Send + Sync {
     fn ram_digest(&self) -> u64;
 }
 
-/// The digest both sides compute: CRC32C of each MiB, folded into 64 bits in order.
-pub fn digest_chunks<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for c in chunks {
-        for block in c.chunks(1 << 20) {
-            h = (h ^ u64::from(crc32c_of(block))).wrapping_mul(0x0100_0000_01b3);
-        }
+/// The RAM digest both sides compute: CRC32C of each MiB, folded into 64 bits in order.
+#[derive(Clone, Copy, Debug)]
+pub struct RamDigest(u64);
+
+impl Default for RamDigest {
+    fn default() -> Self {
+        RamDigest(0xcbf2_9ce4_8422_2325)
     }
-    h
 }
 
-fn crc32c_of(b: &[u8]) -> u32 {
-    tern_wire::crc32c(b)
+impl RamDigest {
+    /// Adds one chunk (at most 1 MiB; chunks must be cut the same way on both sides).
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.0 = (self.0 ^ u64::from(tern_wire::crc32c(chunk))).wrapping_mul(0x0100_0000_01b3);
+    }
+
+    /// The value.
+    pub fn finish(self) -> u64 {
+        self.0
+    }
+}
+
+/// The digest of a sequence of buffers, each cut into 1 MiB chunks.
+pub fn digest_chunks<'a>(bufs: impl Iterator<Item = &'a [u8]>) -> u64 {
+    let mut d = RamDigest::default();
+    for b in bufs {
+        for c in b.chunks(1 << 20) {
+            d.update(c);
+        }
+    }
+    d.finish()
 }
 
 /// Builds the target VM from the stream's description (or checks a pre-built one against it).

@@ -151,7 +151,7 @@ impl MigrationStats {
             v["error-desc"] = json!(e);
         }
         if let Some(d) = self.ram_digest {
-            v["x-tern-source-ram-digest"] = json!(format!("{d:016x}"));
+            v["x-tern-ram-digest"] = json!(format!("{d:016x}"));
         }
         v
     }

@@ -8,13 +8,15 @@ pub mod boot;
 pub mod cpuid;
 mod error;
 pub mod memory;
+mod migration;
 pub mod serial;
+pub mod state;
 mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
 pub use serial::SerialOutput;
-pub use vm::{RunState, Vm, VmConfig, VmExit};
+pub use vm::{MachineConfig, RunState, Vm, VmConfig, VmExit};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 32;

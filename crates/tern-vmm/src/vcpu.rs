@@ -196,11 +196,18 @@ impl Control {
     }
 }
 
-/// Body of a vCPU thread: runs the guest until the VM exits or is stopped.
-pub(crate) fn run(mut vcpu: VcpuFd, index: u32, devices: Arc<Devices>, control: Arc<Control>) {
-    let ie: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+/// Body of a vCPU thread: runs the guest until the VM exits or is stopped. The thread holds
+/// the vCPU's lock only while in `KVM_RUN`, so that a paused vCPU's state can be read and
+/// written by the migration thread.
+pub(crate) fn run(
+    vcpu: Arc<Mutex<VcpuFd>>,
+    index: u32,
+    devices: Arc<Devices>,
+    control: Arc<Control>,
+) {
+    let ie: *mut u8 = &mut lock(&vcpu).get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(ie));
-    let outcome = run_loop(&mut vcpu, index, &devices, &control);
+    let outcome = run_loop(&vcpu, index, &devices, &control);
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
     control.thread_exited();
     if let Some(exit) = outcome {
@@ -216,15 +223,34 @@ enum Step {
     Exit(VmExit),
 }
 
-fn run_loop(vcpu: &mut VcpuFd, index: u32, devices: &Devices, control: &Control) -> Option<VmExit> {
+pub(crate) fn lock(v: &Mutex<VcpuFd>) -> MutexGuard<'_, VcpuFd> {
+    v.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run_loop(
+    vcpu: &Mutex<VcpuFd>,
+    index: u32,
+    devices: &Devices,
+    control: &Control,
+) -> Option<VmExit> {
     loop {
         if control.stop_requested.load(Ordering::SeqCst) {
             return None;
         }
         if control.pause_requested.load(Ordering::SeqCst) {
+            // Let KVM finish an instruction whose I/O we just emulated, so that the state a
+            // migration reads is complete (KVM's rule for KVM_RUN with immediate_exit).
+            {
+                let mut v = lock(vcpu);
+                v.set_kvm_immediate_exit(1);
+                let _ = v.run();
+                v.set_kvm_immediate_exit(0);
+            }
             control.park();
             continue;
         }
+        let mut guard = lock(vcpu);
+        let vcpu = &mut *guard;
         let step = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => match devices.pio_write(port, data) {
                 PioOutcome::Done => Step::Continue,

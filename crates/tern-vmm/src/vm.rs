@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 
+use kvm_bindings::CpuId;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -66,7 +67,8 @@ pub(crate) enum PioOutcome {
 
 /// Port-I/O devices and the exit notification, shared with the vCPU threads.
 pub(crate) struct Devices {
-    serial: Mutex<SerialDevice>,
+    pub(crate) serial: Mutex<SerialDevice>,
+    pub(crate) serial_irq: EventFd,
     exit: Mutex<Option<VmExit>>,
     exit_cv: Condvar,
 }
@@ -107,17 +109,22 @@ impl Devices {
     }
 }
 
-/// A running virtual machine.
+/// A virtual machine.
 pub struct Vm {
-    _kvm: Kvm,
-    _vm_fd: VmFd,
-    ram: GuestRam,
-    boot: BootInfo,
-    devices: Arc<Devices>,
+    pub(crate) kvm: Kvm,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) ram: GuestRam,
+    pub(crate) devices: Arc<Devices>,
     control: Arc<Control>,
+    pub(crate) vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     state: Mutex<RunState>,
+    started: std::sync::atomic::AtomicBool,
     vcpus: u32,
+    pub(crate) supported_cpuid: CpuId,
+    pub(crate) tsc_khz: Option<u32>,
+    pub(crate) dirty_logging: std::sync::atomic::AtomicBool,
+    boot: Mutex<Option<BootInfo>>,
 }
 
 fn kick_signal() -> libc::c_int {
@@ -149,9 +156,31 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
     Ok(kvm)
 }
 
+/// The machine without its software: RAM size, vCPUs, devices.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub memory: u64,
+    pub vcpus: u32,
+    pub serial: SerialOutput,
+    pub kvm_path: PathBuf,
+}
+
 impl Vm {
-    /// Builds the VM and starts its vCPUs.
+    /// Builds the VM and boots `cfg.kernel` on it: the vCPUs run when this returns.
     pub fn start(cfg: VmConfig) -> Result<Arc<Vm>> {
+        let vm = Vm::create(&MachineConfig {
+            memory: cfg.memory,
+            vcpus: cfg.vcpus,
+            serial: cfg.serial.clone(),
+            kvm_path: cfg.kvm_path.clone(),
+        })?;
+        vm.boot(&cfg.kernel, &cfg.cmdline)?;
+        vm.start_vcpus()?;
+        Ok(vm)
+    }
+
+    /// Builds the machine (KVM VM, RAM, irqchip, PIT, serial, vCPUs) without booting anything.
+    pub fn create(cfg: &MachineConfig) -> Result<Arc<Vm>> {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(Error::InvalidConfig(format!(
                 "vcpus must be between 1 and {MAX_VCPUS}, not {}",
@@ -179,20 +208,7 @@ impl Vm {
         }
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let ram = GuestRam::new(cfg.memory)?;
-        for (slot, (region, host)) in ram.regions().iter().zip(ram.host_addrs()).enumerate() {
-            let mr = kvm_bindings::kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start,
-                memory_size: region.size,
-                userspace_addr: host,
-            };
-            // SAFETY: the mapping at `host` is `region.size` bytes of guest RAM owned by `ram`,
-            // which lives as long as the VM (both are fields of `Vm`, and the VM fd is dropped
-            // first).
-            unsafe { vm_fd.set_user_memory_region(mr) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        set_memory_slots(&vm_fd, &ram, 0)?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -213,34 +229,29 @@ impl Vm {
         vm_fd
             .register_irqfd(&irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
+        let irq_clone = irq.try_clone().map_err(|e| Error::Io {
+            what: "eventfd for the serial IRQ".into(),
+            source: e,
+        })?;
         let sink = SerialSink::open(&cfg.serial).map_err(|e| Error::Io {
             what: format!("opening the serial output {:?}", cfg.serial),
             source: e,
         })?;
         let serial = SerialDevice::new(IrqTrigger(irq), sink);
 
-        let boot = boot::load(&ram, &cfg.kernel, &cfg.cmdline, cfg.vcpus)?;
-        if cfg.vcpus > 1 && boot.ap_entry.is_none() {
-            tracing::warn!(
-                "the kernel names no AP entry (Tern note); vCPUs 1.. will wait for INIT/SIPI"
-            );
-        }
-
-        let supported = kvm
+        let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpu_fds = Vec::new();
+        let mut tsc_khz = None;
         for i in 0..cfg.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let tsc_khz = fd.get_tsc_khz().ok();
-            fd.set_cpuid2(&cpuid::filter(&supported, i, cfg.vcpus, tsc_khz))
+            tsc_khz = fd.get_tsc_khz().ok();
+            fd.set_cpuid2(&cpuid::filter(&supported_cpuid, i, cfg.vcpus, tsc_khz))
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            if i == 0 || boot.ap_entry.is_some() {
-                vcpu::setup(&fd, &boot, i)?;
-            }
-            vcpu_fds.push(fd);
+            vcpu_fds.push(Arc::new(Mutex::new(fd)));
         }
 
         static SIGNAL: Once = Once::new();
@@ -253,15 +264,54 @@ impl Vm {
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
 
-        let devices = Arc::new(Devices {
-            serial: Mutex::new(serial),
-            exit: Mutex::new(None),
-            exit_cv: Condvar::new(),
-        });
-        let control = Arc::new(Control::new(cfg.vcpus));
-        let mut threads = Vec::new();
-        for (i, fd) in vcpu_fds.into_iter().enumerate() {
-            let (d, c) = (devices.clone(), control.clone());
+        Ok(Arc::new(Vm {
+            kvm,
+            vm_fd,
+            ram,
+            devices: Arc::new(Devices {
+                serial: Mutex::new(serial),
+                serial_irq: irq_clone,
+                exit: Mutex::new(None),
+                exit_cv: Condvar::new(),
+            }),
+            control: Arc::new(Control::new(cfg.vcpus)),
+            vcpu_fds,
+            threads: Mutex::new(Vec::new()),
+            state: Mutex::new(RunState::Paused),
+            started: std::sync::atomic::AtomicBool::new(false),
+            vcpus: cfg.vcpus,
+            supported_cpuid,
+            tsc_khz,
+            dirty_logging: std::sync::atomic::AtomicBool::new(false),
+            boot: Mutex::new(None),
+        }))
+    }
+
+    /// Loads a kernel and puts the vCPUs in its PVH entry state.
+    pub fn boot(&self, kernel: &[u8], cmdline: &str) -> Result<()> {
+        let boot = boot::load(&self.ram, kernel, cmdline, self.vcpus)?;
+        if self.vcpus > 1 && boot.ap_entry.is_none() {
+            tracing::warn!(
+                "the kernel names no AP entry (Tern note); vCPUs 1.. will wait for INIT/SIPI"
+            );
+        }
+        for (i, fd) in self.vcpu_fds.iter().enumerate() {
+            if i == 0 || boot.ap_entry.is_some() {
+                vcpu::setup(&vcpu::lock(fd), &boot, i as u32)?;
+            }
+        }
+        *self.boot.lock().unwrap_or_else(|e| e.into_inner()) = Some(boot);
+        Ok(())
+    }
+
+    /// Starts the vCPU threads (once).
+    pub fn start_vcpus(&self) -> Result<()> {
+        if self.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, fd) in self.vcpu_fds.iter().enumerate() {
+            let (d, c, fd) = (self.devices.clone(), self.control.clone(), fd.clone());
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || vcpu::run(fd, i as u32, d, c))
@@ -271,17 +321,8 @@ impl Vm {
                 })?;
             threads.push(h);
         }
-        Ok(Arc::new(Vm {
-            _kvm: kvm,
-            _vm_fd: vm_fd,
-            ram,
-            boot,
-            devices,
-            control,
-            threads: Mutex::new(threads),
-            state: Mutex::new(RunState::Running),
-            vcpus: cfg.vcpus,
-        }))
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = RunState::Running;
+        Ok(())
     }
 
     fn kick_all(&self) {
@@ -296,7 +337,7 @@ impl Vm {
     /// Pauses every vCPU and returns once all are parked outside `KVM_RUN`.
     pub fn pause(&self) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if *state == RunState::Paused {
+        if *state == RunState::Paused || !self.started.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         self.control.request_pause();
@@ -305,8 +346,15 @@ impl Vm {
         *state = RunState::Paused;
     }
 
-    /// Resumes every vCPU and returns once all have left the parking lot.
+    /// Resumes every vCPU and returns once all have left the parking lot (or starts them, on a
+    /// VM that never ran).
     pub fn resume(&self) {
+        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Err(e) = self.start_vcpus() {
+                self.request_exit(VmExit::Error(format!("cannot start the vCPUs: {e}")));
+            }
+            return;
+        }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if *state == RunState::Running {
             return;
@@ -355,13 +403,31 @@ impl Vm {
         &self.ram
     }
 
-    /// How the guest was booted.
-    pub fn boot_info(&self) -> BootInfo {
-        self.boot
+    /// How the guest was booted (None for a VM that came from a migration).
+    pub fn boot_info(&self) -> Option<BootInfo> {
+        *self.boot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Number of vCPUs.
     pub fn vcpus(&self) -> u32 {
         self.vcpus
     }
+}
+
+/// Registers the RAM regions as KVM memory slots (slot = region index) with `flags`.
+pub(crate) fn set_memory_slots(vm_fd: &VmFd, ram: &GuestRam, flags: u32) -> Result<()> {
+    for (slot, (region, host)) in ram.regions().iter().zip(ram.host_addrs()).enumerate() {
+        let mr = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: region.start,
+            memory_size: region.size,
+            userspace_addr: host,
+        };
+        // SAFETY: the mapping at `host` is `region.size` bytes of guest RAM owned by `ram`,
+        // which lives as long as the VM (both are fields of `Vm`).
+        unsafe { vm_fd.set_user_memory_region(mr) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
 }

@@ -1,16 +1,21 @@
-//! `tern run`: boot a VM and serve its control socket until it stops.
+//! `tern run`: boot a VM (or receive one), serve its control socket until it stops.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Map, Value};
+use tern_migrate::transport::{Listener, Uri};
+use tern_migrate::{
+    run_incoming, run_outgoing, Capabilities, MigrateError, MigrationControl, MigrationEvent,
+    MigrationParams, SourceVm, TargetVm,
+};
 use tern_qmp::{no_args, Backend, QmpError, Server};
 use tern_vmm::memory::vm_memory::{Bytes, GuestAddress};
-use tern_vmm::{RunState, SerialOutput, Vm, VmConfig, VmExit};
+use tern_vmm::{MachineConfig, RunState, SerialOutput, Vm, VmConfig, VmExit};
 
 use crate::size::{human, parse_size};
 
@@ -23,18 +28,23 @@ pub struct RunArgs {
     /// tern.check, tern.hb, tern.exit).
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// Guest RAM: 512M, 1G, 4G... (a bare number is MiB).
-    #[arg(long, default_value = "1G")]
-    pub memory: String,
-    /// Number of vCPUs (1-32).
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
+    /// Guest RAM: 512M, 1G, 4G... (a bare number is MiB). Default 1G; with --incoming, taken
+    /// from the stream unless given (then it must match).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Number of vCPUs (1-32). Default 1; with --incoming, as for --memory.
+    #[arg(long)]
+    pub vcpus: Option<u32>,
     /// Serial console: stdio, file:PATH, unix:PATH or none.
     #[arg(long, default_value = "stdio")]
     pub serial: String,
     /// QMP control socket: unix:PATH.
     #[arg(long)]
     pub qmp: Option<String>,
+    /// Wait for a migration instead of booting: tcp:HOST:PORT, unix:PATH, or defer (then
+    /// QMP `migrate-incoming` names the URI).
+    #[arg(long)]
+    pub incoming: Option<String>,
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     pub kvm_device: PathBuf,
@@ -65,6 +75,32 @@ fn host_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+fn check_memory(memory: u64) -> Result<()> {
+    if memory == 0 {
+        bail!("--memory must be more than 0");
+    }
+    if let Some(host) = host_memory() {
+        if memory > host {
+            bail!(
+                "--memory {} is more than this host has ({})",
+                human(memory),
+                human(host)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_vcpus(vcpus: u32) -> Result<()> {
+    if vcpus == 0 || vcpus > tern_vmm::MAX_VCPUS {
+        bail!(
+            "--vcpus must be between 1 and {}, not {vcpus}",
+            tern_vmm::MAX_VCPUS
+        );
+    }
+    Ok(())
+}
+
 fn read_kernel(path: &PathBuf) -> Result<Vec<u8>> {
     let f = std::fs::File::open(path)
         .with_context(|| format!("cannot open the kernel {}", path.display()))?;
@@ -82,26 +118,187 @@ fn read_kernel(path: &PathBuf) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-pub fn run(args: RunArgs) -> Result<ExitCode> {
-    let memory = parse_size(&args.memory).map_err(|e| anyhow::anyhow!("--memory {e}"))?;
-    if memory == 0 {
-        bail!("--memory must be more than 0");
-    }
-    if let Some(host) = host_memory() {
-        if memory > host {
-            bail!(
-                "--memory {} is more than this host has ({})",
-                human(memory),
-                human(host)
-            );
+/// What the process is doing, as QMP's `query-status` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for, or receiving, a migration.
+    InMigrate,
+    /// The guest is ours (running or paused).
+    Live,
+    /// Migrated away; paused until `quit`.
+    PostMigrate,
+}
+
+/// The process's state, shared with the QMP backend and the migration threads.
+struct App {
+    vm: OnceLock<Arc<Vm>>,
+    phase: Mutex<Phase>,
+    server: OnceLock<Arc<Server>>,
+    params: Mutex<MigrationParams>,
+    caps: Mutex<Capabilities>,
+    migration: Mutex<Option<Arc<MigrationControl>>>,
+    incoming: Mutex<IncomingState>,
+    incoming_cv: Condvar,
+    machine: MachineSpec,
+}
+
+/// The target's machine options, if given (the stream must match them).
+struct MachineSpec {
+    memory: Option<u64>,
+    vcpus: Option<u32>,
+    serial: SerialOutput,
+    kvm_path: PathBuf,
+}
+
+enum IncomingState {
+    /// No `--incoming`.
+    None,
+    /// `--incoming defer`, waiting for `migrate-incoming`.
+    Deferred,
+    /// Listening or loading.
+    Running,
+    /// Done: the guest runs here.
+    Done,
+    /// Failed, with the reason.
+    Failed(String),
+}
+
+impl App {
+    fn emit(&self, event: &str, data: Option<Value>) {
+        if let Some(s) = self.server.get() {
+            s.emit(event, data);
         }
     }
-    if args.vcpus == 0 || args.vcpus > tern_vmm::MAX_VCPUS {
-        bail!(
-            "--vcpus must be between 1 and {}, not {}",
-            tern_vmm::MAX_VCPUS,
-            args.vcpus
-        );
+
+    fn control(self: &Arc<Self>) -> Arc<MigrationControl> {
+        let app = Arc::downgrade(self);
+        let caps = *self.caps.lock().unwrap_or_else(|e| e.into_inner());
+        let params = *self.params.lock().unwrap_or_else(|e| e.into_inner());
+        MigrationControl::new(
+            params,
+            caps,
+            Box::new(move |ev| {
+                let Some(app) = app.upgrade() else { return };
+                if !caps.events {
+                    return;
+                }
+                match ev {
+                    MigrationEvent::Status(s) => {
+                        app.emit("MIGRATION", Some(json!({"status": s.as_str()})))
+                    }
+                    MigrationEvent::Pass(n) => app.emit("MIGRATION_PASS", Some(json!({"pass": n}))),
+                }
+            }),
+        )
+    }
+
+    fn set_incoming(&self, s: IncomingState) {
+        *self.incoming.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        self.incoming_cv.notify_all();
+    }
+
+    /// Binds the listener now (so errors reach the caller) and receives on a thread.
+    fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
+        let uri = Uri::parse(uri).map_err(|e| e.to_string())?;
+        let listener = Listener::bind(&uri).map_err(|e| e.to_string())?;
+        let ctl = self.control();
+        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctl.clone());
+        self.set_incoming(IncomingState::Running);
+        let app = self.clone();
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || {
+                let result = listener
+                    .accept()
+                    .and_then(|conn| run_incoming(conn, app.factory(), &ctl).map(|_| ()));
+                match result {
+                    Ok(()) => {
+                        *app.phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Live;
+                        app.emit("RESUME", None);
+                        app.set_incoming(IncomingState::Done);
+                    }
+                    Err(e) => app.set_incoming(IncomingState::Failed(e.to_string())),
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Builds the target VM from the stream's description, checked against our options.
+    fn factory(self: &Arc<Self>) -> tern_migrate::TargetFactory<'static> {
+        let app = self.clone();
+        Box::new(move |desc| {
+            let m = &desc.machine;
+            let memory = m
+                .get("memory")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| MigrateError::Mismatch("the stream names no memory size".into()))?;
+            let vcpus = m
+                .get("vcpus")
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| MigrateError::Mismatch("the stream names no vCPU count".into()))?;
+            if let Some(mine) = app.machine.memory {
+                if mine != memory {
+                    return Err(MigrateError::Mismatch(format!(
+                        "memory is {} here but {} in the stream",
+                        human(mine),
+                        human(memory)
+                    )));
+                }
+            }
+            if let Some(mine) = app.machine.vcpus {
+                if mine != vcpus {
+                    return Err(MigrateError::Mismatch(format!(
+                        "{mine} vCPUs here but {vcpus} in the stream"
+                    )));
+                }
+            }
+            if let Some(host) = host_memory() {
+                if memory > host {
+                    return Err(MigrateError::Mismatch(format!(
+                        "the stream needs {} of RAM, this host has {}",
+                        human(memory),
+                        human(host)
+                    )));
+                }
+            }
+            let vm = Vm::create(&MachineConfig {
+                memory,
+                vcpus,
+                serial: app.machine.serial.clone(),
+                kvm_path: app.machine.kvm_path.clone(),
+            })
+            .map_err(|e| MigrateError::Vm(format!("{e:#}")))?;
+            let _ = app.vm.set(vm.clone());
+            Ok(vm as Arc<dyn TargetVm>)
+        })
+    }
+
+    /// Waits for an incoming migration to finish; returns the reason if it failed.
+    fn wait_incoming(&self) -> Result<(), String> {
+        let mut s = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match &*s {
+                IncomingState::None | IncomingState::Done => return Ok(()),
+                IncomingState::Failed(why) => return Err(why.clone()),
+                _ => s = self.incoming_cv.wait(s).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let memory = args
+        .memory
+        .as_deref()
+        .map(|m| parse_size(m).map_err(|e| anyhow::anyhow!("--memory {e}")))
+        .transpose()?;
+    if let Some(m) = memory {
+        check_memory(m)?;
+    }
+    if let Some(v) = args.vcpus {
+        check_vcpus(v)?;
     }
     let serial = parse_serial(&args.serial)?;
     let qmp_path = args
@@ -109,43 +306,83 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .as_deref()
         .map(|s| parse_unix("--qmp", s))
         .transpose()?;
-    let kernel = match &args.kernel {
-        Some(p) => read_kernel(p)?,
-        None => tern_guest::GUEST_ELF.to_vec(),
-    };
+    if args.incoming.is_some() && args.kernel.is_some() {
+        bail!("--incoming and --kernel exclude each other: the guest comes from the stream");
+    }
+    if let Some(inc) = args.incoming.as_deref() {
+        if inc != "defer" {
+            Uri::parse(inc).map_err(|e| anyhow::anyhow!("--incoming: {e}"))?;
+        }
+    }
 
-    let vm = Vm::start(VmConfig {
-        kernel,
-        cmdline: args.cmdline.clone(),
-        memory,
-        vcpus: args.vcpus,
-        serial,
-        kvm_path: args.kvm_device.clone(),
-    })?;
+    let app = Arc::new(App {
+        vm: OnceLock::new(),
+        phase: Mutex::new(if args.incoming.is_some() {
+            Phase::InMigrate
+        } else {
+            Phase::Live
+        }),
+        server: OnceLock::new(),
+        params: Mutex::new(MigrationParams::default()),
+        caps: Mutex::new(Capabilities::default()),
+        migration: Mutex::new(None),
+        incoming: Mutex::new(IncomingState::None),
+        incoming_cv: Condvar::new(),
+        machine: MachineSpec {
+            memory,
+            vcpus: args.vcpus,
+            serial: serial.clone(),
+            kvm_path: args.kvm_device.clone(),
+        },
+    });
 
-    let mut server = None;
+    if args.incoming.is_none() {
+        let kernel = match &args.kernel {
+            Some(p) => read_kernel(p)?,
+            None => tern_guest::GUEST_ELF.to_vec(),
+        };
+        let vm = Vm::start(VmConfig {
+            kernel,
+            cmdline: args.cmdline.clone(),
+            memory: memory.unwrap_or(1 << 30),
+            vcpus: args.vcpus.unwrap_or(1),
+            serial,
+            kvm_path: args.kvm_device.clone(),
+        })?;
+        let _ = app.vm.set(vm);
+    }
+
+    // Listen for the migration before the control socket answers, so that a client that sees
+    // the socket can migrate to us at once.
+    match args.incoming.as_deref() {
+        None => {}
+        Some("defer") => app.set_incoming(IncomingState::Deferred),
+        Some(uri) => app.start_incoming(uri).map_err(anyhow::Error::msg)?,
+    }
+
     if let Some(path) = &qmp_path {
         let (srv, listener) =
             Server::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-        let backend = Arc::new(RunBackend {
-            vm: vm.clone(),
-            server: OnceLock::new(),
-        });
-        let _ = backend.server.set(srv.clone());
-        srv.serve(listener, backend)
+        let _ = app.server.set(srv.clone());
+        srv.serve(listener, Arc::new(RunBackend { app: app.clone() }))
             .context("cannot start the QMP server")?;
-        server = Some(srv);
     }
 
-    let exit = vm.wait_exit();
-    match exit {
+    if let Err(why) = app.wait_incoming() {
+        bail!("incoming migration failed: {why}");
+    }
+
+    let vm = app
+        .vm
+        .get()
+        .cloned()
+        .context("no VM after the incoming migration")?;
+    match vm.wait_exit() {
         VmExit::Shutdown(reason) => {
-            if let Some(s) = &server {
-                s.emit(
-                    "SHUTDOWN",
-                    Some(json!({"guest": reason != "host-qmp-quit", "reason": reason})),
-                );
-            }
+            app.emit(
+                "SHUTDOWN",
+                Some(json!({"guest": reason != "host-qmp-quit", "reason": reason})),
+            );
             tracing::info!(reason, "VM shut down");
             Ok(ExitCode::SUCCESS)
         }
@@ -153,17 +390,151 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     }
 }
 
-/// QMP commands of a running VM.
+/// QMP commands.
 struct RunBackend {
-    vm: Arc<Vm>,
-    server: OnceLock<Arc<Server>>,
+    app: Arc<App>,
+}
+
+fn u64_arg(args: &Map<String, Value>, k: &str) -> Result<Option<u64>, QmpError> {
+    match args.get(k) {
+        None => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            QmpError::generic(format!("Parameter '{k}' expects a non-negative integer"))
+        }),
+    }
+}
+
+fn str_arg<'a>(args: &'a Map<String, Value>, k: &str) -> Result<&'a str, QmpError> {
+    args.get(k)
+        .and_then(Value::as_str)
+        .ok_or_else(|| QmpError::generic(format!("Parameter '{k}' is missing")))
 }
 
 impl RunBackend {
-    fn emit(&self, event: &str) {
-        if let Some(s) = self.server.get() {
-            s.emit(event, None);
+    fn vm(&self) -> Result<Arc<Vm>, QmpError> {
+        self.app.vm.get().cloned().ok_or_else(|| {
+            QmpError::generic("The VM is not there yet: an incoming migration is pending")
+        })
+    }
+
+    fn phase(&self) -> Phase {
+        *self.app.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn active_migration(&self) -> Option<Arc<MigrationControl>> {
+        self.app
+            .migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|c| !c.snapshot().status.is_final())
+    }
+
+    fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        for k in args.keys() {
+            if !matches!(k.as_str(), "uri" | "detach" | "resume" | "blk" | "inc") {
+                return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+            }
         }
+        if args.get("resume").and_then(Value::as_bool) == Some(true) {
+            return Err(QmpError::generic(
+                "Postcopy recovery is not supported by tern yet",
+            ));
+        }
+        let uri =
+            Uri::parse(str_arg(args, "uri")?).map_err(|e| QmpError::generic(e.to_string()))?;
+        let vm = self.vm()?;
+        if self.phase() != Phase::Live {
+            return Err(QmpError::generic(
+                "Cannot migrate: the guest is not ours to migrate (incoming or already migrated)",
+            ));
+        }
+        if self.active_migration().is_some() {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        let ctl = self.app.control();
+        *self.app.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctl.clone());
+        let app = self.app.clone();
+        std::thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(
+                move || match run_outgoing(vm.clone() as Arc<dyn SourceVm>, &uri, &ctl) {
+                    Ok(()) => {
+                        *app.phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::PostMigrate;
+                        app.emit("STOP", None);
+                    }
+                    Err(e) => tracing::warn!("migration to {uri} failed: {e}"),
+                },
+            )
+            .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
+        Ok(json!({}))
+    }
+
+    fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut p = *self.app.params.lock().unwrap_or_else(|e| e.into_inner());
+        for k in args.keys() {
+            match k.as_str() {
+                "downtime-limit" => {
+                    let v = u64_arg(args, k)?.unwrap_or(300);
+                    if v > 2_000_000 {
+                        return Err(QmpError::generic("Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 milliseconds"));
+                    }
+                    p.downtime_limit_ms = v;
+                }
+                "max-bandwidth" => p.max_bandwidth = u64_arg(args, k)?.unwrap_or(0),
+                "multifd-channels"
+                | "cpu-throttle-initial"
+                | "cpu-throttle-increment"
+                | "max-cpu-throttle"
+                | "cpu-throttle-tailslow"
+                | "xbzrle-cache-size"
+                | "max-postcopy-bandwidth"
+                | "multifd-compression"
+                | "avail-switchover-bandwidth"
+                | "tls-creds"
+                | "tls-hostname"
+                | "tls-authz" => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter '{k}' is not supported by tern yet"
+                    )))
+                }
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter '{other}' is unexpected"
+                    )))
+                }
+            }
+        }
+        *self.app.params.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        if let Some(c) = self.active_migration() {
+            c.bandwidth_limit
+                .store(p.max_bandwidth, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(json!({}))
+    }
+
+    fn set_capabilities(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        if self.active_migration().is_some() {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        let list = args
+            .get("capabilities")
+            .and_then(Value::as_array)
+            .ok_or_else(|| QmpError::generic("Parameter 'capabilities' is missing"))?;
+        let mut caps = *self.app.caps.lock().unwrap_or_else(|e| e.into_inner());
+        for item in list {
+            let name = item
+                .get("capability")
+                .and_then(Value::as_str)
+                .ok_or_else(|| QmpError::generic("Parameter 'capability' is missing"))?;
+            let state = item
+                .get("state")
+                .and_then(Value::as_bool)
+                .ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
+            caps.set(name, state).map_err(QmpError::generic)?;
+        }
+        *self.app.caps.lock().unwrap_or_else(|e| e.into_inner()) = caps;
+        Ok(json!({}))
     }
 }
 
@@ -172,24 +543,44 @@ impl Backend for RunBackend {
         match command {
             "query-status" => {
                 no_args(args)?;
-                let running = self.vm.state() == RunState::Running;
-                Ok(
-                    json!({"running": running, "status": if running { "running" } else { "paused" }}),
-                )
+                let status = match self.phase() {
+                    Phase::InMigrate => "inmigrate",
+                    Phase::PostMigrate => "postmigrate",
+                    Phase::Live => match self.app.vm.get().map(|v| v.state()) {
+                        Some(RunState::Running) => "running",
+                        _ => "paused",
+                    },
+                };
+                Ok(json!({"running": status == "running", "status": status}))
             }
             "stop" => {
                 no_args(args)?;
-                if self.vm.state() == RunState::Running {
-                    self.vm.pause();
-                    self.emit("STOP");
+                let vm = self.vm()?;
+                if self.phase() == Phase::Live && vm.state() == RunState::Running {
+                    vm.pause();
+                    self.app.emit("STOP", None);
                 }
                 Ok(json!({}))
             }
             "cont" => {
                 no_args(args)?;
-                if self.vm.state() == RunState::Paused {
-                    self.vm.resume();
-                    self.emit("RESUME");
+                let vm = self.vm()?;
+                match self.phase() {
+                    Phase::PostMigrate => {
+                        return Err(QmpError::generic(
+                            "The guest was migrated away; it runs on the target now",
+                        ))
+                    }
+                    Phase::InMigrate => {
+                        return Err(QmpError::generic(
+                            "Guest can not be started: an incoming migration is pending",
+                        ))
+                    }
+                    Phase::Live => {}
+                }
+                if self.active_migration().is_none() && vm.state() == RunState::Paused {
+                    vm.resume();
+                    self.app.emit("RESUME", None);
                 }
                 Ok(json!({}))
             }
@@ -197,6 +588,56 @@ impl Backend for RunBackend {
                 no_args(args)?;
                 Ok(json!({}))
             }
+            "migrate" => self.migrate(args),
+            "migrate_cancel" => {
+                no_args(args)?;
+                if let Some(c) = self.active_migration() {
+                    c.cancel();
+                }
+                Ok(json!({}))
+            }
+            "migrate-incoming" => {
+                let uri = str_arg(args, "uri")?;
+                let deferred = matches!(
+                    *self.app.incoming.lock().unwrap_or_else(|e| e.into_inner()),
+                    IncomingState::Deferred
+                );
+                if !deferred {
+                    return Err(QmpError::generic(
+                        "'-incoming' was not specified on the command line",
+                    ));
+                }
+                self.app.start_incoming(uri).map_err(QmpError::generic)?;
+                Ok(json!({}))
+            }
+            "query-migrate" => {
+                no_args(args)?;
+                let ctl = self
+                    .app
+                    .migration
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                Ok(ctl
+                    .map(|c| c.snapshot().to_qmp())
+                    .unwrap_or_else(|| json!({})))
+            }
+            "query-migrate-parameters" => {
+                no_args(args)?;
+                let p = *self.app.params.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(json!({"downtime-limit": p.downtime_limit_ms, "max-bandwidth": p.max_bandwidth}))
+            }
+            "migrate-set-parameters" => self.set_parameters(args),
+            "query-migrate-capabilities" => {
+                no_args(args)?;
+                let caps = *self.app.caps.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(json!(caps
+                    .list()
+                    .into_iter()
+                    .map(|(c, s)| json!({"capability": c, "state": s}))
+                    .collect::<Vec<_>>()))
+            }
+            "migrate-set-capabilities" => self.set_capabilities(args),
             "query-version" => {
                 no_args(args)?;
                 Ok(json!({"qemu": {"micro": 0, "minor": 0, "major": 10},
@@ -204,28 +645,20 @@ impl Backend for RunBackend {
             }
             "query-commands" => {
                 no_args(args)?;
-                Ok(json!([
-                    "qmp_capabilities",
-                    "query-status",
-                    "stop",
-                    "cont",
-                    "quit",
-                    "query-version",
-                    "query-commands"
-                ]
-                .iter()
-                .map(|n| json!({"name": n}))
-                .collect::<Vec<_>>()))
+                Ok(json!(COMMANDS
+                    .iter()
+                    .map(|n| json!({"name": n}))
+                    .collect::<Vec<_>>()))
             }
             // Test aid, named like QEMU's experimental commands: write a u64 into guest RAM.
             "x-tern-write-guest-memory" => {
-                let get = |k: &str| {
-                    args.get(k).and_then(Value::as_u64).ok_or_else(|| {
-                        QmpError::generic(format!("Parameter '{k}' is missing or not a number"))
-                    })
-                };
-                let (addr, value) = (get("addr")?, get("value")?);
-                self.vm
+                let (addr, value) = (
+                    u64_arg(args, "addr")?
+                        .ok_or_else(|| QmpError::generic("Parameter 'addr' is missing"))?,
+                    u64_arg(args, "value")?
+                        .ok_or_else(|| QmpError::generic("Parameter 'value' is missing"))?,
+                );
+                self.vm()?
                     .ram()
                     .memory()
                     .write_obj(value, GuestAddress(addr))
@@ -237,6 +670,33 @@ impl Backend for RunBackend {
     }
 
     fn quit(&self) {
-        self.vm.request_exit(VmExit::Shutdown("host-qmp-quit"));
+        match self.app.vm.get() {
+            Some(vm) => vm.request_exit(VmExit::Shutdown("host-qmp-quit")),
+            None => {
+                self.app.emit(
+                    "SHUTDOWN",
+                    Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+                );
+                std::process::exit(0);
+            }
+        }
     }
 }
+
+const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-status",
+    "stop",
+    "cont",
+    "quit",
+    "migrate",
+    "migrate_cancel",
+    "migrate-incoming",
+    "query-migrate",
+    "query-migrate-parameters",
+    "migrate-set-parameters",
+    "query-migrate-capabilities",
+    "migrate-set-capabilities",
+    "query-version",
+    "query-commands",
+];

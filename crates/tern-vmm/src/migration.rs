@@ -1,0 +1,313 @@
+//! The engine's view of a KVM VM: guest RAM with KVM's dirty log ORed with the VMM's own bitmap,
+//! pause and resume, and the machine state.
+
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+
+use tern_migrate::{
+    GuestRam, MigrateError, RegionInfo, Result, SectionDesc, SourceVm, TargetRam, TargetVm,
+};
+use tern_wire::Section;
+use vm_memory::GuestMemoryBackend;
+
+use crate::memory::RamRegion;
+use crate::vm::{set_memory_slots, Vm};
+
+const PAGE: u64 = 4096;
+
+fn region_name(r: &RamRegion) -> String {
+    if r.start < crate::memory::MMIO_HOLE_END {
+        "ram-below-4g".into()
+    } else {
+        "ram-above-4g".into()
+    }
+}
+
+impl Vm {
+    fn region(&self, id: u32) -> Result<(RamRegion, u64)> {
+        let regions = self.ram.regions();
+        let r = *regions
+            .get(id as usize)
+            .ok_or_else(|| MigrateError::Vm(format!("no RAM region {id}")))?;
+        Ok((r, self.ram.host_addrs()[id as usize]))
+    }
+
+    fn check_range(&self, id: u32, first_page: u64, bytes: u64) -> Result<(RamRegion, u64)> {
+        let (r, host) = self.region(id)?;
+        let end = first_page
+            .checked_mul(PAGE)
+            .and_then(|s| s.checked_add(bytes))
+            .ok_or_else(|| MigrateError::Vm("page range overflows".into()))?;
+        if end > r.size {
+            return Err(MigrateError::Vm(format!(
+                "pages past the end of region {id}"
+            )));
+        }
+        Ok((r, host))
+    }
+
+    /// Guest pages KVM itself writes on the guest's behalf (paravirtual clock and steal time,
+    /// named by the vCPUs' MSRs). KVM rewrites them on the target, so a RAM comparison between
+    /// source and target leaves them out.
+    fn hypervisor_pages(&self) -> Vec<u64> {
+        const PV_MSRS: [u32; 3] = [0x4b56_4d01, 0x12, 0x4b56_4d03];
+        let mut pages = Vec::new();
+        for fd in &self.vcpu_fds {
+            let v = crate::vcpu::lock(fd);
+            let entries: Vec<kvm_bindings::kvm_msr_entry> = PV_MSRS
+                .iter()
+                .map(|&index| kvm_bindings::kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let Ok(mut msrs) = kvm_bindings::Msrs::from_entries(&entries) else {
+                continue;
+            };
+            let n = v.get_msrs(&mut msrs).unwrap_or(0);
+            for m in &msrs.as_slice()[..n] {
+                if m.data & 1 != 0 {
+                    pages.push((m.data & !0xfff) / PAGE);
+                }
+            }
+        }
+        pages
+    }
+
+    /// Digest of all guest RAM, in region order, without the hypervisor's own pages (the VM
+    /// must be paused or not started).
+    pub fn ram_digest_now(&self) -> u64 {
+        let skip = self.hypervisor_pages();
+        let mut digest = tern_migrate::RamDigest::default();
+        for (r, h) in self.ram.regions().iter().zip(self.ram.host_addrs()) {
+            // SAFETY: each region is `size` bytes mapped for the VM's lifetime; the vCPUs are
+            // parked or not started, and the VMM writes guest RAM only from its vCPU threads.
+            let sl = unsafe { std::slice::from_raw_parts(h as *const u8, r.size as usize) };
+            for (ci, c) in sl.chunks(1 << 20).enumerate() {
+                let first = (r.start + ((ci as u64) << 20)) / PAGE;
+                let hits: Vec<u64> = skip
+                    .iter()
+                    .filter(|&&p| p >= first && p < first + 256)
+                    .copied()
+                    .collect();
+                if hits.is_empty() {
+                    digest.update(c);
+                } else {
+                    let mut copy = c.to_vec();
+                    for p in hits {
+                        let at = ((p - first) * PAGE) as usize;
+                        let end = (at + PAGE as usize).min(copy.len());
+                        copy[at..end].fill(0);
+                    }
+                    digest.update(&copy);
+                }
+            }
+        }
+        digest.finish()
+    }
+}
+
+impl GuestRam for Vm {
+    fn regions(&self) -> Vec<RegionInfo> {
+        self.ram
+            .regions()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RegionInfo {
+                id: i as u32,
+                name: region_name(r),
+                gpa: r.start,
+                size: r.size,
+            })
+            .collect()
+    }
+
+    fn start_dirty_log(&self) -> Result<()> {
+        set_memory_slots(
+            &self.vm_fd,
+            &self.ram,
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+        )
+        .map_err(|e| MigrateError::Vm(format!("enabling the dirty log: {e:#}")))?;
+        for region in self.ram.memory().iter() {
+            std::ops::Deref::deref(region).bitmap().reset();
+        }
+        self.dirty_logging.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn sync_dirty(&self, region: u32, bitmap: &mut [u64]) -> Result<()> {
+        let (r, _) = self.region(region)?;
+        let kvm = self
+            .vm_fd
+            .get_dirty_log(region, r.size as usize)
+            .map_err(|e| MigrateError::Vm(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+        let vmm = self
+            .ram
+            .memory()
+            .iter()
+            .nth(region as usize)
+            .map(|m| std::ops::Deref::deref(m).bitmap().get_and_reset())
+            .unwrap_or_default();
+        for (i, b) in bitmap.iter_mut().enumerate() {
+            *b |= kvm.get(i).copied().unwrap_or(0) | vmm.get(i).copied().unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&self) {
+        if self.dirty_logging.swap(false, Ordering::SeqCst) {
+            if let Err(e) = set_memory_slots(&self.vm_fd, &self.ram, 0) {
+                tracing::warn!("disabling the dirty log: {e:#}");
+            }
+        }
+    }
+
+    fn read_pages(&self, region: u32, first_page: u64, out: &mut [u8]) -> Result<()> {
+        let (_, host) = self.check_range(region, first_page, out.len() as u64)?;
+        // SAFETY: the range was checked to lie inside the region's mapping, which lives as long
+        // as the VM. The guest may write it concurrently: a torn copy is harmless because the
+        // dirty log then holds the page for the next round.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (host + first_page * PAGE) as *const u8,
+                out.as_mut_ptr(),
+                out.len(),
+            );
+        }
+        Ok(())
+    }
+
+    fn populated(&self, region: u32) -> Vec<Range<u64>> {
+        let Ok((r, _)) = self.region(region) else {
+            return Vec::new();
+        };
+        let fd = self.ram.memfd().as_raw_fd();
+        let (start, end) = (r.file_offset as i64, (r.file_offset + r.size) as i64);
+        let mut out = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            // SAFETY: lseek on our own memfd; the results are checked.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 || data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { hole.min(end) };
+            out.push(((data - start) as u64 / PAGE)..((hole - start) as u64).div_ceil(PAGE));
+            pos = hole;
+        }
+        if out.is_empty() && pos == start {
+            // SEEK_DATA unsupported would have returned an error for every call: treat all
+            // pages as populated rather than skip any.
+            // SAFETY: as above.
+            let probe = unsafe { libc::lseek(fd, start, libc::SEEK_DATA) };
+            if probe < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                return vec![0..r.size / PAGE];
+            }
+        }
+        out
+    }
+}
+
+impl SourceVm for Vm {
+    fn ram(&self) -> &dyn GuestRam {
+        self
+    }
+
+    fn machine(&self) -> serde_json::Value {
+        serde_json::json!({
+            "memory": self.ram.size(),
+            "vcpus": self.vcpus(),
+            "tsc_khz": self.tsc_khz,
+            "arch": "x86_64",
+        })
+    }
+
+    fn state_schemas(&self) -> Vec<SectionDesc> {
+        crate::state::schemas(self.vcpus())
+    }
+
+    fn pause(&self) -> Result<()> {
+        Vm::pause(self);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<()> {
+        Vm::resume(self);
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<Vec<Section>> {
+        Ok(crate::state::save(self)?)
+    }
+
+    fn ram_digest(&self) -> u64 {
+        self.ram_digest_now()
+    }
+
+    fn state_size_hint(&self) -> u64 {
+        u64::from(self.vcpus()) * (8 << 10) + (4 << 10)
+    }
+}
+
+impl TargetRam for Vm {
+    fn write_pages(&self, region: u32, first_page: u64, data: &[u8]) -> Result<()> {
+        let (_, host) = self.check_range(region, first_page, data.len() as u64)?;
+        // SAFETY: checked to lie inside the region's mapping; the target's vCPUs do not run yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (host + first_page * PAGE) as *mut u8,
+                data.len(),
+            );
+        }
+        Ok(())
+    }
+
+    fn zero_pages(&self, region: u32, first_page: u64, count: u64) -> Result<()> {
+        let bytes = count
+            .checked_mul(PAGE)
+            .ok_or_else(|| MigrateError::Vm("zero run overflows".into()))?;
+        let (r, host) = self.check_range(region, first_page, bytes)?;
+        if count >= 16 {
+            // Large runs: drop the pages from the memfd; untouched memory costs nothing.
+            // SAFETY: fallocate on our own memfd within the region's file range.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.ram.memfd().as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (r.file_offset + first_page * PAGE) as i64,
+                    bytes as i64,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+        }
+        // SAFETY: checked range inside the mapping; the vCPUs do not run yet.
+        unsafe { std::ptr::write_bytes((host + first_page * PAGE) as *mut u8, 0, bytes as usize) };
+        Ok(())
+    }
+}
+
+impl TargetVm for Vm {
+    fn ram(&self) -> &dyn TargetRam {
+        self
+    }
+
+    fn load_state(&self, sections: &[Section]) -> Result<()> {
+        Ok(crate::state::load(self, sections)?)
+    }
+
+    fn resume(&self) -> Result<()> {
+        self.start_vcpus()
+            .map_err(|e| MigrateError::Vm(format!("starting the vCPUs: {e:#}")))
+    }
+
+    fn ram_digest(&self) -> u64 {
+        self.ram_digest_now()
+    }
+}
