@@ -130,10 +130,13 @@ fn incoming(
         }
     }
     let vm = vm.ok_or_else(|| MigrateError::Vm("the stream had no VM description".into()))?;
+    let t = Instant::now();
     vm.load_state(&sections)?;
+    let t_state = t.elapsed();
     if want_digest {
         ctl.stats().ram_digest = Some(vm.ram_digest());
     }
     vm.resume()?;
+    tracing::info!("incoming: END read; state loaded in {:?}, resumed after {:?}", t_state, t.elapsed());
     Ok(vm)
 }

@@ -363,12 +363,15 @@ fn stream(
     let b0 = ctl.accepted();
     vm.pause()?;
     session.paused = true;
+    let t_paused = t_pause.elapsed();
     ctl.stats().dirty_sync_count = round + 1;
     session.ram.complete_precopy(out)?;
+    let t_pages = t_pause.elapsed();
     let sections = vm.save_state()?;
     for s in &sections {
         out.section(s)?;
     }
+    let t_state = t_pause.elapsed();
     if ctl.caps.ram_digest {
         ctl.stats().ram_digest = Some(vm.ram_digest());
     }
@@ -419,6 +422,11 @@ fn stream(
         None => return Err(MigrateError::NoAck),
     }
     session.acknowledged = true;
-    ctl.stats().downtime_ms = Some(t_pause.elapsed().as_millis() as u64);
+    let t_ack = t_pause.elapsed();
+    tracing::info!(
+        "stop-and-copy: paused after {:?}, last pages sent after {:?}, device state after {:?}, acknowledged after {:?}",
+        t_paused, t_pages, t_state, t_ack
+    );
+    ctl.stats().downtime_ms = Some(t_ack.as_millis() as u64);
     Ok(())
 }
