@@ -137,6 +137,10 @@ fn incoming(
         ctl.stats().ram_digest = Some(vm.ram_digest());
     }
     vm.resume()?;
-    tracing::info!("incoming: END read; state loaded in {:?}, resumed after {:?}", t_state, t.elapsed());
+    tracing::info!(
+        "incoming: END read; state loaded in {:?}, resumed after {:?}",
+        t_state,
+        t.elapsed()
+    );
     Ok(vm)
 }

@@ -81,10 +81,19 @@ impl Vm {
         let skip = self.hypervisor_pages();
         let mut digest = tern_migrate::RamDigest::default();
         let zero_mib = vec![0u8; 1 << 20];
-        for (id, (r, h)) in self.ram.regions().iter().zip(self.ram.host_addrs()).enumerate() {
+        for (id, (r, h)) in self
+            .ram
+            .regions()
+            .iter()
+            .zip(self.ram.host_addrs())
+            .enumerate()
+        {
             // Never-written memory is zero: digest it without faulting it in.
             let data = GuestRam::populated(self, id as u32);
-            let has_data = |first: u64, pages: u64| data.iter().any(|d| d.start < first + pages && first < d.end);
+            let has_data = |first: u64, pages: u64| {
+                data.iter()
+                    .any(|d| d.start < first + pages && first < d.end)
+            };
             // SAFETY: each region is `size` bytes mapped for the VM's lifetime; the vCPUs are
             // parked or not started, and the VMM writes guest RAM only from its vCPU threads.
             let sl = unsafe { std::slice::from_raw_parts(h as *const u8, r.size as usize) };
