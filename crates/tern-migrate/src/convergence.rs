@@ -7,6 +7,8 @@ pub struct Measured {
     pub bandwidth: f64,
     /// Bytes of RAM dirty now (what the stop-and-copy would send, an upper bound).
     pub dirty_bytes: u64,
+    /// Bytes per second the guest dirties (distinct pages found per sync interval).
+    pub dirty_rate: f64,
     /// Bytes of CPU and device state the stop-and-copy sends.
     pub state_bytes: u64,
     /// Bytes per second the target loads at (copy into guest RAM), if known.
@@ -35,9 +37,22 @@ pub fn expected_downtime(m: &Measured) -> f64 {
     link.max(load) + m.fixed_overhead
 }
 
-/// Whether to stop and copy now.
+/// Below this much dirty RAM another round is not worth its sync.
+const SMALL: u64 = 4 << 20;
+
+/// Whether to stop and copy now: when the expected downtime fits in the limit *and* another
+/// round would not cut it at least in half. A round sends `dirty_bytes` in
+/// `dirty_bytes / bandwidth` seconds, while the guest dirties `dirty_rate` times that; if that
+/// is more than half of what is dirty now, iterating again buys little and costs total time.
 pub fn converged(m: &Measured, downtime_limit_ms: u64) -> bool {
-    expected_downtime(m) * 1000.0 <= downtime_limit_ms as f64
+    if expected_downtime(m) * 1000.0 > downtime_limit_ms as f64 {
+        return false;
+    }
+    if m.dirty_bytes <= SMALL || m.bandwidth <= 0.0 {
+        return true;
+    }
+    let next = m.dirty_rate * (m.dirty_bytes as f64 / m.bandwidth);
+    next >= m.dirty_bytes as f64 * 0.5
 }
 
 #[cfg(test)]
@@ -48,6 +63,7 @@ mod tests {
         Measured {
             bandwidth,
             dirty_bytes: dirty,
+            dirty_rate: 0.0,
             state_bytes: 100_000,
             target_load_rate: 0.0,
             fixed_overhead: 0.002,
@@ -56,10 +72,27 @@ mod tests {
 
     #[test]
     fn fits_when_the_rest_goes_through_in_time() {
-        // 1 GB/s, 100 MB dirty: 0.1 s + state + overhead < 300 ms.
-        assert!(converged(&m(1e9, 100_000_000), 300));
+        // 1 GB/s, 100 MB dirty, a guest dirtying 600 MB/s: another round would leave 60 MB,
+        // not worth it; 0.1 s + state + overhead < 300 ms.
+        let mut x = m(1e9, 100_000_000);
+        x.dirty_rate = 600e6;
+        assert!(converged(&x, 300));
         // 400 MB dirty: 0.4 s > 300 ms.
         assert!(!converged(&m(1e9, 400_000_000), 300));
+    }
+
+    #[test]
+    fn iterates_again_while_a_round_halves_the_downtime() {
+        // 60 MB dirty at 1 GB/s with the guest dirtying 64 MB/s: the next round leaves ~4 MB.
+        let mut x = m(1e9, 60_000_000);
+        x.dirty_rate = 64e6;
+        assert!(!converged(&x, 300));
+        x.dirty_rate = 600e6;
+        assert!(converged(&x, 300));
+        // Little left: stop.
+        x.dirty_bytes = 1 << 20;
+        x.dirty_rate = 0.0;
+        assert!(converged(&x, 300));
     }
 
     #[test]
@@ -75,6 +108,7 @@ mod tests {
     #[test]
     fn a_slow_target_load_bounds_the_estimate() {
         let mut x = m(10e9, 100_000_000);
+        x.dirty_rate = 60e9;
         assert!(converged(&x, 50));
         x.target_load_rate = 1e9;
         assert!(!converged(&x, 50));

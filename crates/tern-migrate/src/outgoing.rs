@@ -317,7 +317,9 @@ fn stream(
         let dirtied = session.ram.sync()?;
         last_sync = Instant::now();
         let pending = session.ram.pending();
+        let dirty_rate = dirtied as f64 * 4096.0 / since.max(1e-6);
         let m = Measured {
+            dirty_rate,
             // A round too small to measure the link: assume a slow one.
             bandwidth: if bandwidth > 0.0 {
                 bandwidth
@@ -339,7 +341,7 @@ fn stream(
             s.transferred = ctl.accepted();
             s.precopy_bytes = s.transferred;
             s.mbps = bandwidth * 8.0 / 1e6;
-            s.dirty_pages_rate = (dirtied as f64 / since.max(1e-6)) as u64;
+            s.dirty_pages_rate = (dirty_rate / 4096.0) as u64;
             s.pages_per_second = (pages as f64 / dt.max(1e-6)) as u64;
             s.expected_downtime_ms = (expected * 1000.0).min(u64::MAX as f64) as u64;
         }
