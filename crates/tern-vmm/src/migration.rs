@@ -202,12 +202,19 @@ impl GuestRam for Vm {
         };
         let fd = self.ram.memfd().as_raw_fd();
         let (start, end) = (r.file_offset as i64, (r.file_offset + r.size) as i64);
+        let all = || std::iter::once(0..r.size / PAGE).collect();
         let mut out = Vec::new();
         let mut pos = start;
         while pos < end {
             // SAFETY: lseek on our own memfd; the results are checked.
             let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if data < 0 || data >= end {
+            if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after `pos`
+                }
+                return all(); // SEEK_DATA unsupported: any page may hold data
+            }
+            if data >= end {
                 break;
             }
             // SAFETY: as above.
@@ -215,15 +222,6 @@ impl GuestRam for Vm {
             let hole = if hole < 0 { end } else { hole.min(end) };
             out.push(((data - start) as u64 / PAGE)..((hole - start) as u64).div_ceil(PAGE));
             pos = hole;
-        }
-        if out.is_empty() && pos == start {
-            // SEEK_DATA unsupported would have returned an error for every call: treat all
-            // pages as populated rather than skip any.
-            // SAFETY: as above.
-            let probe = unsafe { libc::lseek(fd, start, libc::SEEK_DATA) };
-            if probe < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
-                return vec![0..r.size / PAGE];
-            }
         }
         out
     }

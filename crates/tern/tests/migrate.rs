@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ fn free_tcp_uri() -> String {
     format!("tcp:127.0.0.1:{}", l.local_addr().unwrap().port())
 }
 
-fn source(d: &PathBuf, tag: &str, memory: &str, cmdline: &str) -> Vmm {
+fn source(d: &Path, tag: &str, memory: &str, cmdline: &str) -> Vmm {
     let sock = d.join(format!("{tag}.qmp"));
     let qmp = format!("unix:{}", sock.display());
     let mut p = Proc::tern_run(&[
@@ -45,7 +45,7 @@ fn source(d: &PathBuf, tag: &str, memory: &str, cmdline: &str) -> Vmm {
     Vmm { p, q }
 }
 
-fn target(d: &PathBuf, tag: &str, uri: &str, extra: &[&str]) -> Vmm {
+fn target(d: &Path, tag: &str, uri: &str, extra: &[&str]) -> Vmm {
     let sock = d.join(format!("{tag}.qmp"));
     let qmp = format!("unix:{}", sock.display());
     let mut args = vec!["--incoming", uri, "--qmp", &qmp];
@@ -84,7 +84,7 @@ fn last_hb(p: &mut Proc) -> u64 {
 
 /// Migrates `src` to a new target at `uri`; checks continuity, the guest's self-check on the
 /// target, the source's postmigrate state and the RAM digests. Returns the target.
-fn migrate(d: &PathBuf, src: &mut Vmm, tag: &str, uri: &str) -> Vmm {
+fn migrate(d: &Path, src: &mut Vmm, tag: &str, uri: &str) -> Vmm {
     let mut dst = target(d, tag, uri, &[]);
     src.q.ok(
         "migrate-set-capabilities",
