@@ -19,4 +19,9 @@ bash scripts/install-qemu.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The decoder mutation fuzzer runs for a bounded time (see crates/tern-wire/tests/robustness.rs).
-TERN_FUZZ_SECS=${TERN_FUZZ_SECS:-20} cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+TERN_FUZZ_SECS=${TERN_FUZZ_SECS:-20} cargo test --workspace 2>&1 | tee "$log"
+# One closing line over every test binary (cargo prints one per binary, doc tests last).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
