@@ -44,7 +44,10 @@ pub fn run_incoming(
     let ret2 = conn
         .try_clone()
         .map_err(MigrateError::io("cloning the connection"))?;
-    let result = incoming(conn, factory, ctl);
+    let pings = conn
+        .try_clone()
+        .map_err(MigrateError::io("cloning the connection"))?;
+    let result = incoming(conn, pings, factory, ctl);
     match result {
         Ok(vm) => {
             let sequence = ctl.stats().normal;
@@ -70,9 +73,11 @@ pub fn run_incoming(
 
 fn incoming(
     conn: Connection,
+    pings: Connection,
     factory: TargetFactory<'_>,
     ctl: &MigrationControl,
 ) -> Result<Arc<dyn TargetVm>> {
+    let mut pings = RecordWriter::new(pings);
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?.live();
     let mut factory = Some(factory);
     let mut vm: Option<Arc<dyn TargetVm>> = None;
@@ -85,6 +90,13 @@ fn incoming(
         match r.next_record()? {
             None => break,
             Some(Record::Description) => described = true,
+            Some(rec @ Record::Ram(_)) if tracing::enabled!(tracing::Level::TRACE) => {
+                tracing::trace!("incoming: RAM record");
+                let l = loader
+                    .as_mut()
+                    .ok_or_else(|| MigrateError::Vm("RAM before the VM".into()))?;
+                l.load(&rec)?;
+            }
             Some(rec @ Record::Ram(_)) => {
                 let l = loader
                     .as_mut()
@@ -92,6 +104,13 @@ fn incoming(
                 l.load(&rec)?;
             }
             Some(Record::Section(s)) => sections.push(s),
+            Some(Record::Ping(sequence)) => {
+                pings.write(
+                    record_type::RETURN_MESSAGE,
+                    0,
+                    &ReturnMessage::Ack { sequence }.encode(),
+                )?;
+            }
             Some(Record::SourceInfo(v)) => {
                 want_digest = v
                     .get("x-tern-ram-digest")
@@ -131,6 +150,7 @@ fn incoming(
     }
     let vm = vm.ok_or_else(|| MigrateError::Vm("the stream had no VM description".into()))?;
     let t = Instant::now();
+    tracing::debug!("incoming: END read");
     vm.load_state(&sections)?;
     let t_state = t.elapsed();
     if want_digest {

@@ -192,6 +192,20 @@ pub fn run_outgoing(vm: Arc<dyn SourceVm>, uri: &Uri, ctl: &MigrationControl) ->
     result
 }
 
+/// One message from the return path.
+fn read_return(c: Connection) -> Result<ReturnMessage> {
+    let mut rr = RecordReader::new(c);
+    match rr.next_record()? {
+        Some(rec) if rec.ty == record_type::RETURN_MESSAGE => ReturnMessage::decode(rec.body)
+            .map_err(|k| MigrateError::Vm(format!("bad return message: {k}"))),
+        Some(rec) => Err(MigrateError::Vm(format!(
+            "unexpected record type {:#x} on the return path",
+            rec.ty
+        ))),
+        None => Err(MigrateError::NoAck),
+    }
+}
+
 /// After a write failed: the target may have said why before closing.
 fn target_reason(ret: &mut Option<Connection>) -> Option<String> {
     let c = ret.take()?;
@@ -360,9 +374,36 @@ fn stream(
         round += 1;
     }
 
+    // Let the target catch up before the guest stops: whatever it still has to load would
+    // otherwise count as downtime. (The guest keeps running meanwhile; the final sync sees what
+    // it dirties.)
+    let t_drain = Instant::now();
+    out.ping(round)?;
+    out.flush()?;
+    if let Some(c) = ret.as_ref() {
+        let c = c
+            .try_clone()
+            .map_err(MigrateError::io("cloning the connection"))?;
+        c.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(MigrateError::io("return path timeout"))?;
+        match read_return(c)? {
+            ReturnMessage::Ack { sequence } if sequence == round => {}
+            ReturnMessage::Error { message, .. } => {
+                return Err(MigrateError::TargetRefused(message))
+            }
+            other => {
+                return Err(MigrateError::Vm(format!(
+                    "unexpected return message {other:?}"
+                )))
+            }
+        }
+    }
+    tracing::debug!("target caught up in {:?}", t_drain.elapsed());
+
     // Stop and copy.
     let t_pause = Instant::now();
     let b0 = ctl.accepted();
+    tracing::debug!("stop-and-copy: pausing");
     vm.pause()?;
     session.paused = true;
     let t_paused = t_pause.elapsed();
@@ -381,6 +422,7 @@ fn stream(
     let blank: Out<'_> = StreamWriter::new(Box::new(std::io::sink()) as Box<dyn Write + Send>)?;
     let full = std::mem::replace(out, blank);
     full.finish()?;
+    tracing::debug!("stop-and-copy: END sent");
     {
         let mut s = ctl.stats();
         s.normal = session.ram.counters.normal;

@@ -77,6 +77,7 @@ pub fn analyze<R: Read>(input: R) -> Result<Analysis, Box<AnalyzeError>> {
                 ("RAM_PAGES", None)
             }
             Record::Section(sec) => ("DEVICE_STATE", Some(sec)),
+            Record::Ping(_) => ("PING", None),
             Record::Postcopy(_) => {
                 a.postcopy_commands += 1;
                 ("POSTCOPY_COMMAND", None)

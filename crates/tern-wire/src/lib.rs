@@ -45,6 +45,7 @@ pub mod record_type {
     pub const POSTCOPY_COMMAND: u16 = 0x0004;
     pub const RETURN_MESSAGE: u16 = 0x0005;
     pub const SOURCE_INFO: u16 = 0x0006;
+    pub const PING: u16 = 0x0007;
     pub const END: u16 = 0x00ff;
 
     /// A human name for a record type.
@@ -56,6 +57,7 @@ pub mod record_type {
             POSTCOPY_COMMAND => "POSTCOPY_COMMAND",
             RETURN_MESSAGE => "RETURN_MESSAGE",
             SOURCE_INFO => "SOURCE_INFO",
+            PING => "PING",
             END => "END",
             _ => "unknown",
         }

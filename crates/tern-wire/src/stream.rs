@@ -288,6 +288,12 @@ impl<W: Write> StreamWriter<W> {
         self.record(rt::DEVICE_STATE, 0, &[&body]).map(drop)
     }
 
+    /// A PING: a live target acknowledges it once everything before it is loaded.
+    pub fn ping(&mut self, sequence: u64) -> Result<(), WireError> {
+        self.record(rt::PING, 0, &[&sequence.to_le_bytes()])
+            .map(drop)
+    }
+
     /// A postcopy command.
     pub fn postcopy(&mut self, c: &PostcopyCommand) -> Result<(), WireError> {
         self.record(rt::POSTCOPY_COMMAND, 0, &[&c.encode()])
@@ -332,6 +338,8 @@ pub enum Record<'a> {
     Section(Section),
     Postcopy(PostcopyCommand),
     SourceInfo(serde_json::Value),
+    /// A PING with its sequence.
+    Ping(u64),
     /// An OPTIONAL record of a type this build does not know, skipped.
     SkippedOptional {
         ty: u16,
@@ -447,6 +455,7 @@ impl<R: Read> StreamReader<R> {
                 | rt::DEVICE_STATE
                 | rt::POSTCOPY_COMMAND
                 | rt::SOURCE_INFO
+                | rt::PING
                 | rt::END
         );
         if !known {
@@ -550,6 +559,15 @@ impl<R: Read> StreamReader<R> {
                 Record::Section(s)
             }
             rt::POSTCOPY_COMMAND => Record::Postcopy(PostcopyCommand::decode(body).map_err(err)?),
+            rt::PING => {
+                let seq: [u8; 8] = body.try_into().map_err(|_| {
+                    err(ErrorKind::Malformed {
+                        record: "PING",
+                        reason: format!("body is {} bytes, not 8", body.len()),
+                    })
+                })?;
+                Record::Ping(u64::from_le_bytes(seq))
+            }
             _ => unreachable!("known types are matched above"),
         };
         self.totals.records += 1;
