@@ -14,7 +14,9 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-bash scripts/install-qemu.sh
+# QEMU is only for the test that boots our guest under QEMU too; if the archive cannot be reached that
+# test says SKIPPED loudly rather than failing everything else.
+bash scripts/install-qemu.sh || echo "WARNING: QEMU 10 could not be installed; the QEMU boot test will report SKIPPED"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
