@@ -90,13 +90,6 @@ fn incoming(
         match r.next_record()? {
             None => break,
             Some(Record::Description) => described = true,
-            Some(rec @ Record::Ram(_)) if tracing::enabled!(tracing::Level::TRACE) => {
-                tracing::trace!("incoming: RAM record");
-                let l = loader
-                    .as_mut()
-                    .ok_or_else(|| MigrateError::Vm("RAM before the VM".into()))?;
-                l.load(&rec)?;
-            }
             Some(rec @ Record::Ram(_)) => {
                 let l = loader
                     .as_mut()

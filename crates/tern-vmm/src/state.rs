@@ -438,9 +438,11 @@ pub fn check_cpuid(source: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Re
     Ok(())
 }
 
-fn load_vcpu(vm: &Vm, s: &Section, vcpu: &VcpuFd, elapsed_ns: u64) -> Result<(), StateError> {
+fn load_vcpu(vm: &Vm, s: &Section, vcpu: &VcpuFd, now_ns: u64) -> Result<(), StateError> {
     let r = SectionReader::new(&CPU, s)?;
     let sec = "cpu";
+    // How long the vCPU was away: its TSC kept counting meanwhile.
+    let elapsed_ns = now_ns.saturating_sub(r.u64("tsc_realtime_ns")?);
     let cpuid_bytes = r.bytes("cpuid")?;
     let esz = std::mem::size_of::<kvm_cpuid_entry2>();
     if cpuid_bytes.len() % esz != 0 || cpuid_bytes.len() / esz > kvm_bindings::KVM_MAX_CPUID_ENTRIES
@@ -599,8 +601,7 @@ pub(crate) fn load(vm: &Vm, sections: &[Section]) -> Result<(), StateError> {
     let elapsed = now.saturating_sub(clock_sec.u64("realtime_ns")?);
     for (i, fd) in vm.vcpu_fds.iter().enumerate() {
         let s = find(sections, "cpu", i as u32)?;
-        let vcpu_elapsed = now.saturating_sub(SectionReader::new(&CPU, s)?.u64("tsc_realtime_ns")?);
-        load_vcpu(vm, s, &lock(fd), vcpu_elapsed)?;
+        load_vcpu(vm, s, &lock(fd), now)?;
     }
     for chip_id in CHIPS {
         let r = SectionReader::new(&IRQCHIP, find(sections, "kvm-irqchip", chip_id)?)?;
