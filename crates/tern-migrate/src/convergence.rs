@@ -56,6 +56,57 @@ pub fn converged(m: &Measured, downtime_limit_ms: u64) -> bool {
     next >= m.dirty_bytes as f64 * 0.75
 }
 
+/// Auto-converge: how much vCPU time to take away from a guest that dirties faster than the
+/// link. QEMU's rule, restated: after a sync (from the second on), if the bytes dirtied since
+/// the previous sync exceed `throttle-trigger-threshold` percent of the bytes sent meanwhile, the
+/// period counts as "high"; on every second high period the throttle grows — first to
+/// `cpu-throttle-initial`, then by `cpu-throttle-increment` (with `cpu-throttle-tailslow`, only
+/// by what the ratio of sent to dirtied bytes says is missing), never above `max-cpu-throttle`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Throttle {
+    /// Percent of vCPU time taken away now.
+    pub percent: u8,
+    high: u32,
+}
+
+impl Throttle {
+    /// Called after each sync but the first; returns the new percentage if it changed.
+    pub fn after_sync(
+        &mut self,
+        p: &crate::MigrationParams,
+        dirtied_bytes: u64,
+        sent_bytes: u64,
+    ) -> Option<u8> {
+        let threshold = sent_bytes as f64 * f64::from(p.throttle_trigger_threshold) / 100.0;
+        if (dirtied_bytes as f64) <= threshold {
+            return None;
+        }
+        self.high += 1;
+        if self.high < 2 {
+            return None;
+        }
+        self.high = 0;
+        let max = p.max_cpu_throttle.min(99);
+        let next = if self.percent == 0 {
+            p.cpu_throttle_initial
+        } else {
+            let mut inc = f64::from(p.cpu_throttle_increment);
+            if p.cpu_throttle_tailslow && dirtied_bytes > 0 {
+                let cpu_now = 100.0 - f64::from(self.percent);
+                let cpu_ideal = cpu_now * (sent_bytes as f64 / dirtied_bytes as f64);
+                inc = inc.min((cpu_now - cpu_ideal).ceil()).max(1.0);
+            }
+            (f64::from(self.percent) + inc).min(255.0) as u8
+        }
+        .min(max);
+        if next == self.percent {
+            return None;
+        }
+        self.percent = next;
+        Some(next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +173,47 @@ mod tests {
         assert!(!converged(&m(0.0, 1), 300));
         assert!(converged(&m(1e6, 0), 300));
         assert_eq!(expected_downtime(&m(1e9, 0)), 0.0021);
+    }
+
+    #[test]
+    fn throttle_grows_on_every_second_high_period() {
+        let p = crate::MigrationParams::default();
+        let mut t = Throttle::default();
+        // Dirtying less than half of what was sent: never throttled.
+        for _ in 0..5 {
+            assert_eq!(t.after_sync(&p, 40, 100), None);
+        }
+        assert_eq!(t.after_sync(&p, 400, 100), None);
+        assert_eq!(t.after_sync(&p, 400, 100), Some(20));
+        assert_eq!(t.after_sync(&p, 400, 100), None);
+        assert_eq!(t.after_sync(&p, 400, 100), Some(30));
+        for _ in 0..30 {
+            t.after_sync(&p, 400, 100);
+        }
+        assert_eq!(t.percent, 99);
+        let capped = crate::MigrationParams {
+            max_cpu_throttle: 60,
+            ..p
+        };
+        let mut t = Throttle::default();
+        for _ in 0..30 {
+            t.after_sync(&capped, 400, 100);
+        }
+        assert_eq!(t.percent, 60);
+    }
+
+    #[test]
+    fn tailslow_grows_by_what_is_missing() {
+        let p = crate::MigrationParams {
+            cpu_throttle_tailslow: true,
+            cpu_throttle_increment: 30,
+            ..Default::default()
+        };
+        let mut t = Throttle {
+            percent: 50,
+            high: 1,
+        };
+        // Sent 90 while 100 were dirtied: 50% CPU now, 45% ideal, so +5 rather than +30.
+        assert_eq!(t.after_sync(&p, 100, 90), Some(55));
     }
 }

@@ -13,7 +13,7 @@ pub enum MigrateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid migration URI '{0}': expected tcp:HOST:PORT or unix:PATH")]
+    #[error("invalid migration URI '{0}': expected tcp:HOST:PORT, unix:PATH, fd:NAME, exec:COMMAND or file:PATH")]
     BadUri(String),
     #[error("the target refused the migration: {0}")]
     TargetRefused(String),
@@ -23,6 +23,8 @@ pub enum MigrateError {
     Cancelled,
     #[error("{0}")]
     Vm(String),
+    #[error("precopy did not converge: {0}")]
+    NotConverging(String),
     #[error("the stream does not match this machine: {0}")]
     Mismatch(String),
 }

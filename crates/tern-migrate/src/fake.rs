@@ -42,6 +42,8 @@ pub struct FakeVm {
     /// Pause and resume calls, for tests.
     pub pauses: AtomicU64,
     pub resumes: AtomicU64,
+    /// The auto-converge throttle the engine set last.
+    pub throttle: AtomicU64,
     /// A device that refuses to migrate.
     pub unmigratable: AtomicBool,
 }
@@ -69,6 +71,7 @@ impl FakeVm {
             running: AtomicBool::new(true),
             writes: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
+            throttle: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
             unmigratable: AtomicBool::new(false),
         })
@@ -169,6 +172,12 @@ impl SourceVm for FakeVm {
         self.running.store(true, Ordering::SeqCst);
         self.resumes.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+    fn is_running(&self) -> bool {
+        FakeVm::is_running(self)
+    }
+    fn set_throttle(&self, percent: u8) {
+        self.throttle.store(u64::from(percent), Ordering::SeqCst);
     }
     fn save_state(&self) -> Result<Vec<Section>> {
         if self.unmigratable.load(Ordering::SeqCst) {

@@ -9,7 +9,7 @@ use tern_wire::{record_type, Record, RecordWriter, ReturnMessage, StreamReader};
 use crate::outgoing::MigrationControl;
 use crate::ram::RamLoader;
 use crate::stats::{MigrationStats, MigrationStatus};
-use crate::transport::Connection;
+use crate::transport::{Channel, Connection};
 use crate::{LoadParticipant, MigrateError, Result, TargetFactory, TargetVm};
 
 /// What an incoming migration produced.
@@ -24,9 +24,10 @@ fn send(conn: Connection, msg: &ReturnMessage) -> Result<()> {
     Ok(())
 }
 
-/// Receives a migration on `conn`. On failure the source is told why on the return path.
+/// Receives a migration on `channel`. On failure the source is told why on the return path
+/// (if the channel has one).
 pub fn run_incoming(
-    conn: Connection,
+    channel: Channel,
     factory: TargetFactory<'_>,
     ctl: &MigrationControl,
 ) -> Result<IncomingOutcome> {
@@ -38,32 +39,38 @@ pub fn run_incoming(
         };
     }
     ctl.set_status(MigrationStatus::Active);
-    let ret = conn
-        .try_clone()
-        .map_err(MigrateError::io("cloning the connection"))?;
-    let ret2 = conn
-        .try_clone()
-        .map_err(MigrateError::io("cloning the connection"))?;
-    let pings = conn
-        .try_clone()
-        .map_err(MigrateError::io("cloning the connection"))?;
-    let result = incoming(conn, pings, factory, ctl);
+    let Channel { conn, end } = channel;
+    let clone = || {
+        conn.try_clone()
+            .map_err(MigrateError::io("cloning the connection"))
+    };
+    let ret = if conn.two_way() {
+        Some((clone()?, clone()?))
+    } else {
+        None
+    };
+    let result = incoming(conn, ret.as_ref().map(|r| &r.0), factory, ctl);
+    end.detach();
     match result {
         Ok(vm) => {
-            let sequence = ctl.stats().normal;
-            send(ret, &ReturnMessage::Ack { sequence })?;
+            if let Some((ret, _)) = ret {
+                let sequence = ctl.stats().normal;
+                send(ret, &ReturnMessage::Ack { sequence })?;
+            }
             ctl.set_status(MigrationStatus::Completed);
             Ok(IncomingOutcome { vm })
         }
         Err(e) => {
-            let _ = send(
-                ret,
-                &ReturnMessage::Error {
-                    code: 1,
-                    message: e.to_string(),
-                },
-            );
-            ret2.shutdown();
+            if let Some((ret, ret2)) = ret {
+                let _ = send(
+                    ret,
+                    &ReturnMessage::Error {
+                        code: 1,
+                        message: e.to_string(),
+                    },
+                );
+                ret2.shutdown();
+            }
             ctl.stats().error = Some(e.to_string());
             ctl.set_status(MigrationStatus::Failed);
             Err(e)
@@ -73,12 +80,21 @@ pub fn run_incoming(
 
 fn incoming(
     conn: Connection,
-    pings: Connection,
+    ret: Option<&Connection>,
     factory: TargetFactory<'_>,
     ctl: &MigrationControl,
 ) -> Result<Arc<dyn TargetVm>> {
-    let mut pings = RecordWriter::new(pings);
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?.live();
+    let mut pings = ret
+        .map(|c| {
+            c.try_clone()
+                .map(RecordWriter::new)
+                .map_err(MigrateError::io("cloning the connection"))
+        })
+        .transpose()?;
+    // A socket stays open after END (the acknowledgement goes back on it); a file or pipe must
+    // end right after it.
+    let r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?;
+    let mut r = if ret.is_some() { r.live() } else { r };
     let mut factory = Some(factory);
     let mut vm: Option<Arc<dyn TargetVm>> = None;
     let mut loader: Option<RamLoader> = None;
@@ -98,11 +114,14 @@ fn incoming(
             }
             Some(Record::Section(s)) => sections.push(s),
             Some(Record::Ping(sequence)) => {
-                pings.write(
-                    record_type::RETURN_MESSAGE,
-                    0,
-                    &ReturnMessage::Ack { sequence }.encode(),
-                )?;
+                // One-way (a file, a pipe): nobody to answer.
+                if let Some(p) = pings.as_mut() {
+                    p.write(
+                        record_type::RETURN_MESSAGE,
+                        0,
+                        &ReturnMessage::Ack { sequence }.encode(),
+                    )?;
+                }
             }
             Some(Record::SourceInfo(v)) => {
                 want_digest = v

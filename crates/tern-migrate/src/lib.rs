@@ -28,7 +28,7 @@ use std::sync::Arc;
 pub use error::MigrateError;
 pub use incoming::{run_incoming, IncomingOutcome};
 pub use outgoing::{run_outgoing, MigrationControl, MigrationEvent};
-pub use params::{Capabilities, MigrationParams};
+pub use params::{Capabilities, LimitAction, MigrationParams};
 pub use ram::{RamLoader, RamSaver};
 pub use stats::{MigrationStats, MigrationStatus};
 pub use tern_wire::{Section, SectionDesc, VmDescription};
@@ -76,6 +76,11 @@ pub trait SourceVm: Send + Sync {
     fn pause(&self) -> Result<()>;
     /// Resumes the vCPUs.
     fn resume(&self) -> Result<()>;
+    /// Whether the guest runs now (a guest paused before the migration stays paused after a
+    /// failure).
+    fn is_running(&self) -> bool;
+    /// Auto-converge: takes `percent` of every vCPU's time away (0 = run freely).
+    fn set_throttle(&self, percent: u8);
     /// Saves CPU and device state; the VM is paused.
     fn save_state(&self) -> Result<Vec<Section>>;
     /// A digest of all guest RAM (test aid: source at the stop vs target after load).

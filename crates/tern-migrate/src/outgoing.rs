@@ -1,6 +1,7 @@
 //! The source side: setup, rounds, stop-and-copy, acknowledgement.
 
 use std::io::{BufWriter, Write};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -10,11 +11,12 @@ use tern_wire::{
     record_type, RamRegionDesc, RecordReader, ReturnMessage, StreamWriter, VmDescription,
 };
 
-use crate::convergence::{self, Measured};
+use crate::convergence::{self, Measured, Throttle};
+use crate::params::LimitAction;
 use crate::ram::{send_holes, Out, RamSaver};
 use crate::rate::RateLimited;
-use crate::stats::{MigrationStats, MigrationStatus};
-use crate::transport::{Connection, Uri};
+use crate::stats::{MigrationStats, MigrationStatus, RoundRecord, Switchover};
+use crate::transport::{Canceller, Channel, ChannelEnd, Connection, Uri};
 use crate::{Capabilities, MigrateError, MigrationParams, Result, SaveParticipant, SourceVm};
 
 /// Something that happened, for the control socket to turn into events.
@@ -30,7 +32,7 @@ pub enum MigrationEvent {
 pub struct MigrationControl {
     stats: Mutex<MigrationStats>,
     cancel: AtomicBool,
-    conn: Mutex<Option<Connection>>,
+    conn: Mutex<Option<Canceller>>,
     /// `max-bandwidth`, changeable while migrating.
     pub bandwidth_limit: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
@@ -95,8 +97,13 @@ impl MigrationControl {
         self.caps
     }
 
-    pub(crate) fn set_conn(&self, c: Connection) {
+    pub(crate) fn set_conn(&self, c: Canceller) {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+    }
+
+    /// The parameters this migration runs with.
+    pub fn params(&self) -> MigrationParams {
+        self.params
     }
 
     /// Cancels: the migration thread stops at the next record (or its blocked write fails) and
@@ -111,7 +118,7 @@ impl MigrationControl {
         }
         (self.events)(MigrationEvent::Status(MigrationStatus::Cancelling));
         if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            c.shutdown();
+            c.cancel();
         }
     }
 
@@ -144,6 +151,7 @@ struct Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.ram.cleanup();
+        self.vm.set_throttle(0);
         if self.paused && !self.acknowledged {
             if let Err(e) = self.vm.resume() {
                 tracing::error!("cannot resume the source after a failed migration: {e}");
@@ -159,7 +167,13 @@ const UNMEASURED_BANDWIDTH: f64 = 100e6;
 const SWITCHOVER_OVERHEAD: f64 = 0.005;
 
 /// Runs a migration to `uri` on the calling thread until it completes, fails or is cancelled.
-pub fn run_outgoing(vm: Arc<dyn SourceVm>, uri: &Uri, ctl: &MigrationControl) -> Result<()> {
+/// `fd` is the descriptor an `fd:` URI names (resolved by the caller).
+pub fn run_outgoing(
+    vm: Arc<dyn SourceVm>,
+    uri: &Uri,
+    fd: Option<OwnedFd>,
+    ctl: &MigrationControl,
+) -> Result<()> {
     {
         let mut s = ctl.stats();
         *s = MigrationStats {
@@ -169,11 +183,11 @@ pub fn run_outgoing(vm: Arc<dyn SourceVm>, uri: &Uri, ctl: &MigrationControl) ->
         };
     }
     ctl.set_status(MigrationStatus::Setup);
-    let result = outgoing(vm, uri, ctl);
+    let result = outgoing(vm, uri, fd, ctl);
     if result.is_err() {
         // The target must not wait for a stream that will never end.
         if let Some(c) = ctl.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            c.shutdown();
+            c.cancel();
         }
     }
     match &result {
@@ -188,7 +202,11 @@ pub fn run_outgoing(vm: Arc<dyn SourceVm>, uri: &Uri, ctl: &MigrationControl) ->
             ctl.set_status(MigrationStatus::Failed);
         }
     }
-    ctl.stats().transferred = ctl.accepted();
+    {
+        let mut s = ctl.stats();
+        s.transferred = ctl.accepted();
+        s.throttle_percent = 0;
+    }
     result
 }
 
@@ -222,16 +240,27 @@ fn target_reason(ret: &mut Option<Connection>) -> Option<String> {
     }
 }
 
-fn outgoing(vm: Arc<dyn SourceVm>, uri: &Uri, ctl: &MigrationControl) -> Result<()> {
-    let conn = Connection::connect(uri)?;
+fn outgoing(
+    vm: Arc<dyn SourceVm>,
+    uri: &Uri,
+    fd: Option<OwnedFd>,
+    ctl: &MigrationControl,
+) -> Result<()> {
+    let channel = Channel::connect(uri, fd)?;
     ctl.set_conn(
-        conn.try_clone()
+        channel
+            .canceller()
             .map_err(MigrateError::io("cloning the connection"))?,
     );
-    let mut ret = Some(
-        conn.try_clone()
-            .map_err(MigrateError::io("cloning the connection"))?,
-    );
+    let Channel { conn, end } = channel;
+    let mut ret = if conn.two_way() {
+        Some(
+            conn.try_clone()
+                .map_err(MigrateError::io("cloning the connection"))?,
+        )
+    } else {
+        None
+    };
     ctl.check_cancel()?;
     let writer: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(
         256 << 10,
@@ -244,7 +273,7 @@ fn outgoing(vm: Arc<dyn SourceVm>, uri: &Uri, ctl: &MigrationControl) -> Result<
         paused: false,
         acknowledged: false,
     };
-    let result = stream(&vm, ctl, &mut out, &mut session, &mut ret);
+    let result = stream(&vm, ctl, &mut out, &mut session, &mut ret, end);
     match result {
         Err(MigrateError::Wire(e)) if matches!(e.kind, tern_wire::ErrorKind::Io(_)) => {
             if let Some(reason) = target_reason(&mut ret) {
@@ -263,8 +292,9 @@ fn stream(
     out: &mut Out<'_>,
     session: &mut Session,
     ret: &mut Option<Connection>,
+    end: ChannelEnd,
 ) -> Result<()> {
-    let started = Instant::now();
+    let started = ctl.stats().started.unwrap_or_else(Instant::now);
     let desc = VmDescription {
         machine: vm.machine(),
         ram: vm
@@ -296,16 +326,19 @@ fn stream(
     ctl.set_status(MigrationStatus::Active);
 
     let state_bytes = vm.state_size_hint();
-    let limit_ms = ctl.params.downtime_limit_ms;
+    let params = ctl.params;
+    let limit_ms = params.downtime_limit_ms;
     let mut round = 1u64;
     let mut bandwidth = 0.0f64;
     let mut last_sync = Instant::now();
+    let mut throttle = Throttle::default();
+    let secs = |t: Instant| t.duration_since(started).as_secs_f64();
     loop {
         ctl.pass(round);
         ctl.stats().dirty_sync_count = round;
         let t0 = Instant::now();
         let b0 = ctl.accepted();
-        let p0 = session.ram.counters.normal + session.ram.counters.zero;
+        let (n0, z0) = (session.ram.counters.normal, session.ram.counters.zero);
         let mut batches = 0u64;
         while session.ram.iterate(out)? {
             batches += 1;
@@ -329,7 +362,8 @@ fn stream(
         // What became dirty meanwhile: the next round's work, and what a stop would send now.
         let since = last_sync.elapsed().as_secs_f64();
         let dirtied = session.ram.sync()?;
-        last_sync = Instant::now();
+        let t_end = Instant::now();
+        last_sync = t_end;
         let pending = session.ram.pending();
         let dirty_rate = dirtied as f64 * 4096.0 / since.max(1e-6);
         let m = Measured {
@@ -346,9 +380,12 @@ fn stream(
             fixed_overhead: SWITCHOVER_OVERHEAD,
         };
         let expected = convergence::expected_downtime(&m);
+        let (pages, zeros) = (
+            session.ram.counters.normal - n0,
+            session.ram.counters.zero - z0,
+        );
         {
             let mut s = ctl.stats();
-            let pages = session.ram.counters.normal + session.ram.counters.zero - p0;
             s.normal = session.ram.counters.normal;
             s.duplicate = session.ram.counters.zero;
             s.remaining = pending;
@@ -356,8 +393,21 @@ fn stream(
             s.precopy_bytes = s.transferred;
             s.mbps = bandwidth * 8.0 / 1e6;
             s.dirty_pages_rate = (dirty_rate / 4096.0) as u64;
-            s.pages_per_second = (pages as f64 / dt.max(1e-6)) as u64;
+            s.pages_per_second = ((pages + zeros) as f64 / dt.max(1e-6)) as u64;
             s.expected_downtime_ms = (expected * 1000.0).min(u64::MAX as f64) as u64;
+            s.rounds.push(RoundRecord {
+                round,
+                start: secs(t0),
+                end: secs(t_end),
+                pages,
+                zero_pages: zeros,
+                bytes,
+                dirty_pages: dirtied,
+                bandwidth: if dt > 0.0 { bytes as f64 / dt } else { 0.0 },
+                dirty_rate,
+                expected_downtime_ms: expected * 1000.0,
+                throttle_percent: throttle.percent,
+            });
         }
         tracing::debug!(
             round,
@@ -369,18 +419,54 @@ fn stream(
             "precopy round done"
         );
         if convergence::converged(&m, limit_ms) {
+            ctl.stats().stop_reason = Some("converged");
             break;
+        }
+        let limit = if params.max_rounds > 0 && round >= params.max_rounds {
+            Some(("round limit", format!("{round} rounds")))
+        } else if params.max_precopy_ms > 0
+            && started.elapsed().as_millis() as u64 >= params.max_precopy_ms
+        {
+            Some((
+                "time limit",
+                format!("{} ms of precopy", started.elapsed().as_millis()),
+            ))
+        } else {
+            None
+        };
+        if let Some((why, what)) = limit {
+            let detail = format!(
+                "after {what} {:.0} ms of downtime were still expected (limit {limit_ms} ms): the guest dirties {:.0} MiB/s, the link carries {:.0} MiB/s",
+                expected * 1000.0,
+                dirty_rate / (1 << 20) as f64,
+                m.bandwidth / (1 << 20) as f64,
+            );
+            match params.limit_action {
+                LimitAction::Fail => return Err(MigrateError::NotConverging(detail)),
+                LimitAction::Switchover => {
+                    tracing::warn!("forcing the switch-over: {detail}");
+                    ctl.stats().stop_reason = Some(why);
+                    break;
+                }
+            }
+        }
+        if ctl.caps.auto_converge && round >= 2 {
+            if let Some(pct) = throttle.after_sync(&params, dirtied * 4096, bytes) {
+                tracing::info!(round, pct, "auto-converge: throttling the vCPUs");
+                vm.set_throttle(pct);
+                ctl.stats().throttle_percent = pct;
+            }
         }
         round += 1;
     }
 
     // Let the target catch up before the guest stops: whatever it still has to load would
     // otherwise count as downtime. (The guest keeps running meanwhile; the final sync sees what
-    // it dirties.)
+    // it dirties.) A one-way channel has no one to ask.
     let t_drain = Instant::now();
-    out.ping(round)?;
-    out.flush()?;
     if let Some(c) = ret.as_ref() {
+        out.ping(round)?;
+        out.flush()?;
         let c = c
             .try_clone()
             .map_err(MigrateError::io("cloning the connection"))?;
@@ -398,30 +484,43 @@ fn stream(
             }
         }
     }
-    tracing::debug!("target caught up in {:?}", t_drain.elapsed());
+    let drain = t_drain.elapsed();
+    tracing::debug!("target caught up in {:?}", drain);
 
     // Stop and copy.
     let t_pause = Instant::now();
     let b0 = ctl.accepted();
+    let (n0, z0) = (session.ram.counters.normal, session.ram.counters.zero);
     tracing::debug!("stop-and-copy: pausing");
-    vm.pause()?;
-    session.paused = true;
+    if vm.is_running() {
+        vm.pause()?;
+        session.paused = true;
+    }
     let t_paused = t_pause.elapsed();
     ctl.stats().dirty_sync_count = round + 1;
     session.ram.complete_precopy(out)?;
+    out.flush()?;
     let t_pages = t_pause.elapsed();
+    let b_pages = ctl.accepted();
     let sections = vm.save_state()?;
     for s in &sections {
         out.section(s)?;
     }
+    out.flush()?;
     let t_state = t_pause.elapsed();
+    let state_sent = ctl.accepted() - b_pages;
     if ctl.caps.ram_digest {
         ctl.stats().ram_digest = Some(vm.ram_digest());
     }
-    // END, flushed.
+    // END, flushed; a one-way channel is closed and completed (synced, the command exited).
     let blank: Out<'_> = StreamWriter::new(Box::new(std::io::sink()) as Box<dyn Write + Send>)?;
     let full = std::mem::replace(out, blank);
-    full.finish()?;
+    let (writer, _) = full.finish()?;
+    drop(writer);
+    if ret.is_none() {
+        end.finish()?;
+    }
+    let t_end = t_pause.elapsed();
     tracing::debug!("stop-and-copy: END sent");
     {
         let mut s = ctl.stats();
@@ -432,7 +531,36 @@ fn stream(
         s.downtime_bytes = ctl.accepted() - b0;
     }
     // The acknowledgement: the target loaded everything and runs the guest.
-    let conn = ret.take().ok_or(MigrateError::NoAck)?;
+    if let Some(conn) = ret.take() {
+        wait_ack(conn, ctl)?;
+    }
+    session.acknowledged = true;
+    let t_ack = t_pause.elapsed();
+    tracing::info!(
+        "stop-and-copy: paused after {:?}, last pages sent after {:?}, device state after {:?}, END after {:?}, acknowledged after {:?}",
+        t_paused, t_pages, t_state, t_end, t_ack
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut s = ctl.stats();
+    s.downtime_ms = Some(t_ack.as_millis() as u64);
+    s.switchover = Some(Switchover {
+        start: secs(t_pause),
+        drain_ms: ms(drain),
+        pause_ms: ms(t_paused),
+        pages_ms: ms(t_pages),
+        state_ms: ms(t_state),
+        end_ms: ms(t_end),
+        ack_ms: ms(t_ack),
+        pages: session.ram.counters.normal - n0,
+        zero_pages: session.ram.counters.zero - z0,
+        state_bytes: state_sent,
+        bytes: s.downtime_bytes,
+    });
+    Ok(())
+}
+
+/// Waits for the target's final word on the return path.
+fn wait_ack(conn: Connection, ctl: &MigrationControl) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(300)))
         .map_err(MigrateError::io("return path timeout"))?;
     let mut rr = RecordReader::new(conn);
@@ -446,31 +574,17 @@ fn stream(
     match reply {
         Some(rec) if rec.ty == record_type::RETURN_MESSAGE => match ReturnMessage::decode(rec.body)
         {
-            Ok(ReturnMessage::Ack { .. }) => {}
-            Ok(ReturnMessage::Error { message, .. }) => {
-                return Err(MigrateError::TargetRefused(message))
-            }
-            Ok(other) => {
-                return Err(MigrateError::Vm(format!(
-                    "unexpected return message {other:?}"
-                )))
-            }
-            Err(k) => return Err(MigrateError::Vm(format!("bad return message: {k}"))),
+            Ok(ReturnMessage::Ack { .. }) => Ok(()),
+            Ok(ReturnMessage::Error { message, .. }) => Err(MigrateError::TargetRefused(message)),
+            Ok(other) => Err(MigrateError::Vm(format!(
+                "unexpected return message {other:?}"
+            ))),
+            Err(k) => Err(MigrateError::Vm(format!("bad return message: {k}"))),
         },
-        Some(rec) => {
-            return Err(MigrateError::Vm(format!(
-                "unexpected record type {:#x} on the return path",
-                rec.ty
-            )))
-        }
-        None => return Err(MigrateError::NoAck),
+        Some(rec) => Err(MigrateError::Vm(format!(
+            "unexpected record type {:#x} on the return path",
+            rec.ty
+        ))),
+        None => Err(MigrateError::NoAck),
     }
-    session.acknowledged = true;
-    let t_ack = t_pause.elapsed();
-    tracing::info!(
-        "stop-and-copy: paused after {:?}, last pages sent after {:?}, device state after {:?}, acknowledged after {:?}",
-        t_paused, t_pages, t_state, t_ack
-    );
-    ctl.stats().downtime_ms = Some(t_ack.as_millis() as u64);
-    Ok(())
 }

@@ -1,5 +1,26 @@
 //! Migration parameters and capabilities, with QEMU's names.
 
+use serde_json::{json, Map, Value};
+
+/// What to do when precopy reaches its round or time limit without converging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LimitAction {
+    /// Give up: the migration fails and the source keeps running.
+    #[default]
+    Fail,
+    /// Stop and copy anyway, with a downtime longer than the limit.
+    Switchover,
+}
+
+impl LimitAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitAction::Fail => "fail",
+            LimitAction::Switchover => "switchover",
+        }
+    }
+}
+
 /// Tunables (`migrate-set-parameters`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MigrationParams {
@@ -11,6 +32,23 @@ pub struct MigrationParams {
     pub max_bandwidth: u64,
     /// The longest pause the stop-and-copy may take, in milliseconds (QEMU's default, 300).
     pub downtime_limit_ms: u64,
+    /// Auto-converge: the first throttle, in percent of vCPU time taken away (QEMU: 20).
+    pub cpu_throttle_initial: u8,
+    /// Auto-converge: added each time the throttle grows (QEMU: 10).
+    pub cpu_throttle_increment: u8,
+    /// Auto-converge: the ceiling (QEMU: 99).
+    pub max_cpu_throttle: u8,
+    /// Auto-converge: near the end, grow only by what the dirty rate still needs (QEMU: off).
+    pub cpu_throttle_tailslow: bool,
+    /// Auto-converge: the throttle grows when a period's dirtied bytes exceed this percentage of
+    /// the bytes sent in it (QEMU's `throttle-trigger-threshold`, 50).
+    pub throttle_trigger_threshold: u8,
+    /// Precopy rounds before [`MigrationParams::limit_action`] applies; 0 = no limit.
+    pub max_rounds: u64,
+    /// Milliseconds of precopy before [`MigrationParams::limit_action`] applies; 0 = no limit.
+    pub max_precopy_ms: u64,
+    /// What reaching either limit does.
+    pub limit_action: LimitAction,
 }
 
 impl Default for MigrationParams {
@@ -18,7 +56,96 @@ impl Default for MigrationParams {
         MigrationParams {
             max_bandwidth: 0,
             downtime_limit_ms: 300,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            max_cpu_throttle: 99,
+            cpu_throttle_tailslow: false,
+            throttle_trigger_threshold: 50,
+            max_rounds: 0,
+            max_precopy_ms: 0,
+            limit_action: LimitAction::Fail,
         }
+    }
+}
+
+/// Parameters QEMU has that tern does not implement yet (refused by name).
+const NOT_YET: &[&str] = &[
+    "multifd-channels",
+    "xbzrle-cache-size",
+    "max-postcopy-bandwidth",
+    "multifd-compression",
+    "avail-switchover-bandwidth",
+    "tls-creds",
+    "tls-hostname",
+    "tls-authz",
+    "compress-level",
+    "announce-initial",
+];
+
+fn int_in(k: &str, v: &Value, lo: u64, hi: u64) -> Result<u64, String> {
+    match v.as_u64() {
+        Some(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "Parameter '{k}' expects an integer in the range of {lo} to {hi}"
+        )),
+    }
+}
+
+impl MigrationParams {
+    /// `query-migrate-parameters`, with QEMU's names (tern's own ones start with `x-tern-`).
+    pub fn to_qmp(&self) -> Value {
+        json!({
+            "cpu-throttle-initial": self.cpu_throttle_initial,
+            "cpu-throttle-increment": self.cpu_throttle_increment,
+            "cpu-throttle-tailslow": self.cpu_throttle_tailslow,
+            "max-cpu-throttle": self.max_cpu_throttle,
+            "throttle-trigger-threshold": self.throttle_trigger_threshold,
+            "downtime-limit": self.downtime_limit_ms,
+            "max-bandwidth": self.max_bandwidth,
+            "x-tern-max-rounds": self.max_rounds,
+            "x-tern-max-precopy-time": self.max_precopy_ms,
+            "x-tern-limit-action": self.limit_action.as_str(),
+        })
+    }
+
+    /// Applies `migrate-set-parameters` arguments; all or nothing.
+    pub fn apply(&mut self, args: &Map<String, Value>) -> Result<(), String> {
+        let mut p = *self;
+        for (k, v) in args {
+            match k.as_str() {
+                "downtime-limit" => p.downtime_limit_ms = int_in(k, v, 0, 2_000_000)?,
+                "max-bandwidth" => p.max_bandwidth = int_in(k, v, 0, i64::MAX as u64)?,
+                "cpu-throttle-initial" => p.cpu_throttle_initial = int_in(k, v, 1, 99)? as u8,
+                "cpu-throttle-increment" => p.cpu_throttle_increment = int_in(k, v, 1, 99)? as u8,
+                "max-cpu-throttle" => p.max_cpu_throttle = int_in(k, v, 1, 99)? as u8,
+                "throttle-trigger-threshold" => {
+                    p.throttle_trigger_threshold = int_in(k, v, 1, 100)? as u8
+                }
+                "cpu-throttle-tailslow" => {
+                    p.cpu_throttle_tailslow = v
+                        .as_bool()
+                        .ok_or_else(|| format!("Parameter '{k}' expects a boolean"))?
+                }
+                "x-tern-max-rounds" => p.max_rounds = int_in(k, v, 0, 1_000_000)?,
+                "x-tern-max-precopy-time" => p.max_precopy_ms = int_in(k, v, 0, 86_400_000)?,
+                "x-tern-limit-action" => {
+                    p.limit_action = match v.as_str() {
+                        Some("fail") => LimitAction::Fail,
+                        Some("switchover") => LimitAction::Switchover,
+                        _ => return Err(format!("Parameter '{k}' expects 'fail' or 'switchover'")),
+                    }
+                }
+                other if NOT_YET.contains(&other) => {
+                    return Err(format!("Parameter '{other}' is not supported by tern yet"))
+                }
+                other => return Err(format!("Parameter '{other}' is unexpected")),
+            }
+        }
+        if p.cpu_throttle_initial > p.max_cpu_throttle {
+            return Err("cpu-throttle-initial must not exceed max-cpu-throttle".into());
+        }
+        *self = p;
+        Ok(())
     }
 }
 
@@ -27,16 +154,19 @@ impl Default for MigrationParams {
 pub struct Capabilities {
     /// Emit MIGRATION and MIGRATION_PASS events (QEMU's `events`).
     pub events: bool,
+    /// Throttle the vCPUs while the guest dirties faster than the link (QEMU's `auto-converge`).
+    pub auto_converge: bool,
     /// Test aid (`x-tern-ram-digest`): both sides digest all guest RAM at the switch-over, the
     /// source while paused, the target after loading; `query-migrate` shows each.
     pub ram_digest: bool,
 }
 
 impl Capabilities {
-    /// Every capability tern knows, with its state, in QEMU's order of names.
+    /// Every capability tern knows, with its state.
     pub fn list(&self) -> Vec<(&'static str, bool)> {
         vec![
             ("events", self.events),
+            ("auto-converge", self.auto_converge),
             ("x-tern-ram-digest", self.ram_digest),
         ]
     }
@@ -45,9 +175,9 @@ impl Capabilities {
     pub fn set(&mut self, name: &str, on: bool) -> Result<(), String> {
         match name {
             "events" => self.events = on,
+            "auto-converge" => self.auto_converge = on,
             "x-tern-ram-digest" => self.ram_digest = on,
-            "auto-converge"
-            | "postcopy-ram"
+            "postcopy-ram"
             | "multifd"
             | "xbzrle"
             | "return-path"
@@ -74,5 +204,34 @@ impl Capabilities {
             _ => return Err(format!("Invalid parameter '{name}'")),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_apply_all_or_nothing() {
+        let mut p = MigrationParams::default();
+        let args = json!({"downtime-limit": 50, "cpu-throttle-initial": 30, "x-tern-limit-action": "switchover"});
+        p.apply(args.as_object().unwrap()).unwrap();
+        assert_eq!(p.downtime_limit_ms, 50);
+        assert_eq!(p.cpu_throttle_initial, 30);
+        assert_eq!(p.limit_action, LimitAction::Switchover);
+        let before = p;
+        for bad in [
+            json!({"downtime-limit": 10, "max-cpu-throttle": 100}),
+            json!({"cpu-throttle-initial": 0}),
+            json!({"x-tern-limit-action": "maybe"}),
+            json!({"downtime-limit": -1}),
+            json!({"cpu-throttle-tailslow": 1}),
+            json!({"multifd-channels": 4}),
+            json!({"nonsense": 4}),
+            json!({"cpu-throttle-initial": 90, "max-cpu-throttle": 80}),
+        ] {
+            assert!(p.apply(bad.as_object().unwrap()).is_err(), "{bad}");
+            assert_eq!(p, before);
+        }
     }
 }

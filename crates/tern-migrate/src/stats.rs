@@ -73,6 +73,59 @@ pub struct MigrationStats {
     pub error: Option<String>,
     /// Test aid: digest of guest RAM at the switch-over (source: paused; target: loaded).
     pub ram_digest: Option<u64>,
+    /// Auto-converge: percent of vCPU time taken away now.
+    pub throttle_percent: u8,
+    /// Every precopy round, for the timeline.
+    pub rounds: Vec<RoundRecord>,
+    /// The stop-and-copy, once done.
+    pub switchover: Option<Switchover>,
+    /// Why precopy stopped iterating: "converged", "round limit", "time limit", "idle".
+    pub stop_reason: Option<&'static str>,
+}
+
+/// One precopy round as measured by the source. Times are seconds since the migration began;
+/// rates are bytes per second.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub start: f64,
+    pub end: f64,
+    /// Pages sent with data.
+    pub pages: u64,
+    /// Pages sent as zero ranges.
+    pub zero_pages: u64,
+    /// Bytes the socket accepted.
+    pub bytes: u64,
+    /// Pages found dirty by the sync that ended the round.
+    pub dirty_pages: u64,
+    pub bandwidth: f64,
+    pub dirty_rate: f64,
+    pub expected_downtime_ms: f64,
+    /// Auto-converge throttle during the round.
+    pub throttle_percent: u8,
+}
+
+/// The stop-and-copy, split into its parts (milliseconds from the pause request).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Switchover {
+    /// Seconds since the migration began when the guest was asked to stop.
+    pub start: f64,
+    /// Waiting for the target to catch up before pausing (not downtime).
+    pub drain_ms: f64,
+    /// Until every vCPU was parked.
+    pub pause_ms: f64,
+    /// Until the last dirty pages were sent.
+    pub pages_ms: f64,
+    /// Until the CPU and device state was sent.
+    pub state_ms: f64,
+    /// Until END was written (and, one-way, the channel closed and synced).
+    pub end_ms: f64,
+    /// Until the target acknowledged: it loaded the state and resumed the guest.
+    pub ack_ms: f64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub state_bytes: u64,
+    pub bytes: u64,
 }
 
 impl Default for MigrationStats {
@@ -97,6 +150,10 @@ impl Default for MigrationStats {
             downtime_ms: None,
             error: None,
             ram_digest: None,
+            throttle_percent: 0,
+            rounds: Vec::new(),
+            switchover: None,
+            stop_reason: None,
         }
     }
 }
@@ -147,6 +204,9 @@ impl MigrationStats {
         } else if !self.status.is_final() {
             v["expected-downtime"] = json!(self.expected_downtime_ms);
         }
+        if self.throttle_percent > 0 {
+            v["cpu-throttle-percentage"] = json!(self.throttle_percent);
+        }
         if let Some(e) = &self.error {
             v["error-desc"] = json!(e);
         }
@@ -154,5 +214,68 @@ impl MigrationStats {
             v["x-tern-ram-digest"] = json!(format!("{d:016x}"));
         }
         v
+    }
+}
+
+impl MigrationStats {
+    /// The timeline: every round, then the stop-and-copy with its downtime split.
+    pub fn timeline(&self) -> Value {
+        let rounds: Vec<Value> = self
+            .rounds
+            .iter()
+            .map(|r| {
+                json!({
+                    "round": r.round,
+                    "start": r.start,
+                    "end": r.end,
+                    "pages": r.pages,
+                    "zero-pages": r.zero_pages,
+                    "bytes": r.bytes,
+                    "dirty-pages": r.dirty_pages,
+                    "bandwidth": r.bandwidth,
+                    "dirty-rate": r.dirty_rate,
+                    "expected-downtime-ms": r.expected_downtime_ms,
+                    "cpu-throttle-percentage": r.throttle_percent,
+                })
+            })
+            .collect();
+        let sw = self.switchover.as_ref().map(|s| {
+            json!({
+                "start": s.start,
+                "drain-ms": s.drain_ms,
+                "pause-ms": s.pause_ms,
+                "pages-ms": s.pages_ms,
+                "state-ms": s.state_ms,
+                "end-ms": s.end_ms,
+                "ack-ms": s.ack_ms,
+                "downtime": {
+                    "pause": s.pause_ms,
+                    "final-pages": s.pages_ms - s.pause_ms,
+                    "device-state": s.state_ms - s.pages_ms,
+                    "end": s.end_ms - s.state_ms,
+                    "target-load-and-resume": s.ack_ms - s.end_ms,
+                    "total": s.ack_ms,
+                },
+                "pages": s.pages,
+                "zero-pages": s.zero_pages,
+                "device-state-bytes": s.state_bytes,
+                "bytes": s.bytes,
+            })
+        });
+        json!({
+            "tern-timeline": 1,
+            "status": self.status.as_str(),
+            "total-time-ms": self.total_time_ms(),
+            "setup-time-ms": self.setup_time_ms,
+            "downtime-ms": self.downtime_ms,
+            "transferred": self.transferred,
+            "total": self.total,
+            "normal-pages": self.normal,
+            "zero-pages": self.duplicate,
+            "stop-reason": self.stop_reason,
+            "error": self.error,
+            "rounds": rounds,
+            "switchover": sw,
+        })
     }
 }

@@ -1,9 +1,21 @@
-//! Transports: `tcp:HOST:PORT` and `unix:PATH`.
+//! Transports: `tcp:HOST:PORT`, `unix:PATH`, `fd:NAME|N`, `exec:COMMAND` and `file:PATH`.
+//!
+//! Sockets are two-way: the target answers on the same connection (the return path: PING
+//! acknowledgements, the final ACK, or why it refused). Files, pipes and commands are one-way:
+//! the source cannot hear the target, so it neither waits for the target before the
+//! stop-and-copy nor for an acknowledgement; the migration is complete when the whole stream
+//! was written (a command exited with status 0, a file was synced to disk).
 
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::{MigrateError, Result};
 
@@ -12,14 +24,25 @@ use crate::{MigrateError, Result};
 pub enum Uri {
     Tcp(String, u16),
     Unix(PathBuf),
+    /// A descriptor: a name given to QMP `getfd`, or the number of an inherited one.
+    Fd(String),
+    /// A shell command: the source writes the stream to its stdin, the target reads its stdout.
+    Exec(String),
+    File(PathBuf),
 }
 
 impl Uri {
-    /// Parses `tcp:HOST:PORT` (HOST may be `[v6]`) or `unix:PATH`.
+    /// Parses `tcp:HOST:PORT` (HOST may be `[v6]`), `unix:PATH`, `fd:NAME`, `exec:COMMAND` or
+    /// `file:PATH`.
     pub fn parse(s: &str) -> Result<Uri> {
         let bad = || MigrateError::BadUri(s.to_string());
         match s.split_once(':') {
             Some(("unix", p)) if !p.is_empty() => Ok(Uri::Unix(p.into())),
+            Some(("file", p)) if !p.is_empty() => Ok(Uri::File(p.into())),
+            Some(("exec", c)) if !c.trim().is_empty() => Ok(Uri::Exec(c.to_string())),
+            Some(("fd", n)) if !n.is_empty() && !n.contains(char::is_whitespace) => {
+                Ok(Uri::Fd(n.to_string()))
+            }
             Some(("tcp", rest)) => {
                 let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
                 let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -32,6 +55,14 @@ impl Uri {
             _ => Err(bad()),
         }
     }
+
+    /// The descriptor number, for `fd:N`.
+    pub fn fd_number(&self) -> Option<RawFd> {
+        match self {
+            Uri::Fd(n) => n.parse().ok(),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Uri {
@@ -40,20 +71,195 @@ impl std::fmt::Display for Uri {
             Uri::Tcp(h, p) if h.contains(':') => write!(f, "tcp:[{h}]:{p}"),
             Uri::Tcp(h, p) => write!(f, "tcp:{h}:{p}"),
             Uri::Unix(p) => write!(f, "unix:{}", p.display()),
+            Uri::Fd(n) => write!(f, "fd:{n}"),
+            Uri::Exec(c) => write!(f, "exec:{c}"),
+            Uri::File(p) => write!(f, "file:{}", p.display()),
         }
     }
+}
+
+/// A descriptor this process inherited, duplicated so the caller owns the copy.
+pub fn inherited_fd(n: RawFd) -> Result<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table; an unused number gives EBADF.
+    if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        return Err(MigrateError::Io {
+            what: format!("fd:{n}"),
+            source: io::Error::from_raw_os_error(libc::EBADF),
+        });
+    }
+    // SAFETY: the descriptor is open (checked above) and stays open while borrowed, since this
+    // process only closes inherited descriptors it owns, and it only duplicates it here.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(n) };
+    borrowed
+        .try_clone_to_owned()
+        .map_err(MigrateError::io(format!("duplicating fd:{n}")))
 }
 
 /// A connected migration channel.
 #[derive(Debug)]
 pub enum Connection {
     Tcp(TcpStream),
+    /// A unix socket, or any socket passed as a descriptor.
     Unix(UnixStream),
+    /// A file or a pipe: one-way.
+    File(File),
 }
 
 impl Connection {
-    /// Connects to a listening target.
-    pub fn connect(uri: &Uri) -> Result<Connection> {
+    /// Another handle on the same channel (for the return path, or to cancel).
+    pub fn try_clone(&self) -> io::Result<Connection> {
+        Ok(match self {
+            Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
+            Connection::Unix(s) => Connection::Unix(s.try_clone()?),
+            Connection::File(f) => Connection::File(f.try_clone()?),
+        })
+    }
+
+    /// Whether the other end can answer on this channel.
+    pub fn two_way(&self) -> bool {
+        !matches!(self, Connection::File(_))
+    }
+
+    /// Shuts both directions of a socket down, waking any blocked reader or writer.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Connection::Tcp(s) => s.shutdown(Shutdown::Both),
+            Connection::Unix(s) => s.shutdown(Shutdown::Both),
+            Connection::File(_) => Ok(()),
+        };
+    }
+
+    /// Limits how long a read may block.
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_read_timeout(t),
+            Connection::Unix(s) => s.set_read_timeout(t),
+            Connection::File(_) => Ok(()),
+        }
+    }
+
+    fn from_fd(fd: OwnedFd) -> io::Result<Connection> {
+        let f = File::from(fd);
+        if f.metadata()?.file_type().is_socket() {
+            Ok(Connection::Unix(UnixStream::from(OwnedFd::from(f))))
+        } else {
+            Ok(Connection::File(f))
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.read(buf),
+            Connection::Unix(s) => s.read(buf),
+            Connection::File(f) => f.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.write(buf),
+            Connection::Unix(s) => s.write(buf),
+            Connection::File(f) => f.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What must happen after the stream's last byte: a command to wait for, a file to sync.
+#[derive(Debug, Default)]
+pub struct ChannelEnd {
+    child: Option<(Child, String, Arc<AtomicBool>)>,
+    sync: Option<File>,
+}
+
+impl ChannelEnd {
+    /// Completes the channel once every handle on the stream was dropped (so a command sees
+    /// end-of-file): the file is synced, the command must exit with status 0.
+    pub fn finish(self) -> Result<()> {
+        if let Some(f) = self.sync {
+            f.sync_all()
+                .map_err(MigrateError::io("syncing the saved file"))?;
+        }
+        if let Some((mut child, cmd, reaped)) = self.child {
+            let status = child
+                .wait()
+                .map_err(MigrateError::io(format!("waiting for '{cmd}'")))?;
+            reaped.store(true, Ordering::SeqCst);
+            if !status.success() {
+                return Err(MigrateError::Vm(format!(
+                    "the command '{cmd}' failed: {status}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reaps a command in the background, whatever it does (the target's reader is done).
+    pub fn detach(self) {
+        if let Some((mut child, cmd, reaped)) = self.child {
+            let _ = std::thread::Builder::new()
+                .name("exec-reaper".into())
+                .spawn(move || {
+                    match child.wait() {
+                        Ok(s) if !s.success() => tracing::warn!("'{cmd}' exited with {s}"),
+                        _ => {}
+                    }
+                    reaped.store(true, Ordering::SeqCst);
+                });
+        }
+    }
+}
+
+/// Stops a channel from another thread: shuts a socket down or kills a command.
+#[derive(Debug)]
+pub enum Canceller {
+    Socket(Connection),
+    Command(u32, Arc<AtomicBool>),
+    Nothing,
+}
+
+impl Canceller {
+    pub fn cancel(&self) {
+        match self {
+            Canceller::Socket(c) => c.shutdown(),
+            Canceller::Command(pid, reaped) => {
+                if !reaped.load(Ordering::SeqCst) {
+                    if let Ok(pid) = libc::pid_t::try_from(*pid) {
+                        // SAFETY: kill(2) has no memory effects; the child was not reaped yet,
+                        // so the pid is still ours.
+                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                    }
+                }
+            }
+            Canceller::Nothing => {}
+        }
+    }
+}
+
+/// An open migration channel and what finishing it takes.
+#[derive(Debug)]
+pub struct Channel {
+    pub conn: Connection,
+    pub end: ChannelEnd,
+}
+
+impl Channel {
+    fn plain(conn: Connection) -> Channel {
+        Channel {
+            conn,
+            end: ChannelEnd::default(),
+        }
+    }
+
+    /// Opens the source's end. `fd` is the descriptor a `fd:` URI names, resolved by the
+    /// caller (QMP `getfd`, or [`inherited_fd`]).
+    pub fn connect(uri: &Uri, fd: Option<OwnedFd>) -> Result<Channel> {
         match uri {
             Uri::Tcp(h, p) => {
                 let addrs: Vec<_> = (h.as_str(), *p)
@@ -66,69 +272,82 @@ impl Connection {
                 // Nagle plus delayed ACK would add tens of ms to the downtime.
                 s.set_nodelay(true)
                     .map_err(MigrateError::io("TCP_NODELAY"))?;
-                Ok(Connection::Tcp(s))
+                Ok(Channel::plain(Connection::Tcp(s)))
             }
-            Uri::Unix(p) => Ok(Connection::Unix(
+            Uri::Unix(p) => Ok(Channel::plain(Connection::Unix(
                 UnixStream::connect(p).map_err(MigrateError::io(format!("connecting to {uri}")))?,
-            )),
+            ))),
+            Uri::Fd(_) => {
+                let fd =
+                    fd.ok_or_else(|| MigrateError::Vm(format!("{uri}: no such descriptor")))?;
+                Ok(Channel::plain(
+                    Connection::from_fd(fd).map_err(MigrateError::io(uri.to_string()))?,
+                ))
+            }
+            Uri::File(p) => {
+                let f = File::create(p)
+                    .map_err(MigrateError::io(format!("creating {}", p.display())))?;
+                let sync = f
+                    .try_clone()
+                    .map_err(MigrateError::io("duplicating the file"))?;
+                Ok(Channel {
+                    conn: Connection::File(f),
+                    end: ChannelEnd {
+                        child: None,
+                        sync: Some(sync),
+                    },
+                })
+            }
+            Uri::Exec(cmd) => {
+                let mut child = Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .map_err(MigrateError::io(format!("starting '{cmd}'")))?;
+                let stdin = child
+                    .stdin
+                    .take()
+                    .ok_or_else(|| MigrateError::Vm(format!("'{cmd}' has no stdin")))?;
+                Ok(Channel {
+                    conn: Connection::File(File::from(OwnedFd::from(stdin))),
+                    end: ChannelEnd {
+                        child: Some((child, cmd.clone(), Arc::new(AtomicBool::new(false)))),
+                        sync: None,
+                    },
+                })
+            }
         }
     }
 
-    /// Another handle on the same channel (for the return path, or to cancel).
-    pub fn try_clone(&self) -> io::Result<Connection> {
-        Ok(match self {
-            Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
-            Connection::Unix(s) => Connection::Unix(s.try_clone()?),
+    /// Whether the target can answer.
+    pub fn two_way(&self) -> bool {
+        self.conn.two_way()
+    }
+
+    /// A handle to stop this channel from another thread.
+    pub fn canceller(&self) -> io::Result<Canceller> {
+        Ok(match (&self.conn, &self.end.child) {
+            (_, Some((child, _, reaped))) => Canceller::Command(child.id(), reaped.clone()),
+            (c, None) if c.two_way() => Canceller::Socket(c.try_clone()?),
+            _ => Canceller::Nothing,
         })
     }
-
-    /// Shuts both directions down, waking any blocked reader or writer.
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Connection::Tcp(s) => s.shutdown(Shutdown::Both),
-            Connection::Unix(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-
-    /// Limits how long a read may block.
-    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
-        match self {
-            Connection::Tcp(s) => s.set_read_timeout(t),
-            Connection::Unix(s) => s.set_read_timeout(t),
-        }
-    }
 }
 
-impl Read for Connection {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Connection::Tcp(s) => s.read(buf),
-            Connection::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Connection {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Connection::Tcp(s) => s.write(buf),
-            Connection::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A bound, listening target endpoint.
+/// The target's endpoint: a listening socket, or a channel that is already open.
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+    Open(Mutex<Option<Channel>>),
 }
 
 impl Listener {
-    /// Binds (a stale unix socket file is replaced).
-    pub fn bind(uri: &Uri) -> Result<Listener> {
+    /// Binds a socket (a stale unix socket file is replaced), opens the file or descriptor, or
+    /// starts the command, so that errors reach the caller now.
+    pub fn bind(uri: &Uri, fd: Option<OwnedFd>) -> Result<Listener> {
+        let open = |c: Channel| Ok(Listener::Open(Mutex::new(Some(c))));
         match uri {
             Uri::Tcp(h, p) => Ok(Listener::Tcp(
                 TcpListener::bind((h.as_str(), *p))
@@ -142,11 +361,41 @@ impl Listener {
                     p.clone(),
                 ))
             }
+            Uri::File(p) => open(Channel::plain(Connection::File(
+                File::open(p).map_err(MigrateError::io(format!("opening {}", p.display())))?,
+            ))),
+            Uri::Fd(_) => {
+                let fd =
+                    fd.ok_or_else(|| MigrateError::Vm(format!("{uri}: no such descriptor")))?;
+                open(Channel::plain(
+                    Connection::from_fd(fd).map_err(MigrateError::io(uri.to_string()))?,
+                ))
+            }
+            Uri::Exec(cmd) => {
+                let mut child = Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(MigrateError::io(format!("starting '{cmd}'")))?;
+                let stdout = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| MigrateError::Vm(format!("'{cmd}' has no stdout")))?;
+                open(Channel {
+                    conn: Connection::File(File::from(OwnedFd::from(stdout))),
+                    end: ChannelEnd {
+                        child: Some((child, cmd.clone(), Arc::new(AtomicBool::new(false)))),
+                        sync: None,
+                    },
+                })
+            }
         }
     }
 
     /// Waits for the source.
-    pub fn accept(&self) -> Result<Connection> {
+    pub fn accept(&self) -> Result<Channel> {
         match self {
             Listener::Tcp(l) => {
                 let (s, _) = l
@@ -154,13 +403,18 @@ impl Listener {
                     .map_err(MigrateError::io("accepting the migration"))?;
                 s.set_nodelay(true)
                     .map_err(MigrateError::io("TCP_NODELAY"))?;
-                Ok(Connection::Tcp(s))
+                Ok(Channel::plain(Connection::Tcp(s)))
             }
-            Listener::Unix(l, _) => Ok(Connection::Unix(
+            Listener::Unix(l, _) => Ok(Channel::plain(Connection::Unix(
                 l.accept()
                     .map_err(MigrateError::io("accepting the migration"))?
                     .0,
-            )),
+            ))),
+            Listener::Open(c) => c
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .ok_or_else(|| MigrateError::Vm("this channel was used already".into())),
         }
     }
 }
@@ -169,6 +423,16 @@ impl Drop for Listener {
     fn drop(&mut self) {
         if let Listener::Unix(_, p) = self {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl AsRawFd for Connection {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Connection::Tcp(s) => s.as_raw_fd(),
+            Connection::Unix(s) => s.as_raw_fd(),
+            Connection::File(f) => f.as_raw_fd(),
         }
     }
 }
@@ -191,6 +455,16 @@ mod tests {
             Uri::parse("unix:/tmp/x").unwrap(),
             Uri::Unix("/tmp/x".into())
         );
+        assert_eq!(
+            Uri::parse("file:/tmp/x").unwrap(),
+            Uri::File("/tmp/x".into())
+        );
+        assert_eq!(
+            Uri::parse("exec:cat > /tmp/m").unwrap(),
+            Uri::Exec("cat > /tmp/m".into())
+        );
+        assert_eq!(Uri::parse("fd:mig").unwrap(), Uri::Fd("mig".into()));
+        assert_eq!(Uri::parse("fd:7").unwrap().fd_number(), Some(7));
         for bad in [
             "",
             "tcp:",
@@ -199,13 +473,63 @@ mod tests {
             "tcp:h:99999",
             "udp:1:2",
             "unix:",
-            "file:/x",
+            "file:",
+            "exec:",
+            "exec:  ",
+            "fd:",
+            "fd:a b",
         ] {
             assert!(Uri::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(
-            Uri::parse("tcp:[::1]:5").unwrap().to_string(),
-            "tcp:[::1]:5"
-        );
+        for s in ["tcp:[::1]:5", "exec:cat > x", "fd:3", "file:/a b"] {
+            assert_eq!(Uri::parse(s).unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn descriptors_become_sockets_or_files() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let c = Connection::from_fd(OwnedFd::from(a)).unwrap();
+        assert!(c.two_way());
+        let f = tempfile_in_tmp();
+        let c = Connection::from_fd(OwnedFd::from(f)).unwrap();
+        assert!(!c.two_way());
+        assert!(inherited_fd(-1).is_err());
+        assert!(inherited_fd(1_000_000).is_err());
+    }
+
+    fn tempfile_in_tmp() -> File {
+        let p = std::env::temp_dir().join(format!("tern-transport-{}", std::process::id()));
+        let f = File::create(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        f
+    }
+
+    #[test]
+    fn exec_round_trip_and_failure() {
+        let dir = std::env::temp_dir().join(format!("tern-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("out");
+        let uri = Uri::parse(&format!("exec:cat > {}", file.display())).unwrap();
+        let Channel { mut conn, end } = Channel::connect(&uri, None).unwrap();
+        conn.write_all(b"hello").unwrap();
+        drop(conn);
+        end.finish().unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"hello");
+        let l = Listener::bind(
+            &Uri::parse(&format!("exec:cat {}", file.display())).unwrap(),
+            None,
+        )
+        .unwrap();
+        let mut ch = l.accept().unwrap();
+        let mut got = Vec::new();
+        ch.conn.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hello");
+        assert!(l.accept().is_err());
+        let Channel { conn, end } = Channel::connect(&Uri::Exec("exit 3".into()), None).unwrap();
+        drop(conn);
+        let e = end.finish().unwrap_err().to_string();
+        assert!(e.contains("exit 3") && e.contains("failed"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

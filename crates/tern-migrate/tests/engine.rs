@@ -6,7 +6,7 @@ use std::thread;
 use std::time::Duration;
 
 use tern_migrate::fake::FakeVm;
-use tern_migrate::transport::{Connection, Listener, Uri};
+use tern_migrate::transport::{Channel, Listener, Uri};
 use tern_migrate::{
     run_incoming, run_outgoing, Capabilities, MigrateError, MigrationControl, MigrationEvent,
     MigrationParams, MigrationStatus, SourceVm, TargetVm,
@@ -25,6 +25,7 @@ fn control(params: MigrationParams) -> (Arc<MigrationControl>, Arc<Mutex<Vec<Mig
     let caps = Capabilities {
         events: true,
         ram_digest: true,
+        ..Default::default()
     };
     (
         MigrationControl::new(params, caps, Box::new(move |ev| e.lock().unwrap().push(ev))),
@@ -41,7 +42,7 @@ fn target(
     Arc<MigrationControl>,
     thread::JoinHandle<Result<(), String>>,
 ) {
-    let listener = Listener::bind(uri).unwrap();
+    let listener = Listener::bind(uri, None).unwrap();
     let (ctl, _) = control(MigrationParams::default());
     let c = ctl.clone();
     let h = thread::spawn(move || {
@@ -75,7 +76,7 @@ fn idle_migration_copies_everything_and_leaves_the_source_paused() {
     let dst = FakeVm::new_target(&[8 * MIB, 4 * MIB]);
     let (tctl, t) = target(&u, dst.clone(), None);
     let (ctl, events) = control(MigrationParams::default());
-    run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap();
+    run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl).unwrap();
     t.join().unwrap().unwrap();
     assert_eq!(src.contents(), dst.contents());
     assert_eq!(dst.writes(), src.writes(), "device state travelled");
@@ -129,7 +130,7 @@ fn a_dirtying_guest_converges_and_loses_nothing() {
         downtime_limit_ms: 50,
         ..Default::default()
     });
-    run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap();
+    run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl).unwrap();
     stop.store(true, Ordering::SeqCst);
     guest.join().unwrap();
     t.join().unwrap().unwrap();
@@ -161,7 +162,7 @@ fn cancel_resumes_nothing_it_did_not_pause_and_leaves_the_source_running() {
     });
     let c = ctl.clone();
     let s2 = src.clone();
-    let h = thread::spawn(move || run_outgoing(s2 as Arc<dyn SourceVm>, &u, &c));
+    let h = thread::spawn(move || run_outgoing(s2 as Arc<dyn SourceVm>, &u, None, &c));
     thread::sleep(Duration::from_millis(300));
     assert_eq!(ctl.snapshot().status, MigrationStatus::Active);
     ctl.cancel();
@@ -186,7 +187,7 @@ fn a_refusing_target_fails_the_migration_with_its_reason() {
         Some("memory size differs: 1G here, 4M in the stream"),
     );
     let (ctl, _) = control(MigrationParams::default());
-    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap_err();
+    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl).unwrap_err();
     assert!(err.to_string().contains("memory size differs"), "{err}");
     let s = ctl.snapshot();
     assert_eq!(s.status, MigrationStatus::Failed);
@@ -200,9 +201,9 @@ fn a_target_that_dies_mid_way_fails_the_migration_and_the_source_runs_on() {
     let u = uri("dies");
     let src = FakeVm::new(&[64 * MIB]);
     fill(&src, 16384);
-    let listener = Listener::bind(&u).unwrap();
+    let listener = Listener::bind(&u, None).unwrap();
     let killer = thread::spawn(move || {
-        let mut conn = listener.accept().unwrap();
+        let mut conn = listener.accept().unwrap().conn;
         let mut buf = vec![0u8; 1 << 20];
         std::io::Read::read_exact(&mut conn, &mut buf).unwrap();
         drop(conn); // the target process dies
@@ -211,7 +212,7 @@ fn a_target_that_dies_mid_way_fails_the_migration_and_the_source_runs_on() {
         max_bandwidth: 32 * MIB,
         ..Default::default()
     });
-    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap_err();
+    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl).unwrap_err();
     killer.join().unwrap();
     assert_eq!(ctl.snapshot().status, MigrationStatus::Failed, "{err}");
     assert!(src.is_running());
@@ -224,7 +225,7 @@ fn a_device_that_cannot_migrate_fails_after_the_pause_and_the_source_is_resumed(
     src.unmigratable.store(true, Ordering::SeqCst);
     let (_tctl, t) = target(&u, FakeVm::new_target(&[4 * MIB]), None);
     let (ctl, _) = control(MigrationParams::default());
-    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, &ctl).unwrap_err();
+    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl).unwrap_err();
     assert!(
         err.to_string().contains("fake-gpu cannot be migrated"),
         "{err}"
@@ -241,8 +242,183 @@ fn a_device_that_cannot_migrate_fails_after_the_pause_and_the_source_is_resumed(
 fn no_target_listening_is_a_clear_failure() {
     let src = FakeVm::new(&[4 * MIB]);
     let (ctl, _) = control(MigrationParams::default());
-    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &uri("nobody"), &ctl).unwrap_err();
+    let err =
+        run_outgoing(src.clone() as Arc<dyn SourceVm>, &uri("nobody"), None, &ctl).unwrap_err();
     assert!(err.to_string().contains("connecting to unix:"), "{err}");
     assert!(src.is_running());
-    let _ = Connection::connect(&Uri::Tcp("127.0.0.1".into(), 1)).unwrap_err();
+    let _ = Channel::connect(&Uri::Tcp("127.0.0.1".into(), 1), None).unwrap_err();
+}
+
+/// A guest that dirties `pages_per_ms` pages of region 0 each millisecond of its own time,
+/// giving up the share of time the engine's throttle takes (as vCPU threads would).
+fn busy_guest(
+    src: Arc<FakeVm>,
+    pages_per_ms: u64,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut i = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            for _ in 0..pages_per_ms {
+                src.guest_write(0, (i * 13) % 4096, (i % 200) as u8 + 3);
+                i += 1;
+            }
+            thread::sleep(Duration::from_millis(1));
+            let pct = src.throttle.load(Ordering::SeqCst);
+            if pct > 0 {
+                thread::sleep(Duration::from_micros(1000 * pct / (100 - pct).max(1)));
+            }
+        }
+    })
+}
+
+#[test]
+fn a_file_holds_a_stopped_guest_once_and_loads_back() {
+    let dir = std::env::temp_dir().join(format!("tern-engine-{}-file", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let u = Uri::File(dir.join("saved"));
+    let src = FakeVm::new(&[16 * MIB, 4 * MIB]);
+    fill(&src, 2048);
+    src.pause().unwrap();
+    let pauses = src.pauses.load(Ordering::SeqCst);
+    let (ctl, _) = control(MigrationParams::default());
+    run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl).unwrap();
+    let s = ctl.snapshot();
+    assert_eq!(s.status, MigrationStatus::Completed);
+    assert_eq!(s.dirty_sync_count, 2, "a stopped guest needs one round");
+    assert_eq!(
+        src.pauses.load(Ordering::SeqCst),
+        pauses,
+        "not paused twice"
+    );
+    let len = std::fs::metadata(dir.join("saved")).unwrap().len();
+    let data = (2048 - 2048 / 3) * 4096;
+    assert!(len < data + MIB, "{len} bytes for {data} bytes of data");
+    assert!(len > data, "{len} bytes for {data} bytes of data");
+
+    let dst = FakeVm::new_target(&[16 * MIB, 4 * MIB]);
+    let listener = Listener::bind(&u, None).unwrap();
+    let (tctl, _) = control(MigrationParams::default());
+    let t = dst.clone();
+    run_incoming(
+        listener.accept().unwrap(),
+        Box::new(move |_| Ok(t as Arc<dyn TargetVm>)),
+        &tctl,
+    )
+    .unwrap();
+    assert_eq!(src.contents(), dst.contents());
+    assert_eq!(tctl.snapshot().ram_digest, s.ram_digest);
+    // A failing command fails the migration, and the (running) source runs on.
+    let src = FakeVm::new(&[4 * MIB]);
+    fill(&src, 256);
+    let (ctl, _) = control(MigrationParams::default());
+    let err = run_outgoing(
+        src.clone() as Arc<dyn SourceVm>,
+        &Uri::Exec("cat > /dev/null; exit 7".into()),
+        None,
+        &ctl,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("exit status: 7"), "{err}");
+    assert!(src.is_running());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn unconvergeable(
+    name: &str,
+    params: MigrationParams,
+    auto_converge: bool,
+) -> (Result<(), MigrateError>, Arc<MigrationControl>, Arc<FakeVm>) {
+    let u = uri(name);
+    let src = FakeVm::new(&[16 * MIB]);
+    fill(&src, 4096);
+    let dst = FakeVm::new_target(&[16 * MIB]);
+    let (_tctl, t) = target(&u, dst.clone(), None);
+    let stop = Arc::new(AtomicBool::new(false));
+    // ~40 MiB/s of dirtying over a 4 MiB/s link.
+    let guest = busy_guest(src.clone(), 10, stop.clone());
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = events.clone();
+    let ctl = MigrationControl::new(
+        MigrationParams {
+            max_bandwidth: 4 * MIB,
+            downtime_limit_ms: 100,
+            ..params
+        },
+        Capabilities {
+            auto_converge,
+            ram_digest: true,
+            ..Default::default()
+        },
+        Box::new(move |ev| e.lock().unwrap().push(ev)),
+    );
+    let r = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl);
+    stop.store(true, Ordering::SeqCst);
+    guest.join().unwrap();
+    let tr = t.join().unwrap();
+    if r.is_ok() {
+        tr.unwrap();
+        assert_eq!(src.contents(), dst.contents());
+    }
+    (r, ctl, src)
+}
+
+#[test]
+fn the_round_limit_fails_or_forces_the_switchover_as_chosen() {
+    let (r, ctl, src) = unconvergeable(
+        "limit-fail",
+        MigrationParams {
+            max_rounds: 4,
+            ..Default::default()
+        },
+        false,
+    );
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("did not converge") && e.contains("4 rounds"),
+        "{e}"
+    );
+    assert_eq!(ctl.snapshot().status, MigrationStatus::Failed);
+    assert!(src.is_running(), "the source runs on");
+    assert_eq!(src.throttle.load(Ordering::SeqCst), 0);
+
+    let (r, ctl, _) = unconvergeable(
+        "limit-switch",
+        MigrationParams {
+            max_precopy_ms: 1500,
+            limit_action: tern_migrate::LimitAction::Switchover,
+            ..Default::default()
+        },
+        false,
+    );
+    r.unwrap();
+    let s = ctl.snapshot();
+    assert_eq!(s.stop_reason, Some("time limit"));
+    assert!(s.total_time_ms() >= 1500);
+}
+
+#[test]
+fn auto_converge_throttles_until_the_guest_fits_the_link() {
+    let (r, ctl, src) = unconvergeable(
+        "autoconverge",
+        MigrationParams {
+            cpu_throttle_initial: 50,
+            cpu_throttle_increment: 20,
+            max_precopy_ms: 60_000,
+            ..Default::default()
+        },
+        true,
+    );
+    r.unwrap();
+    let s = ctl.snapshot();
+    assert_eq!(s.stop_reason, Some("converged"));
+    let steps: Vec<u8> = s.rounds.iter().map(|r| r.throttle_percent).collect();
+    assert!(steps.iter().any(|&p| p >= 50), "{steps:?}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    assert_eq!(
+        src.throttle.load(Ordering::SeqCst),
+        0,
+        "released at the end"
+    );
+    assert!(s.to_qmp().get("cpu-throttle-percentage").is_none());
 }

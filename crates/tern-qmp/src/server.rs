@@ -1,10 +1,15 @@
 //! The QMP server: sockets, sessions, negotiation, replies and events.
 
+use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
 use std::time::{SystemTime, UNIX_EPOCH};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use serde_json::{json, Map, Value};
 
@@ -49,6 +54,33 @@ pub trait Backend: Send + Sync + 'static {
 struct Client {
     out: Mutex<UnixStream>,
     negotiated: Mutex<bool>,
+    /// Descriptors that came with the input (SCM_RIGHTS), for the next `getfd`.
+    received: Arc<Mutex<Vec<File>>>,
+}
+
+/// Reads a QMP session's bytes and keeps any descriptor passed along with them.
+struct FdReader {
+    stream: UnixStream,
+    received: Arc<Mutex<Vec<File>>>,
+}
+
+/// At most this many passed descriptors wait for a `getfd`; more are closed.
+const MAX_PENDING_FDS: usize = 16;
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let (n, fd) = self
+            .stream
+            .recv_with_fd(buf)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        if let Some(f) = fd {
+            let mut r = self.received.lock().unwrap_or_else(|e| e.into_inner());
+            if r.len() < MAX_PENDING_FDS {
+                r.push(f);
+            }
+        }
+        Ok(n)
+    }
 }
 
 impl Client {
@@ -65,6 +97,8 @@ pub struct Server {
     path: PathBuf,
     clients: Mutex<Vec<Arc<Client>>>,
     version: (u32, u32, u32),
+    /// Descriptors named by `getfd`, shared by all sessions.
+    fds: Mutex<HashMap<String, OwnedFd>>,
 }
 
 impl Server {
@@ -79,6 +113,7 @@ impl Server {
                 path: path.to_path_buf(),
                 clients: Mutex::new(Vec::new()),
                 version: (10, 0, 0),
+                fds: Mutex::new(HashMap::new()),
             }),
             listener,
         ))
@@ -144,6 +179,7 @@ impl Server {
         let client = Arc::new(Client {
             out: Mutex::new(stream.try_clone()?),
             negotiated: Mutex::new(false),
+            received: Arc::new(Mutex::new(Vec::new())),
         });
         let (major, minor, micro) = self.version;
         client.send(&json!({"QMP": {
@@ -167,7 +203,10 @@ impl Server {
         client: &Client,
         backend: &dyn Backend,
     ) -> io::Result<()> {
-        let mut reader = BufReader::new(stream);
+        let mut reader = BufReader::new(FdReader {
+            stream,
+            received: client.received.clone(),
+        });
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -312,10 +351,67 @@ impl Server {
             );
         }
         drop(negotiated);
-        match backend.execute(&cmd, args) {
+        let result = match cmd.as_str() {
+            "getfd" => self.getfd(args, client),
+            "closefd" => self.closefd(args),
+            _ => backend.execute(&cmd, args),
+        };
+        match result {
             Ok(v) => (ok_reply(id, v), cmd == "quit"),
             Err(e) => (error_reply(id, e), false),
         }
+    }
+}
+
+impl Server {
+    /// Takes the descriptor `getfd` stored under `name` (as QEMU's `fd:NAME` migration does).
+    pub fn take_fd(&self, name: &str) -> Option<OwnedFd> {
+        self.fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+
+    fn getfd(&self, args: &Map<String, Value>, client: &Client) -> Result<Value, QmpError> {
+        for k in args.keys() {
+            if k != "fdname" {
+                return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+            }
+        }
+        let name = match args.get("fdname") {
+            Some(Value::String(n))
+                if !n.is_empty() && !n.starts_with(|c: char| c.is_ascii_digit()) =>
+            {
+                n.clone()
+            }
+            Some(Value::String(_)) => {
+                return Err(QmpError::generic(
+                    "File descriptor names must not be empty or start with a digit",
+                ))
+            }
+            _ => return Err(QmpError::generic("Parameter 'fdname' is missing")),
+        };
+        let f = client
+            .received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))?;
+        self.fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, OwnedFd::from(f));
+        Ok(json!({}))
+    }
+
+    fn closefd(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let name = args
+            .get("fdname")
+            .and_then(Value::as_str)
+            .ok_or_else(|| QmpError::generic("Parameter 'fdname' is missing"))?;
+        self.take_fd(name)
+            .map(|_| json!({}))
+            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{name}' not found")))
     }
 }
 
@@ -346,6 +442,7 @@ pub fn no_args(args: &Map<String, Value>) -> Result<(), QmpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     struct Echo;
     impl Backend for Echo {
@@ -368,10 +465,12 @@ mod tests {
             path: PathBuf::new(),
             clients: Mutex::new(vec![]),
             version: (10, 0, 0),
+            fds: Mutex::new(HashMap::new()),
         };
         let client = Client {
             out: Mutex::new(a),
             negotiated: Mutex::new(false),
+            received: Arc::new(Mutex::new(Vec::new())),
         };
         (server, client, b)
     }
@@ -428,5 +527,61 @@ mod tests {
             &Echo,
         );
         assert_eq!(r["error"]["desc"], "Parameter 'x' is unexpected");
+    }
+
+    #[test]
+    fn getfd_names_a_passed_descriptor_and_closefd_drops_it() {
+        let (s, c, _peer) = session();
+        s.handle(r#"{"execute":"qmp_capabilities"}"#, &c, &Echo);
+        let (r, _) = s.handle(
+            r#"{"execute":"getfd","arguments":{"fdname":"mig"},"id":7}"#,
+            &c,
+            &Echo,
+        );
+        assert_eq!(
+            r["error"]["desc"],
+            "No file descriptor supplied via SCM_RIGHTS"
+        );
+        assert_eq!(r["id"], 7);
+        let (x, _y) = UnixStream::pair().unwrap();
+        c.received
+            .lock()
+            .unwrap()
+            .push(File::from(OwnedFd::from(x)));
+        let (r, _) = s.handle(
+            r#"{"execute":"getfd","arguments":{"fdname":"1bad"}}"#,
+            &c,
+            &Echo,
+        );
+        assert!(r["error"]["desc"].as_str().unwrap().contains("digit"));
+        let (r, _) = s.handle(
+            r#"{"execute":"getfd","arguments":{"fdname":"mig"}}"#,
+            &c,
+            &Echo,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        assert!(s.take_fd("mig").is_some());
+        assert!(s.take_fd("mig").is_none(), "taken once");
+        let (r, _) = s.handle(
+            r#"{"execute":"closefd","arguments":{"fdname":"mig"}}"#,
+            &c,
+            &Echo,
+        );
+        assert!(r["error"]["desc"].as_str().unwrap().contains("not found"));
+    }
+
+    #[test]
+    fn descriptors_sent_with_a_command_are_received() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (x, _y) = UnixStream::pair().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let mut r = FdReader {
+            stream: a,
+            received: received.clone(),
+        };
+        b.send_with_fd(&b"{}\n"[..], x.as_raw_fd()).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(r.read(&mut buf).unwrap(), 3);
+        assert_eq!(received.lock().unwrap().len(), 1);
     }
 }

@@ -255,6 +255,14 @@ impl SourceVm for Vm {
         Ok(())
     }
 
+    fn is_running(&self) -> bool {
+        self.state() == crate::RunState::Running
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        Vm::set_throttle(self, percent);
+    }
+
     fn save_state(&self) -> Result<Vec<Section>> {
         Ok(crate::state::save(self)?)
     }

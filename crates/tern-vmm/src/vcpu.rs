@@ -6,8 +6,9 @@
 //! no sleeps. The signal closes the race between checking the flag and entering the guest.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -113,10 +114,15 @@ pub(crate) fn setup(vcpu: &VcpuFd, boot: &BootInfo, index: u32) -> Result<()> {
     Ok(())
 }
 
+/// How long a throttled vCPU runs between two sleeps (QEMU's CPU_THROTTLE_TIMESLICE).
+pub(crate) const THROTTLE_TIMESLICE: Duration = Duration::from_millis(10);
+
 /// The pause handshake between the VMM and its vCPU threads.
 pub(crate) struct Control {
     pause_requested: AtomicBool,
     stop_requested: AtomicBool,
+    /// Auto-converge: percent of vCPU time to sleep away.
+    throttle: AtomicU8,
     state: Mutex<ControlState>,
     cv: Condvar,
 }
@@ -132,6 +138,7 @@ impl Control {
         Control {
             pause_requested: AtomicBool::new(false),
             stop_requested: AtomicBool::new(false),
+            throttle: AtomicU8::new(0),
             state: Mutex::new(ControlState {
                 pause: false,
                 parked: 0,
@@ -150,6 +157,46 @@ impl Control {
         let mut s = self.lock();
         s.pause = true;
         self.pause_requested.store(true, Ordering::SeqCst);
+        // A throttled vCPU sleeping on the condition variable parks at once.
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn set_throttle(&self, percent: u8) {
+        self.throttle.store(percent, Ordering::SeqCst);
+    }
+
+    pub(crate) fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// A throttled vCPU's sleep after a timeslice in the guest; cut short by a pause or stop.
+    fn throttle_sleep(&self) {
+        let p = self.throttle();
+        if p == 0 {
+            return;
+        }
+        let p = f64::from(p.min(99)) / 100.0;
+        let until = Instant::now() + THROTTLE_TIMESLICE.mul_f64(p / (1.0 - p));
+        let mut s = self.lock();
+        loop {
+            let now = Instant::now();
+            if now >= until
+                || s.pause
+                || self.stop_requested.load(Ordering::SeqCst)
+                || self.throttle() == 0
+            {
+                return;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Waits until every live vCPU thread has parked.
@@ -290,7 +337,11 @@ fn run_loop(
         };
         match step {
             Step::Continue => {}
-            Step::Interrupted => vcpu.set_kvm_immediate_exit(0),
+            Step::Interrupted => {
+                vcpu.set_kvm_immediate_exit(0);
+                drop(guard);
+                control.throttle_sleep();
+            }
             Step::InternalError => return Some(VmExit::Error(internal_error(vcpu, index))),
             Step::Exit(exit) => return Some(exit),
         }

@@ -118,6 +118,10 @@ pub struct Vm {
     control: Arc<Control>,
     pub(crate) vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// This VM, for threads that must not keep it alive (the throttle timer).
+    me: std::sync::Weak<Vm>,
+    /// Whether the throttle timer thread runs.
+    throttle_thread: Mutex<bool>,
     state: Mutex<RunState>,
     started: std::sync::atomic::AtomicBool,
     vcpus: u32,
@@ -264,7 +268,9 @@ impl Vm {
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
 
-        Ok(Arc::new(Vm {
+        Ok(Arc::new_cyclic(|me| Vm {
+            me: me.clone(),
+            throttle_thread: Mutex::new(false),
             kvm,
             vm_fd,
             ram,
@@ -386,6 +392,47 @@ impl Vm {
     /// Ends the VM from the host side (QMP `quit`): wakes `wait_exit` with this reason.
     pub fn request_exit(&self, exit: VmExit) {
         self.devices.report_exit(exit);
+    }
+
+    /// Auto-converge: takes `percent` (0-99) of every vCPU's time away. As in QEMU, a timer
+    /// kicks each vCPU out of the guest every `10 ms / (1 - p)`, and the vCPU thread then sleeps
+    /// `10 ms * p / (1 - p)` (a pause or stop request wakes it at once).
+    pub fn set_throttle(&self, percent: u8) {
+        let percent = percent.min(99);
+        self.control.set_throttle(percent);
+        let mut running = self
+            .throttle_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if percent == 0 || *running {
+            return;
+        }
+        let me = self.me.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || loop {
+                let Some(vm) = me.upgrade() else { return };
+                let p = vm.control.throttle();
+                if p == 0 || vm.control.stopping() {
+                    *vm.throttle_thread.lock().unwrap_or_else(|e| e.into_inner()) = false;
+                    return;
+                }
+                vm.kick_all();
+                drop(vm);
+                let run = vcpu::THROTTLE_TIMESLICE.as_secs_f64();
+                std::thread::sleep(std::time::Duration::from_secs_f64(
+                    run / (1.0 - f64::from(p) / 100.0),
+                ));
+            });
+        match spawned {
+            Ok(_) => *running = true,
+            Err(e) => tracing::warn!("cannot start the vCPU throttle timer: {e}"),
+        }
+    }
+
+    /// The throttle set by [`Vm::set_throttle`].
+    pub fn throttle(&self) -> u8 {
+        self.control.throttle()
     }
 
     /// Stops the vCPU threads and joins them.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::{run, stream};
+use crate::{drive, run, stream};
 
 /// tern: a KVM virtual machine monitor built for live migration.
 #[derive(Parser, Debug)]
@@ -20,6 +20,13 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest (the built-in test guest unless --kernel is given).
     Run(run::RunArgs),
+    /// Migrate a running tern (reached through its QMP socket) live, with a progress bar.
+    /// Exit status: 0 completed, 1 failed, 3 cancelled (Ctrl-C cancels; the source runs on).
+    Migrate(drive::MigrateArgs),
+    /// Save a running VM into a file and leave it stopped (as `xl save`).
+    Save(drive::SaveArgs),
+    /// Start a VM from a file written by `tern save` (as `xl restore`).
+    Restore(drive::RestoreArgs),
     /// Summarise a migration stream (a saved file, or - for standard input).
     Analyze {
         /// The stream: a file or - for standard input.
@@ -49,6 +56,9 @@ pub enum GuestAction {
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Migrate(args) => drive::migrate(args),
+        Command::Save(args) => drive::save(args),
+        Command::Restore(args) => drive::restore(args),
         Command::Analyze { input, json } => stream::analyze(&input, json),
         Command::Verify { input } => stream::verify(&input),
         Command::Guest {

@@ -1,6 +1,9 @@
 //! `tern`: boot a guest under KVM, drive it over QMP, and (soon) migrate it live.
 
 mod cli;
+mod client;
+mod drive;
+mod hmp;
 mod run;
 mod size;
 mod stream;

@@ -8,7 +8,10 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Map, Value};
-use tern_migrate::transport::{Listener, Uri};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tern_migrate::transport::{inherited_fd, Listener, Uri};
 use tern_migrate::{
     run_incoming, run_outgoing, Capabilities, MigrateError, MigrationControl, MigrationEvent,
     MigrationParams, SourceVm, TargetVm,
@@ -41,8 +44,11 @@ pub struct RunArgs {
     /// QMP control socket: unix:PATH.
     #[arg(long)]
     pub qmp: Option<String>,
-    /// Wait for a migration instead of booting: tcp:HOST:PORT, unix:PATH, or defer (then
-    /// QMP `migrate-incoming` names the URI).
+    /// Human monitor socket (QEMU's HMP commands, for `socat - unix:PATH`): unix:PATH.
+    #[arg(long)]
+    pub hmp: Option<String>,
+    /// Wait for a migration instead of booting: tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND,
+    /// file:PATH, or defer (then QMP `migrate-incoming` names the URI).
     #[arg(long)]
     pub incoming: Option<String>,
     /// The KVM device.
@@ -130,7 +136,7 @@ enum Phase {
 }
 
 /// The process's state, shared with the QMP backend and the migration threads.
-struct App {
+pub(crate) struct App {
     vm: OnceLock<Arc<Vm>>,
     phase: Mutex<Phase>,
     server: OnceLock<Arc<Server>>,
@@ -140,6 +146,10 @@ struct App {
     incoming: Mutex<IncomingState>,
     incoming_cv: Condvar,
     machine: MachineSpec,
+    /// After a migration into a file or a command, the guest may continue here (`cont`).
+    resumable: AtomicBool,
+    /// Where the source writes each migration's timeline (`x-tern-timeline`).
+    timeline: Mutex<Option<PathBuf>>,
 }
 
 /// The target's machine options, if given (the stream must match them).
@@ -197,10 +207,24 @@ impl App {
         self.incoming_cv.notify_all();
     }
 
+    /// The descriptor an `fd:` URI names: a QMP `getfd` name or an inherited number.
+    fn resolve_fd(&self, uri: &Uri) -> Result<Option<OwnedFd>, String> {
+        let Uri::Fd(name) = uri else { return Ok(None) };
+        if let Some(n) = uri.fd_number() {
+            return inherited_fd(n).map(Some).map_err(|e| e.to_string());
+        }
+        self.server
+            .get()
+            .and_then(|s| s.take_fd(name))
+            .map(Some)
+            .ok_or_else(|| format!("File descriptor named '{name}' has not been found"))
+    }
+
     /// Binds the listener now (so errors reach the caller) and receives on a thread.
     fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
         let uri = Uri::parse(uri).map_err(|e| e.to_string())?;
-        let listener = Listener::bind(&uri).map_err(|e| e.to_string())?;
+        let fd = self.resolve_fd(&uri)?;
+        let listener = Listener::bind(&uri, fd).map_err(|e| e.to_string())?;
         let ctl = self.control();
         *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctl.clone());
         self.set_incoming(IncomingState::Running);
@@ -306,6 +330,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .as_deref()
         .map(|s| parse_unix("--qmp", s))
         .transpose()?;
+    let hmp_path = args
+        .hmp
+        .as_deref()
+        .map(|s| parse_unix("--hmp", s))
+        .transpose()?;
     if args.incoming.is_some() && args.kernel.is_some() {
         bail!("--incoming and --kernel exclude each other: the guest comes from the stream");
     }
@@ -334,6 +363,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             serial: serial.clone(),
             kvm_path: args.kvm_device.clone(),
         },
+        resumable: AtomicBool::new(false),
+        timeline: Mutex::new(None),
     });
 
     if args.incoming.is_none() {
@@ -360,16 +391,29 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Some(uri) => app.start_incoming(uri).map_err(anyhow::Error::msg)?,
     }
 
+    let backend = Arc::new(RunBackend { app: app.clone() });
     if let Some(path) = &qmp_path {
         let (srv, listener) =
             Server::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
         let _ = app.server.set(srv.clone());
-        srv.serve(listener, Arc::new(RunBackend { app: app.clone() }))
+        srv.serve(listener, backend.clone())
             .context("cannot start the QMP server")?;
     }
+    if let Some(path) = &hmp_path {
+        crate::hmp::serve(path, backend.clone())
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+    }
 
+    let t0 = std::time::Instant::now();
     if let Err(why) = app.wait_incoming() {
         bail!("incoming migration failed: {why}");
+    }
+    if let Some(inc) = args.incoming.as_deref().filter(|i| i.starts_with("file:")) {
+        eprintln!(
+            "tern: restored {} in {} ms",
+            &inc[5..],
+            t0.elapsed().as_millis()
+        );
     }
 
     let vm = app
@@ -391,7 +435,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 }
 
 /// QMP commands.
-struct RunBackend {
+pub(crate) struct RunBackend {
     app: Arc<App>,
 }
 
@@ -452,60 +496,62 @@ impl RunBackend {
         if self.active_migration().is_some() {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
+        let fd = self.app.resolve_fd(&uri).map_err(QmpError::generic)?;
         let ctl = self.app.control();
         *self.app.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctl.clone());
         let app = self.app.clone();
+        let was_running = vm.state() == RunState::Running;
         std::thread::Builder::new()
             .name("migration-out".into())
-            .spawn(
-                move || match run_outgoing(vm.clone() as Arc<dyn SourceVm>, &uri, &ctl) {
+            .spawn(move || {
+                let result = run_outgoing(vm.clone() as Arc<dyn SourceVm>, &uri, fd, &ctl);
+                let timeline = app
+                    .timeline
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(path) = timeline {
+                    let mut t = ctl.snapshot().timeline();
+                    t["uri"] = json!(uri.to_string());
+                    let text = serde_json::to_string_pretty(&t).unwrap_or_default();
+                    if let Err(e) = std::fs::write(&path, text + "\n") {
+                        tracing::warn!("cannot write the timeline {}: {e}", path.display());
+                    }
+                }
+                match result {
                     Ok(()) => {
+                        app.resumable
+                            .store(matches!(uri, Uri::File(_) | Uri::Exec(_)), Ordering::SeqCst);
                         *app.phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::PostMigrate;
-                        app.emit("STOP", None);
+                        if was_running {
+                            app.emit("STOP", None);
+                        }
                     }
                     Err(e) => tracing::warn!("migration to {uri} failed: {e}"),
-                },
-            )
+                }
+            })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
         Ok(json!({}))
     }
 
     fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let mut p = *self.app.params.lock().unwrap_or_else(|e| e.into_inner());
-        for k in args.keys() {
-            match k.as_str() {
-                "downtime-limit" => {
-                    let v = u64_arg(args, k)?.unwrap_or(300);
-                    if v > 2_000_000 {
-                        return Err(QmpError::generic("Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 milliseconds"));
-                    }
-                    p.downtime_limit_ms = v;
-                }
-                "max-bandwidth" => p.max_bandwidth = u64_arg(args, k)?.unwrap_or(0),
-                "multifd-channels"
-                | "cpu-throttle-initial"
-                | "cpu-throttle-increment"
-                | "max-cpu-throttle"
-                | "cpu-throttle-tailslow"
-                | "xbzrle-cache-size"
-                | "max-postcopy-bandwidth"
-                | "multifd-compression"
-                | "avail-switchover-bandwidth"
-                | "tls-creds"
-                | "tls-hostname"
-                | "tls-authz" => {
-                    return Err(QmpError::generic(format!(
-                        "Parameter '{k}' is not supported by tern yet"
-                    )))
-                }
-                other => {
-                    return Err(QmpError::generic(format!(
-                        "Parameter '{other}' is unexpected"
-                    )))
-                }
+        let mut rest = args.clone();
+        let timeline = match rest.remove("x-tern-timeline") {
+            None => None,
+            Some(Value::String(p)) => Some(p),
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "Parameter 'x-tern-timeline' expects a file path (\"\" for none)",
+                ))
             }
-        }
+        };
+        let mut p = *self.app.params.lock().unwrap_or_else(|e| e.into_inner());
+        p.apply(&rest).map_err(QmpError::generic)?;
         *self.app.params.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        if let Some(t) = timeline {
+            *self.app.timeline.lock().unwrap_or_else(|e| e.into_inner()) =
+                (!t.is_empty()).then(|| PathBuf::from(t));
+        }
         if let Some(c) = self.active_migration() {
             c.bandwidth_limit
                 .store(p.max_bandwidth, std::sync::atomic::Ordering::Relaxed);
@@ -566,6 +612,10 @@ impl Backend for RunBackend {
                 no_args(args)?;
                 let vm = self.vm()?;
                 match self.phase() {
+                    // Saved into a file or a command: this copy may go on (a snapshot).
+                    Phase::PostMigrate if self.app.resumable.load(Ordering::SeqCst) => {
+                        *self.app.phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Live;
+                    }
                     Phase::PostMigrate => {
                         return Err(QmpError::generic(
                             "The guest was migrated away; it runs on the target now",
@@ -625,7 +675,16 @@ impl Backend for RunBackend {
             "query-migrate-parameters" => {
                 no_args(args)?;
                 let p = *self.app.params.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(json!({"downtime-limit": p.downtime_limit_ms, "max-bandwidth": p.max_bandwidth}))
+                let mut v = p.to_qmp();
+                v["x-tern-timeline"] = json!(self
+                    .app
+                    .timeline
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default());
+                Ok(v)
             }
             "migrate-set-parameters" => self.set_parameters(args),
             "query-migrate-capabilities" => {
@@ -665,6 +724,19 @@ impl Backend for RunBackend {
                     .map_err(|e| QmpError::generic(format!("cannot write at {addr:#x}: {e}")))?;
                 Ok(json!({}))
             }
+            "human-monitor-command" => {
+                let line = str_arg(args, "command-line")?;
+                for k in args.keys() {
+                    if !matches!(k.as_str(), "command-line" | "cpu-index") {
+                        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+                    }
+                }
+                let (out, quit) = crate::hmp::execute(self, line);
+                if quit {
+                    self.quit();
+                }
+                Ok(json!(out))
+            }
             other => Err(QmpError::not_found(other)),
         }
     }
@@ -699,4 +771,7 @@ const COMMANDS: &[&str] = &[
     "migrate-set-capabilities",
     "query-version",
     "query-commands",
+    "human-monitor-command",
+    "getfd",
+    "closefd",
 ];

@@ -1,0 +1,262 @@
+//! `tern migrate`, `tern save` and `tern restore`: drive a running tern through its QMP socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::client::QmpClient;
+use crate::size::{human, parse_size};
+
+/// Exit status of a migration that was cancelled (0 = completed, 1 = failed).
+pub const EXIT_CANCELLED: u8 = 3;
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The source's QMP socket: unix:PATH.
+    #[arg(long)]
+    pub qmp: String,
+    /// Where to: tcp:HOST:PORT, unix:PATH, fd:NAME, exec:COMMAND or file:PATH.
+    pub uri: String,
+    /// The longest acceptable pause of the guest, in milliseconds.
+    #[arg(long)]
+    pub downtime_limit: Option<u64>,
+    /// Bandwidth cap per second: 256M, 1G... (a bare number is MiB); 0 = unlimited.
+    #[arg(long)]
+    pub max_bandwidth: Option<String>,
+    /// Throttle the vCPUs of a guest that dirties memory faster than the link carries it.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Write the migration's timeline (every round, the downtime split) as JSON to FILE.
+    #[arg(long)]
+    pub timeline: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SaveArgs {
+    /// The VM's QMP socket: unix:PATH.
+    #[arg(long)]
+    pub qmp: String,
+    /// The file to write (`tern restore` reads it back).
+    pub file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// A file written by `tern save` (or a migration to file:/exec:).
+    pub file: PathBuf,
+    /// Serial console: stdio, file:PATH, unix:PATH or none.
+    #[arg(long, default_value = "stdio")]
+    pub serial: String,
+    /// QMP control socket: unix:PATH.
+    #[arg(long)]
+    pub qmp: Option<String>,
+    /// Human monitor socket: unix:PATH.
+    #[arg(long)]
+    pub hmp: Option<String>,
+}
+
+fn qmp_path(s: &str) -> Result<PathBuf> {
+    match s.split_once(':') {
+        Some(("unix", p)) if !p.is_empty() => Ok(p.into()),
+        _ => bail!("--qmp '{s}': expected unix:PATH"),
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// How a driven migration ended.
+enum Outcome {
+    Completed(Value),
+    Failed(Value),
+    Cancelled,
+}
+
+/// Polls `query-migrate` with a progress bar until the migration ends; Ctrl-C cancels it.
+fn follow(qmp: &mut QmpClient, what: &str) -> Result<Outcome> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_sigint)
+        .map_err(|e| anyhow::anyhow!("cannot catch Ctrl-C: {e}"))?;
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    let mut cancel_sent = false;
+    loop {
+        if INTERRUPTED.load(Ordering::SeqCst) && !cancel_sent {
+            bar.println("cancelling the migration (the source keeps running)");
+            qmp.execute("migrate_cancel", json!({}))?;
+            cancel_sent = true;
+        }
+        let m = qmp.execute("query-migrate", json!({}))?;
+        let status = m["status"].as_str().unwrap_or("none").to_string();
+        let ram = &m["ram"];
+        let sent = ram["transferred"].as_u64().unwrap_or(0);
+        let remaining = ram["remaining"].as_u64().unwrap_or(0);
+        bar.set_length((sent + remaining).max(1));
+        bar.set_position(sent);
+        let mut msg = format!(
+            "{status} round {} dirty {}/s exp. downtime {} ms",
+            ram["dirty-sync-count"].as_u64().unwrap_or(0),
+            human(ram["dirty-pages-rate"].as_u64().unwrap_or(0) * 4096),
+            m["expected-downtime"].as_u64().unwrap_or(0),
+        );
+        if let Some(p) = m["cpu-throttle-percentage"].as_u64() {
+            msg.push_str(&format!(" throttle {p}%"));
+        }
+        bar.set_message(msg);
+        match status.as_str() {
+            "completed" => {
+                bar.finish_and_clear();
+                return Ok(Outcome::Completed(m));
+            }
+            "failed" => {
+                bar.abandon();
+                return Ok(Outcome::Failed(m));
+            }
+            "cancelled" => {
+                bar.abandon();
+                return Ok(Outcome::Cancelled);
+            }
+            "none" => bail!("no migration is running"),
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn summary(m: &Value) -> String {
+    let ram = &m["ram"];
+    let total = m["total-time"].as_u64().unwrap_or(0);
+    let sent = ram["transferred"].as_u64().unwrap_or(0);
+    format!(
+        "total time {} ms, downtime {} ms, {} sent ({} pages with data, {} zero pages), {} rounds, {}/s on average",
+        total,
+        m["downtime"].as_u64().map_or("?".into(), |d| d.to_string()),
+        human(sent),
+        ram["normal"].as_u64().unwrap_or(0),
+        ram["duplicate"].as_u64().unwrap_or(0),
+        ram["dirty-sync-count"].as_u64().unwrap_or(0),
+        human((sent * 1000).checked_div(total).unwrap_or(0)),
+    )
+}
+
+fn exit_for(outcome: Outcome, verb: &str) -> ExitCode {
+    match outcome {
+        Outcome::Completed(m) => {
+            println!("{verb} completed: {}", summary(&m));
+            ExitCode::SUCCESS
+        }
+        Outcome::Failed(m) => {
+            eprintln!(
+                "tern: error: {verb} failed: {} (the source keeps running)",
+                m["error-desc"].as_str().unwrap_or("no reason given")
+            );
+            ExitCode::FAILURE
+        }
+        Outcome::Cancelled => {
+            eprintln!("tern: {verb} cancelled; the source keeps running");
+            ExitCode::from(EXIT_CANCELLED)
+        }
+    }
+}
+
+pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
+    let mut qmp = QmpClient::connect(&qmp_path(&args.qmp)?)?;
+    let mut params = serde_json::Map::new();
+    if let Some(d) = args.downtime_limit {
+        params.insert("downtime-limit".into(), json!(d));
+    }
+    if let Some(b) = &args.max_bandwidth {
+        let bytes = parse_size(b).map_err(|e| anyhow::anyhow!("--max-bandwidth {e}"))?;
+        params.insert("max-bandwidth".into(), json!(bytes));
+    }
+    if let Some(t) = &args.timeline {
+        let abs = std::path::absolute(t).context("--timeline")?;
+        params.insert("x-tern-timeline".into(), json!(abs.display().to_string()));
+    }
+    if !params.is_empty() {
+        qmp.execute("migrate-set-parameters", Value::Object(params))
+            .context("setting the migration parameters")?;
+    }
+    if args.auto_converge {
+        qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
+        )
+        .context("enabling auto-converge")?;
+    }
+    qmp.execute("migrate", json!({"uri": args.uri}))
+        .context("starting the migration")?;
+    let outcome = follow(&mut qmp, "migrate")?;
+    let code = exit_for(outcome, "migration");
+    if let Some(t) = &args.timeline {
+        println!("timeline: {}", t.display());
+    }
+    Ok(code)
+}
+
+pub fn save(args: SaveArgs) -> Result<ExitCode> {
+    let mut qmp = QmpClient::connect(&qmp_path(&args.qmp)?)?;
+    let abs = std::path::absolute(&args.file).context("the output file")?;
+    let was_running = qmp.execute("query-status", json!({}))?["running"] == json!(true);
+    // Stopped first, the guest's RAM is written once (no re-sent pages in the file).
+    qmp.execute("stop", json!({}))?;
+    let started = qmp.execute("migrate", json!({"uri": format!("file:{}", abs.display())}));
+    if let Err(e) = started {
+        if was_running {
+            let _ = qmp.execute("cont", json!({}));
+        }
+        return Err(e.context("starting the save"));
+    }
+    let outcome = follow(&mut qmp, "save")?;
+    if !matches!(outcome, Outcome::Completed(_)) {
+        // A failed save leaves the VM as it was.
+        if was_running {
+            let _ = qmp.execute("cont", json!({}));
+        }
+        let _ = std::fs::remove_file(&abs);
+    }
+    let code = exit_for(outcome, "save");
+    if code == ExitCode::SUCCESS {
+        let size = std::fs::metadata(&abs).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "saved to {} ({}); the VM is stopped. Restore it with: tern restore {}",
+            abs.display(),
+            human(size),
+            abs.display()
+        );
+    }
+    Ok(code)
+}
+
+pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
+    if !args.file.is_file() {
+        bail!("cannot restore {}: no such file", args.file.display());
+    }
+    let abs = std::path::absolute(&args.file).context("the saved file")?;
+    crate::run::run(crate::run::RunArgs {
+        kernel: None,
+        cmdline: String::new(),
+        memory: None,
+        vcpus: None,
+        serial: args.serial,
+        qmp: args.qmp,
+        hmp: args.hmp,
+        incoming: Some(format!("file:{}", abs.display())),
+        kvm_device: "/dev/kvm".into(),
+    })
+}
