@@ -49,7 +49,12 @@ impl MigrationControl {
         events: Box<dyn Fn(MigrationEvent) + Send + Sync>,
     ) -> Arc<Self> {
         Arc::new(MigrationControl {
-            stats: Mutex::new(MigrationStats::default()),
+            // Created when a migration is asked for: from then on it is being set up.
+            stats: Mutex::new(MigrationStats {
+                status: MigrationStatus::Setup,
+                started: Some(Instant::now()),
+                ..MigrationStats::default()
+            }),
             cancel: AtomicBool::new(false),
             conn: Mutex::new(None),
             bandwidth_limit: Arc::new(AtomicU64::new(params.max_bandwidth)),

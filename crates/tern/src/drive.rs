@@ -83,8 +83,6 @@ enum Outcome {
 
 /// Polls `query-migrate` with a progress bar until the migration ends; Ctrl-C cancels it.
 fn follow(qmp: &mut QmpClient, what: &str) -> Result<Outcome> {
-    vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_sigint)
-        .map_err(|e| anyhow::anyhow!("cannot catch Ctrl-C: {e}"))?;
     let bar = ProgressBar::new(1);
     bar.set_style(
         ProgressStyle::with_template(
@@ -174,7 +172,14 @@ fn exit_for(outcome: Outcome, verb: &str) -> ExitCode {
     }
 }
 
+/// From here on Ctrl-C cancels the migration rather than killing this process.
+fn catch_ctrl_c() -> Result<()> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_sigint)
+        .map_err(|e| anyhow::anyhow!("cannot catch Ctrl-C: {e}"))
+}
+
 pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
+    catch_ctrl_c()?;
     let mut qmp = QmpClient::connect(&qmp_path(&args.qmp)?)?;
     let mut params = serde_json::Map::new();
     if let Some(d) = args.downtime_limit {
@@ -210,6 +215,7 @@ pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
 }
 
 pub fn save(args: SaveArgs) -> Result<ExitCode> {
+    catch_ctrl_c()?;
     let mut qmp = QmpClient::connect(&qmp_path(&args.qmp)?)?;
     let abs = std::path::absolute(&args.file).context("the output file")?;
     let was_running = qmp.execute("query-status", json!({}))?["running"] == json!(true);

@@ -297,10 +297,11 @@ fn deferred_incoming_and_qmp_parameters() {
     let d = dir("defer");
     let mut src = source(&d, "src", "512M", "tern.wss=64 tern.rate=16");
     assert_eq!(src.q.ok("query-migrate", json!({})), json!({}));
-    assert_eq!(
-        src.q.ok("query-migrate-parameters", json!({})),
-        json!({"downtime-limit": 300, "max-bandwidth": 0})
-    );
+    let p = src.q.ok("query-migrate-parameters", json!({}));
+    assert_eq!(p["downtime-limit"], 300, "{p}");
+    assert_eq!(p["max-bandwidth"], 0, "{p}");
+    assert_eq!(p["cpu-throttle-initial"], 20, "{p}");
+    assert_eq!(p["x-tern-limit-action"], "fail", "{p}");
     src.q
         .ok("migrate-set-parameters", json!({"downtime-limit": 100}));
     assert_eq!(

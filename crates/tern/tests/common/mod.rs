@@ -225,6 +225,23 @@ impl Qmp {
         }
     }
 
+    /// Sends a command with a descriptor attached (SCM_RIGHTS), as `getfd` expects.
+    pub fn execute_with_fd(&mut self, cmd: &str, args: Value, fd: std::os::fd::RawFd) -> Value {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let msg = format!("{}\r\n", json!({"execute": cmd, "arguments": args}));
+        self.stream
+            .send_with_fd(msg.as_bytes(), fd)
+            .expect("QMP sendmsg");
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
     pub fn ok(&mut self, cmd: &str, args: Value) -> Value {
         let r = self.execute(cmd, args);
         assert!(r.get("return").is_some(), "{cmd} failed: {r}");
