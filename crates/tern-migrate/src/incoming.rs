@@ -158,6 +158,7 @@ fn incoming(
         s.transferred = r.offset();
         if let Some(l) = &loader {
             s.normal = l.pages;
+            s.duplicate = l.zero;
         }
     }
     let vm = vm.ok_or_else(|| MigrateError::Vm("the stream had no VM description".into()))?;

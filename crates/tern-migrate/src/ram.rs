@@ -293,8 +293,10 @@ pub(crate) fn send_holes(vm: &dyn SourceVm, out: &mut Out<'_>) -> Result<u64> {
 pub struct RamLoader {
     vm: Arc<dyn TargetVm>,
     region_pages: Vec<(u32, u64)>,
-    /// Pages written (data or zero).
+    /// Pages written with data.
     pub pages: u64,
+    /// Pages made zero.
+    pub zero: u64,
 }
 
 impl RamLoader {
@@ -303,6 +305,7 @@ impl RamLoader {
             vm,
             region_pages: Vec::new(),
             pages: 0,
+            zero: 0,
         }
     }
 }
@@ -319,14 +322,17 @@ impl LoadParticipant for RamLoader {
         };
         for run in &ram.runs {
             match run.encoding {
-                ENC_RAW => self
-                    .vm
-                    .ram()
-                    .write_pages(ram.region, run.first_page, ram.data(run))?,
+                ENC_RAW => {
+                    self.vm
+                        .ram()
+                        .write_pages(ram.region, run.first_page, ram.data(run))?;
+                    self.pages += u64::from(run.count);
+                }
                 ENC_ZERO => {
                     self.vm
                         .ram()
-                        .zero_pages(ram.region, run.first_page, u64::from(run.count))?
+                        .zero_pages(ram.region, run.first_page, u64::from(run.count))?;
+                    self.zero += u64::from(run.count);
                 }
                 other => {
                     return Err(MigrateError::Vm(format!(
@@ -334,7 +340,6 @@ impl LoadParticipant for RamLoader {
                     )))
                 }
             }
-            self.pages += u64::from(run.count);
         }
         Ok(true)
     }
