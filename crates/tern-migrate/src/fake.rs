@@ -201,6 +201,8 @@ impl SourceVm for FakeVm {
 }
 
 impl TargetRam for FakeVm {
+    fn prefault(&self, _region: u32, _first_page: u64, _count: u64) {}
+
     fn write_pages(&self, region: u32, first_page: u64, data: &[u8]) -> Result<()> {
         let r = self
             .regions

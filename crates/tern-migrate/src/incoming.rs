@@ -93,7 +93,10 @@ fn incoming(
         .transpose()?;
     // A socket stays open after END (the acknowledgement goes back on it); a file or pipe must
     // end right after it.
-    let r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?;
+    // A small buffer: record headers are gathered, but bodies are read in chunks larger than it,
+    // which go straight from the socket into the decoder's buffer (a bigger one would copy every
+    // page once more).
+    let r = StreamReader::new(BufReader::with_capacity(16 << 10, conn))?;
     let mut r = if ret.is_some() { r.live() } else { r };
     let mut factory = Some(factory);
     let mut vm: Option<Arc<dyn TargetVm>> = None;

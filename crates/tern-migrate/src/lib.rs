@@ -91,6 +91,10 @@ pub trait SourceVm: Send + Sync {
 
 /// Guest RAM on the target.
 pub trait TargetRam: Send + Sync {
+    /// Allocates pages that are about to be written, without changing them (best effort; runs
+    /// on a helper thread while the stream is loaded, so that the loader does not pay for first
+    /// touches).
+    fn prefault(&self, region: u32, first_page: u64, count: u64);
     /// Writes whole pages.
     fn write_pages(&self, region: u32, first_page: u64, data: &[u8]) -> Result<()>;
     /// Makes pages zero.

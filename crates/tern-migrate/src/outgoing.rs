@@ -514,9 +514,6 @@ fn stream(
     out.flush()?;
     let t_state = t_pause.elapsed();
     let state_sent = ctl.accepted() - b_pages;
-    if ctl.caps.ram_digest {
-        ctl.stats().ram_digest = Some(vm.ram_digest());
-    }
     // END, flushed; a one-way channel is closed and completed (synced, the command exited).
     let blank: Out<'_> = StreamWriter::new(Box::new(std::io::sink()) as Box<dyn Write + Send>)?;
     let full = std::mem::replace(out, blank);
@@ -527,6 +524,11 @@ fn stream(
     }
     let t_end = t_pause.elapsed();
     tracing::debug!("stop-and-copy: END sent");
+    // Test aid: the RAM the target got, digested while the target loads (the guest is paused and
+    // stays so until the acknowledgement).
+    if ctl.caps.ram_digest {
+        ctl.stats().ram_digest = Some(vm.ram_digest());
+    }
     {
         let mut s = ctl.stats();
         s.normal = session.ram.counters.normal;

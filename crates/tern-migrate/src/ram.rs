@@ -297,6 +297,71 @@ pub struct RamLoader {
     pub pages: u64,
     /// Pages made zero.
     pub zero: u64,
+    /// Zero ranges (region, first page, count) seen before the first page with data: the
+    /// source's never-written memory. Everything else will arrive, so it is prefaulted.
+    holes: Vec<(u32, u64, u64)>,
+    /// The prefault helper, once started; set to stop it.
+    prefault_stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// Pages the prefault helper populates at a time (2 MiB).
+const PREFAULT_CHUNK: u64 = 512;
+
+impl RamLoader {
+    /// Starts a thread that allocates, in stream order, every page not known to stay zero, so
+    /// that the loader's copies do not pay for first touches (on this kind of host a first
+    /// touch of shared memory costs more than the copy).
+    fn start_prefault(&mut self) {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.prefault_stop = Some(stop.clone());
+        let mut ranges = Vec::new();
+        for &(region, pages) in &self.region_pages {
+            let mut holes: Vec<(u64, u64)> = self
+                .holes
+                .iter()
+                .filter(|h| h.0 == region)
+                .map(|h| (h.1, h.2))
+                .collect();
+            holes.sort_unstable();
+            let mut next = 0;
+            for (start, count) in holes {
+                if start > next {
+                    ranges.push((region, next, start - next));
+                }
+                next = next.max(start.saturating_add(count));
+            }
+            if next < pages {
+                ranges.push((region, next, pages - next));
+            }
+        }
+        let vm = self.vm.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ram-prefault".into())
+            .spawn(move || {
+                for (region, first, count) in ranges {
+                    let mut p = first;
+                    while p < first + count {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        let n = PREFAULT_CHUNK.min(first + count - p);
+                        vm.ram().prefault(region, p, n);
+                        p += n;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!("no prefault helper: {e}");
+        }
+    }
+}
+
+impl Drop for RamLoader {
+    fn drop(&mut self) {
+        if let Some(s) = &self.prefault_stop {
+            s.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl RamLoader {
@@ -306,6 +371,8 @@ impl RamLoader {
             region_pages: Vec::new(),
             pages: 0,
             zero: 0,
+            holes: Vec::new(),
+            prefault_stop: None,
         }
     }
 }
@@ -321,6 +388,16 @@ impl LoadParticipant for RamLoader {
             return Ok(false);
         };
         for run in &ram.runs {
+            if self.prefault_stop.is_none() {
+                if run.encoding == ENC_ZERO {
+                    if self.holes.len() < 1 << 20 {
+                        self.holes
+                            .push((ram.region, run.first_page, u64::from(run.count)));
+                    }
+                } else {
+                    self.start_prefault();
+                }
+            }
             match run.encoding {
                 ENC_RAW => {
                     self.vm
@@ -344,7 +421,11 @@ impl LoadParticipant for RamLoader {
         Ok(true)
     }
 
-    fn cleanup(&mut self) {}
+    fn cleanup(&mut self) {
+        if let Some(s) = &self.prefault_stop {
+            s.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -276,7 +276,30 @@ impl SourceVm for Vm {
     }
 }
 
+/// `madvise` advice that faults pages in writable without touching their contents (Linux 5.14;
+/// not in the libc crate yet).
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
 impl TargetRam for Vm {
+    fn prefault(&self, region: u32, first_page: u64, count: u64) {
+        let Some(bytes) = count.checked_mul(PAGE) else {
+            return;
+        };
+        let Ok((_, host)) = self.check_range(region, first_page, bytes) else {
+            return;
+        };
+        // SAFETY: the range lies inside the region's mapping (checked); MADV_POPULATE_WRITE
+        // allocates and maps the pages but never changes what they hold, so it cannot race
+        // with the loader's writes in any way that matters. Best effort: errors are ignored.
+        unsafe {
+            libc::madvise(
+                (host + first_page * PAGE) as *mut libc::c_void,
+                bytes as usize,
+                MADV_POPULATE_WRITE,
+            )
+        };
+    }
+
     fn write_pages(&self, region: u32, first_page: u64, data: &[u8]) -> Result<()> {
         let (_, host) = self.check_range(region, first_page, data.len() as u64)?;
         // SAFETY: checked to lie inside the region's mapping; the target's vCPUs do not run yet.

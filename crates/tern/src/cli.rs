@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::{drive, run, stream};
+use crate::{demo, drive, report, run, stream};
 
 /// tern: a KVM virtual machine monitor built for live migration.
 #[derive(Parser, Debug)]
@@ -18,6 +18,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Boot the built-in guest, migrate it live to a second tern over tcp on loopback with a
+    /// progress bar, show it running there, and write an SVG report.
+    Demo(demo::DemoArgs),
     /// Boot a guest (the built-in test guest unless --kernel is given).
     Run(run::RunArgs),
     /// Migrate a running tern (reached through its QMP socket) live, with a progress bar.
@@ -27,6 +30,14 @@ pub enum Command {
     Save(drive::SaveArgs),
     /// Start a VM from a file written by `tern save` (as `xl restore`).
     Restore(drive::RestoreArgs),
+    /// Render a migration timeline (`tern migrate --timeline`, QMP `x-tern-timeline`) as SVG.
+    Report {
+        /// The timeline JSON.
+        timeline: PathBuf,
+        /// The SVG to write (default: the timeline's name with .svg).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Summarise a migration stream (a saved file, or - for standard input).
     Analyze {
         /// The stream: a file or - for standard input.
@@ -39,6 +50,14 @@ pub enum Command {
     Verify {
         /// The stream: a file or - for standard input.
         input: String,
+    },
+    /// Benchmark aid: copy BYTES over a plain loopback TCP socket (4 MiB writes, TCP_NODELAY,
+    /// one sender and one receiver thread) and print the rate: the physical limit a migration
+    /// over loopback can approach on this machine.
+    #[command(name = "x-socket-copy", hide = true)]
+    SocketCopy {
+        /// How much to copy: 1G, 4G...
+        bytes: String,
     },
     /// The built-in test guest.
     Guest {
@@ -56,11 +75,18 @@ pub enum GuestAction {
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Demo(args) => demo::demo(args),
+        Command::Report { timeline, output } => {
+            let out = report::report(&timeline, output)?;
+            println!("{}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate(args) => drive::migrate(args),
         Command::Save(args) => drive::save(args),
         Command::Restore(args) => drive::restore(args),
         Command::Analyze { input, json } => stream::analyze(&input, json),
         Command::Verify { input } => stream::verify(&input),
+        Command::SocketCopy { bytes } => socket_copy(&bytes),
         Command::Guest {
             action: GuestAction::Write { path },
         } => {
@@ -78,4 +104,43 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn socket_copy(bytes: &str) -> Result<ExitCode> {
+    use std::io::{Read, Write};
+    let total = crate::size::parse_size(bytes).map_err(anyhow::Error::msg)?;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let rx = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut c, _) = l.accept()?;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut got = 0u64;
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            got += n as u64;
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let buf = vec![0x5au8; 4 << 20];
+    let t0 = std::time::Instant::now();
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    drop(s);
+    let got = rx
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+    let dt = t0.elapsed().as_secs_f64();
+    println!(
+        "{{\"bytes\": {got}, \"seconds\": {dt:.6}, \"bytes_per_second\": {:.0}}}",
+        got as f64 / dt
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -75,14 +75,14 @@ extern "C" fn on_sigint(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
 }
 
 /// How a driven migration ended.
-enum Outcome {
+pub(crate) enum Outcome {
     Completed(Value),
     Failed(Value),
     Cancelled,
 }
 
 /// Polls `query-migrate` with a progress bar until the migration ends; Ctrl-C cancels it.
-fn follow(qmp: &mut QmpClient, what: &str) -> Result<Outcome> {
+pub(crate) fn follow(qmp: &mut QmpClient, what: &str) -> Result<Outcome> {
     let bar = ProgressBar::new(1);
     bar.set_style(
         ProgressStyle::with_template(
@@ -173,7 +173,7 @@ fn exit_for(outcome: Outcome, verb: &str) -> ExitCode {
 }
 
 /// From here on Ctrl-C cancels the migration rather than killing this process.
-fn catch_ctrl_c() -> Result<()> {
+pub(crate) fn catch_ctrl_c() -> Result<()> {
     vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_sigint)
         .map_err(|e| anyhow::anyhow!("cannot catch Ctrl-C: {e}"))
 }

@@ -2,8 +2,10 @@
 
 mod cli;
 mod client;
+mod demo;
 mod drive;
 mod hmp;
+mod report;
 mod run;
 mod size;
 mod stream;

@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Precopy live migration, tern vs QEMU 10, side by side on the same guest, over tcp on loopback.
+
+    bench/compare.py                 # the full matrix (about an hour on this 2-core machine)
+    bench/compare.py --quick         # one point, one run (1 GiB, 64 MiB/s): what CI runs
+    bench/compare.py --mem 1G --rates 256 --runs 5 --out /tmp/b
+
+One command: it installs QEMU 10 from bookworm-backports if missing (scripts/install-qemu.sh) and
+builds tern in release mode. The guest is the ELF `tern guest write` gives; QEMU boots it with
+`-accel kvm -cpu host,-arch-capabilities -kernel ELF -append CMDLINE`, tern with the same command
+line. Per point (guest RAM, dirty rate): working set half the RAM, heartbeat every 10 ms, 1 vCPU
+(the guest runs its work on the boot CPU under QEMU, which starts no APs for it). Each run boots a
+fresh source and target of every VMM, in an order that rotates per run so that machine noise
+hits all alike; QEMU gets max-bandwidth unlimited and downtime-limit 300 ms, once single stream
+and once with multifd and 4 channels; tern gets the same limit. A migration that has not
+converged after --timeout seconds (120) is cancelled and shown as such, with why (the dirty rate
+and bandwidth last reported). Downtime is reported both as each VMM measures it and as the guest
+felt it (the longest stall its heartbeat saw around the switch-over). A plain loopback socket copy
+of the same number of bytes (`tern x-socket-copy`) gives the machine's limit; tern's throughput on
+non-zero pages (bytes sent during precopy rounds / round time, from its timeline) is shown as a
+fraction of it. Every tern run keeps its timeline (JSON and SVG) in --out.
+
+Prints a table (tern vs QEMU's best, with ratios and the goals) and writes results.json in --out.
+"""
+import argparse, json, os, socket, statistics, subprocess, sys, threading, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TERN = os.path.join(ROOT, "target", "release", "tern")
+VMMS = ("tern", "qemu", "qemu-multifd")
+
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+class Proc:
+    def __init__(self, cmd):
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for l in self.p.stdout:
+            self.lines.append(l.rstrip())
+
+    def wait_line(self, pred, timeout, start=0):
+        end = time.monotonic() + timeout
+        seen = start
+        while time.monotonic() < end:
+            while seen < len(self.lines):
+                l = self.lines[seen]; seen += 1
+                if pred(l):
+                    return l
+            if self.p.poll() is not None and seen >= len(self.lines):
+                raise RuntimeError("process exited: %s" % self.lines[-5:])
+            time.sleep(0.01)
+        raise RuntimeError("timeout; last lines: %s" % self.lines[-5:])
+
+    def kill(self):
+        self.p.kill(); self.p.wait()
+
+
+class Qmp:
+    def __init__(self, path, timeout=60):
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self.s = socket.socket(socket.AF_UNIX); self.s.connect(path); break
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        self.f = self.s.makefile("rw")
+        json.loads(self.f.readline())
+        self.ex("qmp_capabilities")
+
+    def ex(self, cmd, args=None):
+        self.f.write(json.dumps({"execute": cmd, "arguments": args or {}}) + "\n"); self.f.flush()
+        while True:
+            r = json.loads(self.f.readline())
+            if "event" in r:
+                continue
+            if "error" in r:
+                raise RuntimeError("%s: %s" % (cmd, r["error"]))
+            return r["return"]
+
+
+def hb(l):
+    if not l.startswith("tern-guest hb "):
+        return None
+    n, g = l[len("tern-guest hb "):].split(" gap_us=")
+    return int(n), int(g)
+
+
+def mib(mem):
+    return int(float(mem[:-1]) * (1024 if mem.endswith("G") else 1))
+
+
+def run_one(vmm, elf, mem, rate, d, tag, timeout):
+    wss = mib(mem) // 2
+    # The guest checks its working set at 256 MiB/s at most, so that checking does not crowd out
+    # the dirtying on big guests.
+    check = max(2, wss // 256)
+    cmdline = "tern.wss=%d tern.rate=%d tern.hb=10 tern.check=%d" % (wss, rate, check)
+    sq, dq = os.path.join(d, "s.qmp"), os.path.join(d, "d.qmp")
+    uri = "tcp:127.0.0.1:%d" % free_port()
+    if vmm == "tern":
+        src = Proc([TERN, "run", "--memory", mem, "--vcpus", "1", "--cmdline", cmdline, "--qmp", "unix:" + sq])
+        dst = Proc([TERN, "run", "--incoming", uri, "--qmp", "unix:" + dq])
+    else:
+        base = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", mem,
+                "-smp", "1", "-display", "none", "-serial", "stdio", "-monitor", "none",
+                "-kernel", elf, "-append", cmdline]
+        src = Proc(base + ["-qmp", "unix:%s,server=on,wait=off" % sq])
+        dst = Proc(base + ["-qmp", "unix:%s,server=on,wait=off" % dq, "-incoming", "defer"])
+    res = {"vmm": vmm, "mem": mem, "rate": rate, "wss_mib": wss}
+    try:
+        src.wait_line(lambda l: l == "tern-guest ready", 300)
+        time.sleep(3)  # dirtying at a steady state
+        s, t = Qmp(sq), Qmp(dq)
+        timeline = None
+        if vmm == "tern":
+            timeline = os.path.join(d, "timeline-%s.json" % tag)
+            s.ex("migrate-set-parameters", {"downtime-limit": 300, "max-bandwidth": 0,
+                                            "x-tern-timeline": timeline})
+        else:
+            caps = [{"capability": "events", "state": True}]
+            if vmm == "qemu-multifd":
+                caps.append({"capability": "multifd", "state": True})
+            for q in (s, t):
+                q.ex("migrate-set-capabilities", {"capabilities": caps})
+                if vmm == "qemu-multifd":
+                    q.ex("migrate-set-parameters", {"multifd-channels": 4})
+            # QEMU's max-bandwidth 0 means "no bandwidth" to some versions: give it a huge cap.
+            s.ex("migrate-set-parameters", {"max-bandwidth": 1 << 40, "downtime-limit": 300})
+            t.ex("migrate-incoming", {"uri": uri})
+        n_src_lines = len(src.lines)
+        t0 = time.monotonic()
+        s.ex("migrate", {"uri": uri})
+        last = {}
+        while True:
+            r = s.ex("query-migrate")
+            if r.get("status") in ("completed", "failed", "cancelled"):
+                break
+            if r.get("status") == "active":
+                last = r
+            if time.monotonic() - t0 > timeout:
+                s.ex("migrate_cancel")
+                ram = last.get("ram", {})
+                r = {"status": "not-converged",
+                     "why": "after %d s: %d rounds, expected downtime %s ms, dirty %.0f MiB/s, link %.0f MiB/s" % (
+                         timeout, ram.get("dirty-sync-count", 0), last.get("expected-downtime"),
+                         ram.get("dirty-pages-rate", 0) * 4096 / 2**20, ram.get("mbps", 0) * 1e6 / 8 / 2**20)}
+                break
+            time.sleep(0.02)
+        ram = r.get("ram", {})
+        res.update({"status": r.get("status"), "why": r.get("why") or r.get("error-desc"),
+                    "total_ms": r.get("total-time"), "downtime_ms": r.get("downtime"),
+                    "transferred": ram.get("transferred"), "rounds": ram.get("dirty-sync-count"),
+                    "normal_pages": ram.get("normal")})
+        if r.get("status") == "completed":
+            hbs = [hb(l)[0] for l in src.lines if hb(l)]
+            last_src = max(hbs) if hbs else 0
+            dst.wait_line(lambda l: hb(l) is not None and hb(l)[0] > last_src + 1, 60)
+            # The stall the guest felt: the largest gap in the first two heartbeats at the target.
+            gaps = [hb(l)[1] for l in dst.lines if hb(l)][:2]
+            res["guest_gap_ms"] = round(max(gaps) / 1000, 1)
+            c = dst.wait_line(lambda l: l.startswith("tern-guest check"), 60 + 2 * check)
+            res["dst_check"] = c.split()[2]
+        if timeline and os.path.exists(timeline):
+            tl = json.load(open(timeline))
+            rounds = [x for x in tl["rounds"] if x["pages"] > 0]
+            busy = sum(x["end"] - x["start"] for x in rounds)
+            if busy > 0:
+                res["nonzero_Bps"] = sum(x["bytes"] for x in rounds) / busy
+            sw = tl.get("switchover") or {}
+            res["downtime_split_ms"] = sw.get("downtime")
+            subprocess.run([TERN, "report", timeline], stdout=subprocess.DEVNULL, check=False)
+            res["timeline"] = timeline
+        return res
+    except Exception as e:  # a VMM that breaks is a result too, not the end of the benchmark
+        res.update({"status": "error", "why": str(e)[:300]})
+        return res
+    finally:
+        src.kill(); dst.kill()
+
+
+def socket_copy(nbytes, runs=3):
+    rates = []
+    for _ in range(runs):
+        out = subprocess.run([TERN, "x-socket-copy", "%dK" % max(1, nbytes // 1024)],
+                             capture_output=True, text=True, check=True).stdout
+        rates.append(json.loads(out)["bytes_per_second"])
+    return statistics.median(rates)
+
+
+def med(rs, k):
+    v = [r[k] for r in rs if r.get(k) is not None]
+    return statistics.median(v) if v else None
+
+
+def spread(rs, k, fmt="%.0f"):
+    v = [r[k] for r in rs if r.get(k) is not None]
+    if not v:
+        return "-"
+    return (fmt + " (" + fmt + "-" + fmt + ")") % (statistics.median(v), min(v), max(v))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one point, one run (1G, 64 MiB/s)")
+    ap.add_argument("--mem", default="1G,4G,8G", help="guest RAM sizes (8G only if the host has room)")
+    ap.add_argument("--rates", default="0,64,256,1024", help="dirty rates in MiB/s")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--vmms", default=",".join(VMMS))
+    ap.add_argument("--timeout", type=int, default=120)
+    ap.add_argument("--out", default=os.path.join("/tmp", "tern-bench"))
+    a = ap.parse_args()
+    if a.quick:
+        a.mem, a.rates, a.runs = "1G", "64", 1
+    subprocess.run([os.path.join(ROOT, "scripts", "install-qemu.sh")], check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "tern"], cwd=ROOT, check=True)
+    os.makedirs(a.out, exist_ok=True)
+    elf = os.path.join(a.out, "guest.elf")
+    subprocess.run([TERN, "guest", "write", elf], check=True, stdout=subprocess.DEVNULL)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    mems = []
+    for m in a.mem.split(","):
+        # Source and target each fill half their RAM; keep a quarter of the host free.
+        if mib(m) * 2**20 > host * 0.75:
+            print("skipping %s: the host has %.1f GiB" % (m, host / 2**30))
+            continue
+        mems.append(m)
+    vmms = a.vmms.split(",")
+    rates = [int(x) for x in a.rates.split(",")]
+    results = []
+    print("qemu: %s" % subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                                      text=True).stdout.splitlines()[0])
+    for mem in mems:
+        for rate in rates:
+            for i in range(a.runs):
+                order = vmms[i % len(vmms):] + vmms[:i % len(vmms)]
+                for vmm in order:
+                    tag = "%s-%d-%d" % (mem, rate, i)
+                    r = run_one(vmm, elf, mem, rate, a.out, tag, a.timeout)
+                    r["run"] = i
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+    # The machine's limit for each size: a plain socket copy of what tern sent.
+    copy = {}
+    for mem in mems:
+        sent = [r["transferred"] for r in results if r["mem"] == mem and r["vmm"] == "tern" and r.get("transferred")]
+        if sent:
+            copy[mem] = socket_copy(int(statistics.median(sent)))
+
+    lines = []
+    p = lambda s="": (print(s), lines.append(s))
+    p()
+    p("tern vs QEMU 10 precopy over tcp on loopback; median (min-max) of %d run(s); downtime-limit 300 ms" % a.runs)
+    p("%-4s %5s %-13s %-9s %-19s %-19s %-19s %-15s %-9s" % ("RAM", "MiB/s", "vmm", "converged", "total ms",
+      "downtime ms", "guest felt ms", "MB sent", "rounds"))
+    summary = []
+    for mem in mems:
+        for rate in rates:
+            by = {}
+            for v in vmms:
+                rs = [r for r in results if (r["vmm"], r["mem"], r["rate"]) == (v, mem, rate)]
+                ok = [r for r in rs if r["status"] == "completed"]
+                by[v] = ok
+                p("%-4s %5d %-13s %-9s %-19s %-19s %-19s %-15s %-9s" % (
+                    mem, rate, v, "%d/%d" % (len(ok), len(rs)), spread(ok, "total_ms"), spread(ok, "downtime_ms"),
+                    spread(ok, "guest_gap_ms", "%.1f"), spread([dict(x, mb=x["transferred"] / 1e6) for x in ok], "mb"),
+                    spread(ok, "rounds")))
+                for r in rs:
+                    if r["status"] != "completed":
+                        p("     %s run %d: %s: %s" % (v, r["run"], r["status"], r.get("why")))
+            # QEMU's best: the better of single stream and multifd, per metric, among what converged.
+            q = [v for v in ("qemu", "qemu-multifd") if by.get(v)]
+            row = {"mem": mem, "rate": rate}
+            if by.get("tern") and q:
+                for k in ("total_ms", "downtime_ms", "guest_gap_ms"):
+                    best = min(med(by[v], k) for v in q if med(by[v], k) is not None)
+                    row[k + "_ratio"] = med(by["tern"], k) / best if best else None
+                p("     tern / QEMU best: total %.2fx (goal <= 0.5), downtime %.2fx (goal <= 0.5), guest-felt %.2fx" % (
+                    row["total_ms_ratio"], row["downtime_ms_ratio"] or 0, row["guest_gap_ms_ratio"] or 0))
+            if q and not by.get("tern"):
+                p("     GOAL MISSED: QEMU converged here and tern did not")
+            summary.append(row)
+    for mem in mems:
+        nz = [r["nonzero_Bps"] for r in results if r["mem"] == mem and r.get("nonzero_Bps")]
+        if nz and mem in copy:
+            p("%s: plain loopback socket copy %.2f GB/s; tern on non-zero pages %.2f GB/s median = %.0f%% of it (goal >= 90%%)" % (
+                mem, copy[mem] / 1e9, statistics.median(nz) / 1e9, 100 * statistics.median(nz) / copy[mem]))
+    out = os.path.join(a.out, "results.json")
+    json.dump({"args": vars(a), "results": results, "socket_copy_Bps": copy, "summary": summary},
+              open(out, "w"), indent=1)
+    with open(os.path.join(a.out, "table.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    p("results: %s, table: %s, timelines: %s/timeline-*.svg" % (out, os.path.join(a.out, "table.txt"), a.out))
+    if any(r["status"] == "error" for r in results):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
