@@ -78,7 +78,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => demo::demo(args),
         Command::Report { timeline, output } => {
             let out = report::report(&timeline, output)?;
-            println!("{}", out.display());
+            say!("{}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate(args) => drive::migrate(args),
@@ -95,7 +95,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             std::fs::write(&path, tern_guest::GUEST_ELF)
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            println!(
+            say!(
                 "wrote {} ({} bytes); boot it with: qemu-system-x86_64 -accel kvm -cpu host,-arch-capabilities -m 1G -nographic -kernel {} -append 'tern.wss=256'",
                 path.display(),
                 tern_guest::GUEST_ELF.len(),
@@ -138,7 +138,7 @@ fn socket_copy(bytes: &str) -> Result<ExitCode> {
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
     let dt = t0.elapsed().as_secs_f64();
-    println!(
+    say!(
         "{{\"bytes\": {got}, \"seconds\": {dt:.6}, \"bytes_per_second\": {:.0}}}",
         got as f64 / dt
     );

@@ -117,11 +117,11 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
         args.wss, args.rate
     );
 
-    println!(
+    say!(
         "tern demo: a {} guest with {} vCPUs dirtying {} MiB/s of a {} MiB working set, migrated live to a second tern over {uri}",
         args.memory, args.vcpus, args.rate, args.wss
     );
-    println!("  logs, timeline and report in {}", dir.display());
+    say!("  logs, timeline and report in {}", dir.display());
     let spawn = |args: Vec<String>| {
         Command::new(&exe)
             .args(args)
@@ -158,7 +158,7 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
     wait_line(&src_log, 0, Duration::from_secs(120), &mut children, |l| {
         l == "tern-guest ready"
     })?;
-    println!(
+    say!(
         "source: guest ready after {:.2} s (its RAM filled by the guest itself)",
         t0.elapsed().as_secs_f64()
     );
@@ -172,7 +172,7 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
         .rev()
         .find(|l| hb(l).is_some())
         .unwrap_or_default();
-    println!("source: {last}   ({check})");
+    say!("source: {last}   ({check})");
 
     let mut src = connect(&src_qmp, Duration::from_secs(30))?;
     let mut dst = connect(&dst_qmp, Duration::from_secs(30))?;
@@ -189,7 +189,7 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
             m["error-desc"].as_str().unwrap_or("no reason given")
         ),
         crate::drive::Outcome::Cancelled => {
-            println!("migration cancelled; the source keeps running (Ctrl-C again stops the demo)");
+            say!("migration cancelled; the source keeps running (Ctrl-C again stops the demo)");
             return Ok(ExitCode::from(crate::drive::EXIT_CANCELLED));
         }
     };
@@ -205,22 +205,22 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
     })?;
     let (first_n, felt_us) = hb(&first).unwrap_or((0, 0));
     std::thread::sleep(Duration::from_millis(300));
-    println!("target: the guest carries on where the source stopped (source's last heartbeat: {src_hb}):");
+    say!("target: the guest carries on where the source stopped (source's last heartbeat: {src_hb}):");
     for l in lines(&dst_log).iter().filter(|l| hb(l).is_some()).take(3) {
-        println!("  {l}");
+        say!("  {l}");
     }
     let ok = wait_line(&dst_log, 0, Duration::from_secs(30), &mut children, |l| {
         l.starts_with("tern-guest check")
     })?;
-    println!("  {ok}");
+    say!("  {ok}");
     if !ok.starts_with("tern-guest check ok") {
         bail!("the guest's self-check failed at the target: {ok}");
     }
 
     let report = crate::report::report(&timeline, None)?;
     let ram = &m["ram"];
-    println!("\nsummary");
-    println!(
+    say!("\nsummary");
+    say!(
         "  total time          {} ms ({} rounds of precopy, then stop-and-copy)",
         m["total-time"],
         ram["dirty-sync-count"]
@@ -228,24 +228,24 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
             .unwrap_or(1)
             .saturating_sub(1)
     );
-    println!(
+    say!(
         "  downtime            {} ms measured by tern (pause to the target's acknowledgement)",
         m["downtime"]
     );
-    println!(
+    say!(
         "  downtime as felt    {:.1} ms: the longest stall the guest saw around the switch (heartbeat {first_n})",
         felt_us as f64 / 1000.0
     );
-    println!(
+    say!(
         "  bytes               {} on the wire; {} pages with data, {} zero pages sent as ranges",
         human(ram["transferred"].as_u64().unwrap_or(0)),
         ram["normal"],
         ram["duplicate"]
     );
-    println!(
+    say!(
         "  guest self-check    passed at the target: every page of the working set holds what the guest last wrote"
     );
-    println!("  report              {}", report.display());
+    say!("  report              {}", report.display());
     let _ = src.execute("quit", Value::Null);
     let _ = dst.execute("quit", Value::Null);
     std::thread::sleep(Duration::from_millis(200));

@@ -155,7 +155,7 @@ fn summary(m: &Value) -> String {
 fn exit_for(outcome: Outcome, verb: &str) -> ExitCode {
     match outcome {
         Outcome::Completed(m) => {
-            println!("{verb} completed: {}", summary(&m));
+            say!("{verb} completed: {}", summary(&m));
             ExitCode::SUCCESS
         }
         Outcome::Failed(m) => {
@@ -209,7 +209,7 @@ pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
     let outcome = follow(&mut qmp, "migrate")?;
     let code = exit_for(outcome, "migration");
     if let Some(t) = &args.timeline {
-        println!("timeline: {}", t.display());
+        say!("timeline: {}", t.display());
     }
     Ok(code)
 }
@@ -239,7 +239,7 @@ pub fn save(args: SaveArgs) -> Result<ExitCode> {
     let code = exit_for(outcome, "save");
     if code == ExitCode::SUCCESS {
         let size = std::fs::metadata(&abs).map(|m| m.len()).unwrap_or(0);
-        println!(
+        say!(
             "saved to {} ({}); the VM is stopped. Restore it with: tern restore {}",
             abs.display(),
             human(size),

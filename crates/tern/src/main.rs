@@ -1,5 +1,14 @@
 //! `tern`: boot a guest under KVM, drive it over QMP, and (soon) migrate it live.
 
+/// Prints a line to stdout; a closed stdout (`tern analyze f | head`) is not an error worth a
+/// panic, so write errors are ignored.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod cli;
 mod client;
 mod demo;

@@ -28,7 +28,7 @@ pub fn analyze(input: &str, json: bool) -> Result<ExitCode> {
     if json {
         let mut j = analysis.to_json();
         j["error"] = error.as_ref().map(|e| e.to_string()).into();
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        say!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         print!("{}", analysis.to_text());
     }
@@ -46,7 +46,7 @@ pub fn verify(input: &str) -> Result<ExitCode> {
     match read(input)? {
         Ok(a) => {
             let t = a.totals.unwrap_or_default();
-            println!(
+            say!(
                 "{input}: ok: {} bytes, {} records, {} pages with data, {} zero pages, {} sections",
                 a.bytes,
                 t.records + 1,
