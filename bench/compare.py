@@ -215,9 +215,21 @@ def main():
     ap.add_argument("--vmms", default=",".join(VMMS))
     ap.add_argument("--timeout", type=int, default=120)
     ap.add_argument("--out", default=os.path.join("/tmp", "tern-bench"))
+    ap.add_argument("--from", dest="from_log", help="only print the table from the JSON lines of an earlier run's output")
     a = ap.parse_args()
     if a.quick:
         a.mem, a.rates, a.runs = "1G", "64", 1
+    if a.from_log:
+        results = [json.loads(l) for l in open(a.from_log) if l.startswith("{")]
+        if not results:
+            print("no results in %s" % a.from_log)
+            return 1
+        mems = list(dict.fromkeys(r["mem"] for r in results))
+        rates = sorted({r["rate"] for r in results})
+        vmms = list(dict.fromkeys(r["vmm"] for r in results))
+        a.runs = max(r["run"] for r in results) + 1
+        os.makedirs(a.out, exist_ok=True)
+        return report(a, results, mems, rates, vmms)
     subprocess.run([os.path.join(ROOT, "scripts", "install-qemu.sh")], check=True)
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "tern"], cwd=ROOT, check=True)
     os.makedirs(a.out, exist_ok=True)
@@ -246,6 +258,10 @@ def main():
                     r["run"] = i
                     print(json.dumps(r), flush=True)
                     results.append(r)
+    return report(a, results, mems, rates, vmms)
+
+
+def report(a, results, mems, rates, vmms):
     # The machine's limit for each size: a plain socket copy of what tern sent.
     copy = {}
     for mem in mems:

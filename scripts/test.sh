@@ -27,3 +27,10 @@ TERN_FUZZ_SECS=${TERN_FUZZ_SECS:-20} cargo test --workspace 2>&1 | tee "$log"
 # One closing line over every test binary (cargo prints one per binary, doc tests last).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# The side-by-side benchmark's short version (one point, one run), so that bench/ keeps working.
+# It reports numbers, it asserts none; it fails only if a VMM breaks.
+if command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    python3 bench/compare.py --quick --out target/bench-quick
+else
+    echo "bench: SKIPPED (QEMU 10 could not be installed)"
+fi
