@@ -42,7 +42,9 @@ def one(d, mem, wss, run):
         wait_line(log, lambda l: l.startswith("tern-guest hb"), 30)
         t0 = time.time()
         r = subprocess.run([TERN, "save", "--qmp", f"unix:{qmp}", out],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"tern save failed: {r.stdout}{r.stderr}")
         save_wall = time.time() - t0
         m = re.search(r"total time (\d+) ms", r.stdout)
         save_ms = int(m.group(1)) if m else None
