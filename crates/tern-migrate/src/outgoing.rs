@@ -501,6 +501,9 @@ fn stream(
         vm.pause()?;
         session.paused = true;
     }
+    // max-bandwidth shares the link while the guest runs; with the guest stopped every
+    // millisecond is downtime, so the last pages and the state go at full speed.
+    ctl.bandwidth_limit.store(0, Ordering::Relaxed);
     let t_paused = t_pause.elapsed();
     ctl.stats().dirty_sync_count = round + 1;
     session.ram.complete_precopy(out)?;
