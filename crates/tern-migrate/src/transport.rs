@@ -257,6 +257,35 @@ impl Channel {
         }
     }
 
+    /// Starts `/bin/sh -c cmd`; the stream goes to its stdin (`outgoing`) or comes from its
+    /// stdout.
+    fn command(cmd: &str, outgoing: bool) -> Result<Channel> {
+        let (stdin, stdout) = if outgoing {
+            (Stdio::piped(), Stdio::null())
+        } else {
+            (Stdio::null(), Stdio::piped())
+        };
+        let mut child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdin(stdin)
+            .stdout(stdout)
+            .spawn()
+            .map_err(MigrateError::io(format!("starting '{cmd}'")))?;
+        let pipe: OwnedFd = match (child.stdin.take(), child.stdout.take()) {
+            (Some(i), _) if outgoing => i.into(),
+            (_, Some(o)) if !outgoing => o.into(),
+            _ => return Err(MigrateError::Vm(format!("'{cmd}' has no pipe"))),
+        };
+        Ok(Channel {
+            conn: Connection::File(File::from(pipe)),
+            end: ChannelEnd {
+                child: Some((child, cmd.to_string(), Arc::new(AtomicBool::new(false)))),
+                sync: None,
+            },
+        })
+    }
+
     /// Opens the source's end. `fd` is the descriptor a `fd:` URI names, resolved by the
     /// caller (QMP `getfd`, or [`inherited_fd`]).
     pub fn connect(uri: &Uri, fd: Option<OwnedFd>) -> Result<Channel> {
@@ -298,26 +327,7 @@ impl Channel {
                     },
                 })
             }
-            Uri::Exec(cmd) => {
-                let mut child = Command::new("/bin/sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .map_err(MigrateError::io(format!("starting '{cmd}'")))?;
-                let stdin = child
-                    .stdin
-                    .take()
-                    .ok_or_else(|| MigrateError::Vm(format!("'{cmd}' has no stdin")))?;
-                Ok(Channel {
-                    conn: Connection::File(File::from(OwnedFd::from(stdin))),
-                    end: ChannelEnd {
-                        child: Some((child, cmd.clone(), Arc::new(AtomicBool::new(false)))),
-                        sync: None,
-                    },
-                })
-            }
+            Uri::Exec(cmd) => Channel::command(cmd, true),
         }
     }
 
@@ -371,26 +381,7 @@ impl Listener {
                     Connection::from_fd(fd).map_err(MigrateError::io(uri.to_string()))?,
                 ))
             }
-            Uri::Exec(cmd) => {
-                let mut child = Command::new("/bin/sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .map_err(MigrateError::io(format!("starting '{cmd}'")))?;
-                let stdout = child
-                    .stdout
-                    .take()
-                    .ok_or_else(|| MigrateError::Vm(format!("'{cmd}' has no stdout")))?;
-                open(Channel {
-                    conn: Connection::File(File::from(OwnedFd::from(stdout))),
-                    end: ChannelEnd {
-                        child: Some((child, cmd.clone(), Arc::new(AtomicBool::new(false)))),
-                        sync: None,
-                    },
-                })
-            }
+            Uri::Exec(cmd) => open(Channel::command(cmd, false)?),
         }
     }
 

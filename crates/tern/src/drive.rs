@@ -50,15 +50,8 @@ pub struct SaveArgs {
 pub struct RestoreArgs {
     /// A file written by `tern save` (or a migration to file:/exec:).
     pub file: PathBuf,
-    /// Serial console: stdio, file:PATH, unix:PATH or none.
-    #[arg(long, default_value = "stdio")]
-    pub serial: String,
-    /// QMP control socket: unix:PATH.
-    #[arg(long)]
-    pub qmp: Option<String>,
-    /// Human monitor socket: unix:PATH.
-    #[arg(long)]
-    pub hmp: Option<String>,
+    #[command(flatten)]
+    pub consoles: crate::run::Consoles,
 }
 
 fn qmp_path(s: &str) -> Result<PathBuf> {
@@ -259,9 +252,7 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
         cmdline: String::new(),
         memory: None,
         vcpus: None,
-        serial: args.serial,
-        qmp: args.qmp,
-        hmp: args.hmp,
+        consoles: args.consoles,
         incoming: Some(format!("file:{}", abs.display())),
         kvm_device: "/dev/kvm".into(),
     })

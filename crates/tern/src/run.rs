@@ -38,6 +38,20 @@ pub struct RunArgs {
     /// Number of vCPUs (1-32). Default 1; with --incoming, as for --memory.
     #[arg(long)]
     pub vcpus: Option<u32>,
+    #[command(flatten)]
+    pub consoles: Consoles,
+    /// Wait for a migration instead of booting: tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND,
+    /// file:PATH, or defer (then QMP `migrate-incoming` names the URI).
+    #[arg(long)]
+    pub incoming: Option<String>,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm", hide = true)]
+    pub kvm_device: PathBuf,
+}
+
+/// Where the guest's serial console and the control sockets go (`tern run`, `tern restore`).
+#[derive(Args, Debug)]
+pub struct Consoles {
     /// Serial console: stdio, file:PATH, unix:PATH or none.
     #[arg(long, default_value = "stdio")]
     pub serial: String,
@@ -47,13 +61,6 @@ pub struct RunArgs {
     /// Human monitor socket (QEMU's HMP commands, for `socat - unix:PATH`): unix:PATH.
     #[arg(long)]
     pub hmp: Option<String>,
-    /// Wait for a migration instead of booting: tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND,
-    /// file:PATH, or defer (then QMP `migrate-incoming` names the URI).
-    #[arg(long)]
-    pub incoming: Option<String>,
-    /// The KVM device.
-    #[arg(long, default_value = "/dev/kvm", hide = true)]
-    pub kvm_device: PathBuf,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput> {
@@ -324,13 +331,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(v) = args.vcpus {
         check_vcpus(v)?;
     }
-    let serial = parse_serial(&args.serial)?;
+    let serial = parse_serial(&args.consoles.serial)?;
     let qmp_path = args
+        .consoles
         .qmp
         .as_deref()
         .map(|s| parse_unix("--qmp", s))
         .transpose()?;
     let hmp_path = args
+        .consoles
         .hmp
         .as_deref()
         .map(|s| parse_unix("--hmp", s))

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const MIGRATE: Duration = Duration::from_secs(180);
 
@@ -59,29 +59,6 @@ fn target(d: &Path, tag: &str, uri: &str, extra: &[&str]) -> Vmm {
     Vmm { p, q }
 }
 
-fn wait_migration(q: &mut Qmp) -> Value {
-    let deadline = Instant::now() + MIGRATE;
-    loop {
-        let r = q.ok("query-migrate", json!({}));
-        let s = r["status"].as_str().unwrap_or("").to_string();
-        if matches!(s.as_str(), "completed" | "failed" | "cancelled") {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "migration did not end: {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn last_hb(p: &mut Proc) -> u64 {
-    p.drain();
-    p.seen
-        .iter()
-        .rev()
-        .find_map(|l| hb(l))
-        .map(|h| h.0)
-        .expect("a heartbeat")
-}
-
 /// Migrates `src` to a new target at `uri`; checks continuity, the guest's self-check on the
 /// target, the source's postmigrate state and the RAM digests. Returns the target.
 fn migrate(d: &Path, src: &mut Vmm, tag: &str, uri: &str) -> Vmm {
@@ -93,7 +70,7 @@ fn migrate(d: &Path, src: &mut Vmm, tag: &str, uri: &str) -> Vmm {
         {"capability": "x-tern-ram-digest", "state": true}]}),
     );
     assert_eq!(src.q.ok("migrate", json!({"uri": uri})), json!({}));
-    let r = wait_migration(&mut src.q);
+    let r = wait_migration(&mut src.q, MIGRATE);
     assert_eq!(r["status"], "completed", "{r}");
     assert!(
         r["downtime"].is_u64() && r["ram"]["transferred"].as_u64().unwrap() > 0,
@@ -105,23 +82,7 @@ fn migrate(d: &Path, src: &mut Vmm, tag: &str, uri: &str) -> Vmm {
     );
     let n_src = last_hb(&mut src.p);
     // The target runs the same guest: its heartbeat continues, no restart.
-    let first = dst.p.wait_for("a heartbeat on the target", LINE, is_hb);
-    let (n_dst, _) = hb(&first).unwrap();
-    assert!(
-        n_dst > n_src && n_dst <= n_src + 2,
-        "source stopped at hb {n_src}, target printed {first}"
-    );
-    assert!(dst
-        .p
-        .seen
-        .iter()
-        .all(|l| !l.contains("tern-guest ready") && !l.contains("tern-guest boot")));
-    let n = dst.p.seen.iter().filter(|l| is_hb(l)).count();
-    assert!(n >= 1);
-    dst.p
-        .wait_for("the guest's self-check on the target", LINE, |l| {
-            l.starts_with("tern-guest check ok")
-        });
+    continues_on(&mut dst.p, n_src);
     let rd = dst.q.ok("query-migrate", json!({}));
     assert_eq!(rd["status"], "completed", "{rd}");
     assert_eq!(
@@ -184,20 +145,6 @@ fn ten_migrations_back_and_forth() {
     quit(vm);
 }
 
-/// After a failure the source's guest still runs and its self-check still passes.
-fn source_still_fine(src: &mut Vmm) {
-    assert_eq!(
-        src.q.ok("query-status", json!({})),
-        json!({"running": true, "status": "running"})
-    );
-    let before = last_hb(&mut src.p);
-    let (after, _) = hb(&src.p.wait_for("a heartbeat after the failure", LINE, is_hb)).unwrap();
-    assert!(after > before);
-    src.p.wait_for("a self-check after the failure", LINE, |l| {
-        l.starts_with("tern-guest check ok")
-    });
-}
-
 #[test]
 fn cancel_leaves_the_source_running() {
     let _g = exclusive();
@@ -211,9 +158,9 @@ fn cancel_leaves_the_source_running() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(src.q.ok("query-migrate", json!({}))["status"], "active");
     src.q.ok("migrate_cancel", json!({}));
-    let r = wait_migration(&mut src.q);
+    let r = wait_migration(&mut src.q, MIGRATE);
     assert_eq!(r["status"], "cancelled", "{r}");
-    source_still_fine(&mut src);
+    source_still_fine(&mut src.p, &mut src.q);
     // The target gives up with a reason and a non-zero exit.
     let st = dst.p.wait_exit(LINE);
     assert_ne!(st.code(), Some(0));
@@ -232,10 +179,10 @@ fn a_target_killed_mid_way_fails_the_migration_and_the_source_runs_on() {
     src.q.ok("migrate", json!({"uri": uri}));
     std::thread::sleep(Duration::from_secs(2));
     dst.p.child.kill().unwrap();
-    let r = wait_migration(&mut src.q);
+    let r = wait_migration(&mut src.q, MIGRATE);
     assert_eq!(r["status"], "failed", "{r}");
     assert!(r["error-desc"].is_string(), "{r}");
-    source_still_fine(&mut src);
+    source_still_fine(&mut src.p, &mut src.q);
     quit(src);
 }
 
@@ -278,7 +225,7 @@ fn a_target_with_other_memory_refuses_and_exits_non_zero() {
         stderr.contains("memory is 1.0G here but 512M in the stream"),
         "{stderr}"
     );
-    let r = wait_migration(&mut src.q);
+    let r = wait_migration(&mut src.q, MIGRATE);
     assert_eq!(r["status"], "failed", "{r}");
     assert!(
         r["error-desc"]
@@ -287,7 +234,7 @@ fn a_target_with_other_memory_refuses_and_exits_non_zero() {
             .contains("memory is 1.0G here"),
         "{r}"
     );
-    source_still_fine(&mut src);
+    source_still_fine(&mut src.p, &mut src.q);
     quit(src);
 }
 
@@ -343,7 +290,7 @@ fn deferred_incoming_and_qmp_parameters() {
     let e = dst.q.execute("migrate-incoming", json!({"uri": uri}));
     assert!(e.get("error").is_some());
     src.q.ok("migrate", json!({"uri": uri}));
-    let r = wait_migration(&mut src.q);
+    let r = wait_migration(&mut src.q, MIGRATE);
     assert_eq!(r["status"], "completed", "{r}");
     let first = dst.p.wait_for("a heartbeat on the target", LINE, is_hb);
     assert!(hb(&first).is_some());

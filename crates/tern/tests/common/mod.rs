@@ -163,6 +163,80 @@ pub fn is_hb(line: &str) -> bool {
     hb(line).is_some()
 }
 
+/// Connects to a unix socket that may not be listening yet.
+pub fn connect_unix(path: &Path, timeout: Duration) -> UnixStream {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "socket {path:?}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Polls `query-migrate` until the migration ends (or `timeout` passes).
+pub fn wait_migration(q: &mut Qmp, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = q.ok("query-migrate", json!({}));
+        if matches!(
+            r["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "migration did not end: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last heartbeat number the process printed so far.
+pub fn last_hb(p: &mut Proc) -> u64 {
+    p.drain();
+    p.seen
+        .iter()
+        .rev()
+        .find_map(|l| hb(l))
+        .map(|h| h.0)
+        .expect("a heartbeat")
+}
+
+/// The migrated guest carries on in `p` where the source stopped at heartbeat `src_hb`: the
+/// next heartbeat (not a reboot), then a passing self-check of every page.
+pub fn continues_on(p: &mut Proc, src_hb: u64) {
+    let first = p.wait_for("a heartbeat on the target", LINE, is_hb);
+    let (n, _) = hb(&first).unwrap();
+    assert!(
+        n > src_hb && n <= src_hb + 2,
+        "source stopped at hb {src_hb}, target printed {first}"
+    );
+    assert!(p
+        .seen
+        .iter()
+        .all(|l| !l.contains("tern-guest ready") && !l.contains("tern-guest boot")));
+    p.wait_for("the guest's self-check on the target", LINE, |l| {
+        l.starts_with("tern-guest check ok")
+    });
+}
+
+/// After a failed or cancelled migration the source's guest still runs: `running` in QMP, new
+/// heartbeats, and its self-check still passes.
+pub fn source_still_fine(p: &mut Proc, q: &mut Qmp) {
+    assert_eq!(
+        q.ok("query-status", json!({})),
+        json!({"running": true, "status": "running"})
+    );
+    let before = last_hb(p);
+    let (after, _) = hb(&p.wait_for("a heartbeat after the failure", LINE, is_hb)).unwrap();
+    assert!(after > before);
+    p.wait_for("a self-check after the failure", LINE, |l| {
+        l.starts_with("tern-guest check ok")
+    });
+}
+
 /// A QMP client, negotiated.
 pub struct Qmp {
     stream: UnixStream,
@@ -172,16 +246,7 @@ pub struct Qmp {
 
 impl Qmp {
     pub fn connect(path: &Path, timeout: Duration) -> Qmp {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "QMP socket {path:?}: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
+        let stream = connect_unix(path, timeout);
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
@@ -215,14 +280,7 @@ impl Qmp {
         self.stream
             .write_all(format!("{msg}\r\n").as_bytes())
             .expect("QMP write");
-        loop {
-            let v = self.read();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
+        self.reply()
     }
 
     /// Sends a command with a descriptor attached (SCM_RIGHTS), as `getfd` expects.
@@ -232,6 +290,11 @@ impl Qmp {
         self.stream
             .send_with_fd(msg.as_bytes(), fd)
             .expect("QMP sendmsg");
+        self.reply()
+    }
+
+    /// The next reply; events that come first are kept in `events`.
+    fn reply(&mut self) -> Value {
         loop {
             let v = self.read();
             if v.get("event").is_some() {
