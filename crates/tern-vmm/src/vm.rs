@@ -350,6 +350,14 @@ impl Vm {
         self.kick_all();
         self.control.wait_parked();
         *state = RunState::Paused;
+        // The console holds a partial line until its newline; out with it now, or a migration
+        // would lose those bytes (the line buffer is the VMM's, not the guest's state).
+        let mut serial = self
+            .devices
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let _ = std::io::Write::flush(serial.writer_mut());
     }
 
     /// Resumes every vCPU and returns once all have left the parking lot (or starts them, on a

@@ -129,7 +129,7 @@ fn save_then_restore_continues_the_guest() {
         src.q.ok("query-status", json!({})),
         json!({"running": false, "status": "postmigrate"})
     );
-    let src_hb = last_hb(&mut src.p);
+    let src_hb = paused_last_hb(&mut src.p);
     // No more heartbeats from the stopped source.
     assert!(src.p.wait_raw(Duration::from_millis(1500), is_hb).is_none());
     // 256 MiB of working set in 1 GiB of RAM: the file holds the written pages, not the RAM.
@@ -162,7 +162,7 @@ fn exec_cat_into_a_file_then_restore() {
     src.q.ok("migrate", json!({"uri": uri}));
     let report = wait_migration(&mut src.q, MIGRATE);
     assert_eq!(report["status"], "completed", "{report}");
-    let src_hb = last_hb(&mut src.p);
+    let src_hb = paused_last_hb(&mut src.p);
     verify_and_flip(&file);
     let mut dst = restore(&d, "dst", &file);
     continues(src_hb, &report, &mut dst);
@@ -211,7 +211,7 @@ fn fd_through_a_socketpair_passed_with_getfd() {
     assert_eq!(report["status"], "completed", "{report}");
     // Two-way: the target acknowledged, so the downtime covers its load and resume.
     assert!(report["downtime"].is_u64());
-    let src_hb = last_hb(&mut src.p);
+    let src_hb = paused_last_hb(&mut src.p);
     continues(src_hb, &report, &mut dst);
     quit(dst);
     quit(src);
@@ -318,7 +318,7 @@ fn the_human_monitor_drives_a_migration() {
     );
     assert_eq!(r, json!("VM status: paused (postmigrate)\n"));
     let report = src.q.ok("query-migrate", json!({}));
-    let src_hb = last_hb(&mut src.p);
+    let src_hb = paused_last_hb(&mut src.p);
     continues(src_hb, &report, &mut dst);
     assert!(h
         .cmd("cont")
@@ -398,7 +398,7 @@ fn a_guest_faster_than_the_link_hits_the_round_limit_then_auto_converge_moves_it
         .collect();
     assert!(steps.iter().any(|&p| p >= 20), "never throttled: {steps:?}");
     assert_eq!(t["stop-reason"], "converged");
-    let src_hb = last_hb(&mut src.p);
+    let src_hb = paused_last_hb(&mut src.p);
     continues(src_hb, &report, &mut dst);
     quit(dst);
     quit(src);

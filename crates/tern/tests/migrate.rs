@@ -80,7 +80,7 @@ fn migrate(d: &Path, src: &mut Vmm, tag: &str, uri: &str) -> Vmm {
         src.q.ok("query-status", json!({})),
         json!({"running": false, "status": "postmigrate"})
     );
-    let n_src = last_hb(&mut src.p);
+    let n_src = paused_last_hb(&mut src.p);
     // The target runs the same guest: its heartbeat continues, no restart.
     continues_on(&mut dst.p, n_src);
     let rd = dst.q.ok("query-migrate", json!({}));

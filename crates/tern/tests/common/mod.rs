@@ -193,6 +193,13 @@ pub fn wait_migration(q: &mut Qmp, timeout: Duration) -> Value {
     }
 }
 
+/// The last heartbeat number a *paused* process printed: its last lines may still be on their
+/// way through the pipe and the reader thread, so give them a moment first.
+pub fn paused_last_hb(p: &mut Proc) -> u64 {
+    std::thread::sleep(Duration::from_millis(300));
+    last_hb(p)
+}
+
 /// The last heartbeat number the process printed so far.
 pub fn last_hb(p: &mut Proc) -> u64 {
     p.drain();
