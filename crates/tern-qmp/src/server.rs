@@ -74,6 +74,9 @@ impl Read for FdReader {
             .recv_with_fd(buf)
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         if let Some(f) = fd {
+            // recvmsg gave it without close-on-exec; a duplicate has it (F_DUPFD_CLOEXEC), so
+            // that a later `exec:` migration's command does not inherit the descriptor.
+            let f = f.try_clone()?;
             let mut r = self.received.lock().unwrap_or_else(|e| e.into_inner());
             if r.len() < MAX_PENDING_FDS {
                 r.push(f);
