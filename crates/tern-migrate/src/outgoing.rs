@@ -106,11 +106,6 @@ impl MigrationControl {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
     }
 
-    /// The parameters this migration runs with.
-    pub fn params(&self) -> MigrationParams {
-        self.params
-    }
-
     /// Cancels: the migration thread stops at the next record (or its blocked write fails) and
     /// resumes the source.
     pub fn cancel(&self) {
@@ -215,10 +210,18 @@ pub fn run_outgoing(
     result
 }
 
-/// One message from the return path.
-fn read_return(c: Connection) -> Result<ReturnMessage> {
+/// One message from the return path. A read that fails because the migration was cancelled
+/// (the canceller shut the socket down) is a cancellation.
+fn read_return(c: Connection, ctl: &MigrationControl) -> Result<ReturnMessage> {
     let mut rr = RecordReader::new(c);
-    match rr.next_record()? {
+    let rec = rr.next_record().map_err(|e| {
+        if ctl.cancel.load(Ordering::SeqCst) {
+            MigrateError::Cancelled
+        } else {
+            MigrateError::Wire(e)
+        }
+    })?;
+    match rec {
         Some(rec) if rec.ty == record_type::RETURN_MESSAGE => ReturnMessage::decode(rec.body)
             .map_err(|k| MigrateError::Vm(format!("bad return message: {k}"))),
         Some(rec) => Err(MigrateError::Vm(format!(
@@ -229,18 +232,30 @@ fn read_return(c: Connection) -> Result<ReturnMessage> {
     }
 }
 
+/// Waits up to `timeout` for the target's ACK (of `sequence`, if given) on the return path.
+fn await_ack(
+    c: Connection,
+    timeout: Duration,
+    sequence: Option<u64>,
+    ctl: &MigrationControl,
+) -> Result<()> {
+    c.set_read_timeout(Some(timeout))
+        .map_err(MigrateError::io("return path timeout"))?;
+    match read_return(c, ctl)? {
+        ReturnMessage::Ack { sequence: s } if sequence.is_none_or(|want| want == s) => Ok(()),
+        ReturnMessage::Error { message, .. } => Err(MigrateError::TargetRefused(message)),
+        other => Err(MigrateError::Vm(format!(
+            "unexpected return message {other:?}"
+        ))),
+    }
+}
+
 /// After a write failed: the target may have said why before closing.
-fn target_reason(ret: &mut Option<Connection>) -> Option<String> {
+fn target_reason(ret: &mut Option<Connection>, ctl: &MigrationControl) -> Option<String> {
     let c = ret.take()?;
     let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut rr = RecordReader::new(c);
-    match rr.next_record() {
-        Ok(Some(rec)) if rec.ty == record_type::RETURN_MESSAGE => {
-            match ReturnMessage::decode(rec.body) {
-                Ok(ReturnMessage::Error { message, .. }) => Some(message),
-                _ => None,
-            }
-        }
+    match read_return(c, ctl) {
+        Ok(ReturnMessage::Error { message, .. }) => Some(message),
         _ => None,
     }
 }
@@ -281,7 +296,7 @@ fn outgoing(
     let result = stream(&vm, ctl, &mut out, &mut session, &mut ret, end);
     match result {
         Err(MigrateError::Wire(e)) if matches!(e.kind, tern_wire::ErrorKind::Io(_)) => {
-            if let Some(reason) = target_reason(&mut ret) {
+            if let Some(reason) = target_reason(&mut ret, ctl) {
                 return Err(MigrateError::TargetRefused(reason));
             }
             ctl.check_cancel()?;
@@ -475,19 +490,7 @@ fn stream(
         let c = c
             .try_clone()
             .map_err(MigrateError::io("cloning the connection"))?;
-        c.set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(MigrateError::io("return path timeout"))?;
-        match read_return(c)? {
-            ReturnMessage::Ack { sequence } if sequence == round => {}
-            ReturnMessage::Error { message, .. } => {
-                return Err(MigrateError::TargetRefused(message))
-            }
-            other => {
-                return Err(MigrateError::Vm(format!(
-                    "unexpected return message {other:?}"
-                )))
-            }
-        }
+        await_ack(c, Duration::from_secs(60), Some(round), ctl)?;
     }
     let drain = t_drain.elapsed();
     tracing::debug!("target caught up in {:?}", drain);
@@ -542,7 +545,7 @@ fn stream(
     }
     // The acknowledgement: the target loaded everything and runs the guest.
     if let Some(conn) = ret.take() {
-        wait_ack(conn, ctl)?;
+        await_ack(conn, Duration::from_secs(300), None, ctl)?;
     }
     session.acknowledged = true;
     let t_ack = t_pause.elapsed();
@@ -567,34 +570,4 @@ fn stream(
         bytes: s.downtime_bytes,
     });
     Ok(())
-}
-
-/// Waits for the target's final word on the return path.
-fn wait_ack(conn: Connection, ctl: &MigrationControl) -> Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(300)))
-        .map_err(MigrateError::io("return path timeout"))?;
-    let mut rr = RecordReader::new(conn);
-    let reply = rr.next_record().map_err(|e| {
-        if ctl.cancel.load(Ordering::SeqCst) {
-            MigrateError::Cancelled
-        } else {
-            MigrateError::Wire(e)
-        }
-    })?;
-    match reply {
-        Some(rec) if rec.ty == record_type::RETURN_MESSAGE => match ReturnMessage::decode(rec.body)
-        {
-            Ok(ReturnMessage::Ack { .. }) => Ok(()),
-            Ok(ReturnMessage::Error { message, .. }) => Err(MigrateError::TargetRefused(message)),
-            Ok(other) => Err(MigrateError::Vm(format!(
-                "unexpected return message {other:?}"
-            ))),
-            Err(k) => Err(MigrateError::Vm(format!("bad return message: {k}"))),
-        },
-        Some(rec) => Err(MigrateError::Vm(format!(
-            "unexpected record type {:#x} on the return path",
-            rec.ty
-        ))),
-        None => Err(MigrateError::NoAck),
-    }
 }

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -414,16 +414,6 @@ impl Drop for Listener {
     fn drop(&mut self) {
         if let Listener::Unix(_, p) = self {
             let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-impl AsRawFd for Connection {
-    fn as_raw_fd(&self) -> RawFd {
-        match self {
-            Connection::Tcp(s) => s.as_raw_fd(),
-            Connection::Unix(s) => s.as_raw_fd(),
-            Connection::File(f) => f.as_raw_fd(),
         }
     }
 }

@@ -438,11 +438,6 @@ impl Vm {
         }
     }
 
-    /// The throttle set by [`Vm::set_throttle`].
-    pub fn throttle(&self) -> u8 {
-        self.control.throttle()
-    }
-
     /// Stops the vCPU threads and joins them.
     pub fn shutdown(&self) {
         self.control.request_stop();

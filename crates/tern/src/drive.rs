@@ -55,10 +55,7 @@ pub struct RestoreArgs {
 }
 
 fn qmp_path(s: &str) -> Result<PathBuf> {
-    match s.split_once(':') {
-        Some(("unix", p)) if !p.is_empty() => Ok(p.into()),
-        _ => bail!("--qmp '{s}': expected unix:PATH"),
-    }
+    crate::run::parse_unix("--qmp", s)
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);

@@ -73,7 +73,7 @@ fn parse_serial(s: &str) -> Result<SerialOutput> {
     })
 }
 
-fn parse_unix(what: &str, s: &str) -> Result<PathBuf> {
+pub(crate) fn parse_unix(what: &str, s: &str) -> Result<PathBuf> {
     match s.split_once(':') {
         Some(("unix", p)) if !p.is_empty() => Ok(p.into()),
         _ => bail!("{what} '{s}': expected unix:PATH"),
