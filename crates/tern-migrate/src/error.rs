@@ -19,6 +19,8 @@ pub enum MigrateError {
     TargetRefused(String),
     #[error("the target closed the connection before acknowledging")]
     NoAck,
+    #[error("the switch-over is in doubt: {0}; the target may be running the guest: check it before `cont` here")]
+    InDoubt(String),
     #[error("migration cancelled")]
     Cancelled,
     #[error("{0}")]

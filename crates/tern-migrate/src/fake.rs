@@ -1,5 +1,6 @@
 //! An in-memory VM for testing the engine without KVM: RAM in vectors, a dirty bitmap that its
-//! "guest" writes mark, a pause flag, and one small device section.
+//! "guest" writes mark, a pause flag, one small device section, and optionally a disk that
+//! migrates as a second participant (the engine knows neither by name).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,7 +11,10 @@ use tern_wire::{
     PAGE_SIZE,
 };
 
-use crate::{GuestRam, MigrateError, RegionInfo, Result, SourceVm, TargetRam, TargetVm};
+use crate::participant::{LoadParticipant, Out, Progress, SaveParticipant};
+use crate::{
+    GuestRam, MigrateError, RamLoader, RamSaver, RegionInfo, Result, SourceVm, TargetRam, TargetVm,
+};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -46,6 +50,8 @@ pub struct FakeVm {
     pub throttle: AtomicU64,
     /// A device that refuses to migrate.
     pub unmigratable: AtomicBool,
+    /// The fake disk: blocks of one page, and which were written since the last sync.
+    disk: Mutex<(Vec<u8>, Vec<bool>)>,
 }
 
 impl FakeVm {
@@ -74,7 +80,34 @@ impl FakeVm {
             throttle: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
             unmigratable: AtomicBool::new(false),
+            disk: Mutex::new((Vec::new(), Vec::new())),
         })
+    }
+
+    /// Gives the VM a disk of `blocks` pages (a second participant: "fake-disk").
+    pub fn with_disk(self: Arc<Self>, blocks: usize) -> Arc<Self> {
+        *self.disk.lock().unwrap() = (vec![0; blocks * PAGE_SIZE], vec![false; blocks]);
+        self
+    }
+
+    /// A guest write of `byte` over disk block `block`; refused while paused.
+    pub fn disk_write(&self, block: usize, byte: u8) -> bool {
+        if !self.is_running() {
+            return false;
+        }
+        let mut d = self.disk.lock().unwrap();
+        d.0[block * PAGE_SIZE..(block + 1) * PAGE_SIZE].fill(byte);
+        d.1[block] = true;
+        true
+    }
+
+    /// A copy of the disk.
+    pub fn disk_contents(&self) -> Vec<u8> {
+        self.disk.lock().unwrap().0.clone()
+    }
+
+    fn has_disk(&self) -> bool {
+        !self.disk.lock().unwrap().0.is_empty()
     }
 
     /// A guest write of `byte` over page `page` of `region`; refused while paused.
@@ -198,6 +231,17 @@ impl SourceVm for FakeVm {
     fn state_size_hint(&self) -> u64 {
         64
     }
+    fn save_participants(self: Arc<Self>) -> Vec<Box<dyn SaveParticipant>> {
+        let mut v: Vec<Box<dyn SaveParticipant>> = vec![Box::new(RamSaver::new(self.clone()))];
+        if self.has_disk() {
+            v.push(Box::new(DiskSaver {
+                vm: self,
+                todo: Vec::new(),
+                sent: 0,
+            }));
+        }
+        v
+    }
 }
 
 impl TargetRam for FakeVm {
@@ -239,10 +283,138 @@ impl TargetVm for FakeVm {
         self.writes.store(r.u64("writes")?, Ordering::SeqCst);
         Ok(())
     }
+    fn load_participants(self: Arc<Self>) -> Vec<Box<dyn LoadParticipant>> {
+        let mut v: Vec<Box<dyn LoadParticipant>> = vec![Box::new(RamLoader::new(self.clone()))];
+        if self.has_disk() {
+            v.push(Box::new(DiskLoader {
+                vm: self,
+                loaded: 0,
+            }));
+        }
+        v
+    }
     fn resume(&self) -> Result<()> {
         SourceVm::resume(self)
     }
     fn ram_digest(&self) -> u64 {
         SourceVm::ram_digest(self)
     }
+}
+
+/// Blocks per PARTICIPANT_DATA record of the fake disk.
+const DISK_BATCH: usize = 16;
+
+/// The fake disk's source side: each record holds (u64 block, one page of data) pairs.
+struct DiskSaver {
+    vm: Arc<FakeVm>,
+    todo: Vec<usize>,
+    sent: u64,
+}
+
+impl DiskSaver {
+    fn send(&mut self, out: &mut Out<'_>, all: bool) -> Result<bool> {
+        while !self.todo.is_empty() {
+            let n = self.todo.len().min(DISK_BATCH);
+            let mut body = Vec::with_capacity(n * (8 + PAGE_SIZE));
+            {
+                let d = self.vm.disk.lock().unwrap();
+                for b in self.todo.drain(..n) {
+                    body.extend_from_slice(&(b as u64).to_le_bytes());
+                    body.extend_from_slice(&d.0[b * PAGE_SIZE..(b + 1) * PAGE_SIZE]);
+                }
+            }
+            out.participant_data("fake-disk", &body)?;
+            self.sent += n as u64;
+            if !all {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+impl SaveParticipant for DiskSaver {
+    fn name(&self) -> &'static str {
+        "fake-disk"
+    }
+    fn save_setup(&mut self, _out: &mut Out<'_>) -> Result<()> {
+        let mut d = self.vm.disk.lock().unwrap();
+        d.1.fill(false);
+        self.todo = (0..d.1.len()).collect();
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<u64> {
+        let mut d = self.vm.disk.lock().unwrap();
+        let mut found = 0;
+        for (b, dirty) in d.1.iter_mut().enumerate() {
+            if std::mem::take(dirty) && !self.todo.contains(&b) {
+                self.todo.push(b);
+                found += 1;
+            }
+        }
+        Ok(found * PAGE)
+    }
+    fn pending(&self) -> u64 {
+        self.todo.len() as u64 * PAGE
+    }
+    fn iterate(&mut self, out: &mut Out<'_>) -> Result<bool> {
+        self.send(out, false)
+    }
+    fn complete_precopy(&mut self, out: &mut Out<'_>) -> Result<()> {
+        self.sync()?;
+        self.send(out, true).map(drop)
+    }
+    fn progress(&self) -> Progress {
+        Progress {
+            data_pages: self.sent,
+            zero_pages: 0,
+        }
+    }
+    fn cleanup(&mut self) {}
+}
+
+/// The fake disk's target side.
+struct DiskLoader {
+    vm: Arc<FakeVm>,
+    loaded: u64,
+}
+
+impl LoadParticipant for DiskLoader {
+    fn name(&self) -> &'static str {
+        "fake-disk"
+    }
+    fn load_setup(&mut self, _desc: &tern_wire::VmDescription) -> Result<()> {
+        Ok(())
+    }
+    fn load(&mut self, record: &tern_wire::Record<'_>) -> Result<bool> {
+        let tern_wire::Record::Participant {
+            name: "fake-disk",
+            data,
+        } = record
+        else {
+            return Ok(false);
+        };
+        let mut d = self.vm.disk.lock().unwrap();
+        let bad = || MigrateError::Vm("fake-disk: bad record".into());
+        if data.len() % (8 + PAGE_SIZE) != 0 {
+            return Err(bad());
+        }
+        for chunk in data.chunks(8 + PAGE_SIZE) {
+            let b = u64::from_le_bytes(chunk[..8].try_into().expect("8")) as usize;
+            let at = b
+                .checked_mul(PAGE_SIZE)
+                .filter(|&a| a < d.0.len())
+                .ok_or_else(bad)?;
+            d.0[at..at + PAGE_SIZE].copy_from_slice(&chunk[8..]);
+            self.loaded += 1;
+        }
+        Ok(true)
+    }
+    fn progress(&self) -> Progress {
+        Progress {
+            data_pages: self.loaded,
+            zero_pages: 0,
+        }
+    }
+    fn cleanup(&mut self) {}
 }

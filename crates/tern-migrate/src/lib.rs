@@ -4,33 +4,46 @@
 //! counted dirty; (2) rounds — each sends the pages dirtied since the last sync, at most once per
 //! round, zero pages as ranges; after each round the [`convergence`] rule decides whether the rest
 //! fits in the downtime limit; (3) stop-and-copy — pause, last pages, CPU and device sections,
-//! END, and the target's acknowledgement on the return path. Any failure before that
-//! acknowledgement resumes the source through one guard.
+//! END, then the switch-over below.
 //!
 //! The VM is reached through the traits below, implemented by `tern-vmm` for KVM and by
-//! [`fake::FakeVm`] for tests. RAM is the first [`SaveParticipant`]/[`LoadParticipant`]; other
-//! iterative state (block storage) can join without touching the engine.
+//! [`fake::FakeVm`] for tests. The VM lists its [`SaveParticipant`]s/[`LoadParticipant`]s (RAM
+//! first); the engine walks that list and never names RAM, so other iterative state (block
+//! storage) joins without touching the engine.
+//!
+//! The switch-over is a two-phase commit (`docs/stream-format.md`): the target loads and answers
+//! LOADED without running; the source commits — its point of no return — and sends GO; the target
+//! runs and answers RUNNING. Before the commit every failure resumes the source; after it the
+//! source never resumes by itself.
 
+mod control;
 pub mod convergence;
 mod error;
 pub mod fake;
-mod incoming;
-mod outgoing;
+pub mod manager;
 mod params;
+pub mod participant;
 mod ram;
 mod rate;
+mod source;
 mod stats;
+mod target;
 pub mod transport;
 
 use std::ops::Range;
 use std::sync::Arc;
 
+pub use control::{CancelRefused, MigrationControl, MigrationEvent};
 pub use error::MigrateError;
-pub use incoming::{run_incoming, IncomingOutcome};
-pub use outgoing::{run_outgoing, MigrationControl, MigrationEvent};
-pub use params::{Capabilities, LimitAction, MigrationParams};
+pub use manager::MigrationManager;
+pub use params::{
+    Capabilities, FaultAction, LimitAction, MigrationParams, SwitchoverFault, SwitchoverStep,
+};
+pub use participant::{LoadParticipant, Progress, SaveParticipant};
 pub use ram::{RamLoader, RamSaver};
+pub use source::run_outgoing;
 pub use stats::{MigrationStats, MigrationStatus};
+pub use target::{run_incoming, IncomingOutcome};
 pub use tern_wire::{Section, SectionDesc, VmDescription};
 
 /// Result of engine operations.
@@ -87,6 +100,8 @@ pub trait SourceVm: Send + Sync {
     fn ram_digest(&self) -> u64;
     /// Bytes of CPU and device state, for the downtime estimate.
     fn state_size_hint(&self) -> u64;
+    /// What moves iteratively, in the order the engine walks it (RAM: [`RamSaver`]).
+    fn save_participants(self: Arc<Self>) -> Vec<Box<dyn SaveParticipant>>;
 }
 
 /// Guest RAM on the target.
@@ -107,7 +122,9 @@ pub trait TargetVm: Send + Sync {
     fn ram(&self) -> &dyn TargetRam;
     /// Loads CPU and device state (all sections of the stream).
     fn load_state(&self, sections: &[Section]) -> Result<()>;
-    /// Starts the guest.
+    /// The counterparts of the source's participants (RAM: [`RamLoader`]).
+    fn load_participants(self: Arc<Self>) -> Vec<Box<dyn LoadParticipant>>;
+    /// Starts the guest (once: only on the source's GO, or at the end of a one-way stream).
     fn resume(&self) -> Result<()>;
     /// A digest of all guest RAM, computed the same way as the source's.
     fn ram_digest(&self) -> u64;
@@ -149,31 +166,3 @@ pub fn digest_chunks<'a>(bufs: impl Iterator<Item = &'a [u8]>) -> u64 {
 /// Builds the target VM from the stream's description (or checks a pre-built one against it).
 pub type TargetFactory<'a> =
     Box<dyn FnOnce(&VmDescription) -> Result<Arc<dyn TargetVm>> + Send + 'a>;
-
-/// A participant in precopy on the source: RAM today, block storage later.
-pub trait SaveParticipant: Send {
-    /// Its name, for errors and statistics.
-    fn name(&self) -> &'static str;
-    /// Before the first round.
-    fn save_setup(&mut self) -> Result<()>;
-    /// Starts a round: collects what became dirty since the last round. Returns pages found.
-    fn sync(&mut self) -> Result<u64>;
-    /// Bytes still to send in this round (an upper bound: zero pages cost almost nothing).
-    fn pending(&self) -> u64;
-    /// Sends the next chunk of this round; returns false once the round is done.
-    fn iterate(&mut self, out: &mut ram::Out<'_>) -> Result<bool>;
-    /// With the VM paused: sends everything that is left.
-    fn complete_precopy(&mut self, out: &mut ram::Out<'_>) -> Result<()>;
-    /// After success or failure.
-    fn cleanup(&mut self);
-}
-
-/// A participant on the target.
-pub trait LoadParticipant: Send {
-    /// After the VM description.
-    fn load_setup(&mut self, desc: &VmDescription) -> Result<()>;
-    /// One record; returns false if the record is not this participant's.
-    fn load(&mut self, record: &tern_wire::Record<'_>) -> Result<bool>;
-    /// After success or failure.
-    fn cleanup(&mut self);
-}

@@ -21,6 +21,87 @@ impl LimitAction {
     }
 }
 
+/// A step of the switch-over (`docs/stream-format.md`, *The switch-over*).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchoverStep {
+    /// END sent (source) or loaded (target); LOADED not yet read (source) or sent (target).
+    BeforeLoaded,
+    /// LOADED received (source) or sent (target); not committed, no GO yet.
+    BeforeGo,
+    /// GO sent (source) or received (target); RUNNING not yet read (source), the vCPUs not yet
+    /// started (target).
+    BeforeRunning,
+}
+
+impl SwitchoverStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwitchoverStep::BeforeLoaded => "before-loaded",
+            SwitchoverStep::BeforeGo => "before-go",
+            SwitchoverStep::BeforeRunning => "before-running",
+        }
+    }
+}
+
+/// Test aid (`x-tern-switchover-fault`): a fault placed at one step of the switch-over, on the
+/// side whose parameter it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwitchoverFault {
+    pub step: SwitchoverStep,
+    pub action: FaultAction,
+}
+
+/// What a [`SwitchoverFault`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Shut the connection down (both directions) at that step.
+    Cut,
+    /// Hold that many milliseconds at that step (a cancel or a kill can be placed meanwhile;
+    /// `query-migrate` shows `x-tern-fault-holding` during the hold).
+    Hold(u64),
+}
+
+impl SwitchoverFault {
+    /// `STEP:cut` or `STEP:hold:MS`; `""` is none.
+    pub fn parse(s: &str) -> Result<Option<Self>, String> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        let bad = || {
+            format!(
+                "Parameter 'x-tern-switchover-fault' expects STEP:cut or STEP:hold:MS with STEP one of before-loaded, before-go, before-running, not '{s}'"
+            )
+        };
+        let (step, action) = s.split_once(':').ok_or_else(bad)?;
+        let step = match step {
+            "before-loaded" => SwitchoverStep::BeforeLoaded,
+            "before-go" => SwitchoverStep::BeforeGo,
+            "before-running" => SwitchoverStep::BeforeRunning,
+            _ => return Err(bad()),
+        };
+        let action = match action.split_once(':') {
+            None if action == "cut" => FaultAction::Cut,
+            Some(("hold", ms)) => FaultAction::Hold(
+                ms.parse::<u64>()
+                    .ok()
+                    .filter(|&m| m <= 600_000)
+                    .ok_or_else(bad)?,
+            ),
+            _ => return Err(bad()),
+        };
+        Ok(Some(SwitchoverFault { step, action }))
+    }
+}
+
+impl std::fmt::Display for SwitchoverFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.action {
+            FaultAction::Cut => write!(f, "{}:cut", self.step.as_str()),
+            FaultAction::Hold(ms) => write!(f, "{}:hold:{ms}", self.step.as_str()),
+        }
+    }
+}
+
 /// Tunables (`migrate-set-parameters`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MigrationParams {
@@ -49,6 +130,8 @@ pub struct MigrationParams {
     pub max_precopy_ms: u64,
     /// What reaching either limit does.
     pub limit_action: LimitAction,
+    /// Test aid: a fault at one step of the switch-over (`x-tern-switchover-fault`).
+    pub switchover_fault: Option<SwitchoverFault>,
 }
 
 impl Default for MigrationParams {
@@ -64,6 +147,7 @@ impl Default for MigrationParams {
             max_rounds: 0,
             max_precopy_ms: 0,
             limit_action: LimitAction::Fail,
+            switchover_fault: None,
         }
     }
 }
@@ -105,6 +189,7 @@ impl MigrationParams {
             "x-tern-max-rounds": self.max_rounds,
             "x-tern-max-precopy-time": self.max_precopy_ms,
             "x-tern-limit-action": self.limit_action.as_str(),
+            "x-tern-switchover-fault": self.switchover_fault.map(|f| f.to_string()).unwrap_or_default(),
         })
     }
 
@@ -134,6 +219,12 @@ impl MigrationParams {
                         Some("switchover") => LimitAction::Switchover,
                         _ => return Err(format!("Parameter '{k}' expects 'fail' or 'switchover'")),
                     }
+                }
+                "x-tern-switchover-fault" => {
+                    p.switchover_fault = SwitchoverFault::parse(
+                        v.as_str()
+                            .ok_or_else(|| format!("Parameter '{k}' expects a string"))?,
+                    )?
                 }
                 other if NOT_YET.contains(&other) => {
                     return Err(format!("Parameter '{other}' is not supported by tern yet"))
@@ -219,6 +310,18 @@ mod tests {
         assert_eq!(p.downtime_limit_ms, 50);
         assert_eq!(p.cpu_throttle_initial, 30);
         assert_eq!(p.limit_action, LimitAction::Switchover);
+        for f in [
+            "before-loaded:cut",
+            "before-go:hold:1500",
+            "before-running:cut",
+        ] {
+            p.apply(json!({"x-tern-switchover-fault": f}).as_object().unwrap())
+                .unwrap();
+            assert_eq!(p.switchover_fault.unwrap().to_string(), f);
+        }
+        p.apply(json!({"x-tern-switchover-fault": ""}).as_object().unwrap())
+            .unwrap();
+        assert_eq!(p.switchover_fault, None);
         let before = p;
         for bad in [
             json!({"downtime-limit": 10, "max-cpu-throttle": 100}),
@@ -228,6 +331,9 @@ mod tests {
             json!({"cpu-throttle-tailslow": 1}),
             json!({"multifd-channels": 4}),
             json!({"nonsense": 4}),
+            json!({"x-tern-switchover-fault": "before-go:explode"}),
+            json!({"x-tern-switchover-fault": "later:cut"}),
+            json!({"x-tern-switchover-fault": "before-go:hold:x"}),
             json!({"cpu-throttle-initial": 90, "max-cpu-throttle": 80}),
         ] {
             assert!(p.apply(bad.as_object().unwrap()).is_err(), "{bad}");

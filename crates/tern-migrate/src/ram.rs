@@ -1,18 +1,11 @@
 //! RAM, the first iterative participant: dirty bitmaps in, RAM_PAGES records out.
 
-use std::io::Write;
 use std::sync::Arc;
 
-use tern_wire::{
-    RamRun, Record, RunData, StreamWriter, VmDescription, ENC_RAW, ENC_ZERO, PAGE_SIZE,
-};
+use tern_wire::{RamRun, Record, RunData, VmDescription, ENC_RAW, ENC_ZERO, PAGE_SIZE};
 
-use crate::{
-    LoadParticipant, MigrateError, RegionInfo, Result, SaveParticipant, SourceVm, TargetVm,
-};
-
-/// The stream the participants write to.
-pub type Out<'a> = StreamWriter<Box<dyn Write + Send + 'a>>;
+use crate::participant::{LoadParticipant, Out, Progress, SaveParticipant};
+use crate::{MigrateError, RegionInfo, Result, SourceVm, TargetVm};
 
 /// Pages per RAM_PAGES record (1 MiB of data at most).
 pub const BATCH_PAGES: usize = 256;
@@ -204,16 +197,17 @@ impl SaveParticipant for RamSaver {
         "ram"
     }
 
-    fn save_setup(&mut self) -> Result<()> {
+    fn save_setup(&mut self, out: &mut Out<'_>) -> Result<()> {
         self.vm.ram().start_dirty_log()?;
         self.logging = true;
-        // Round 1: every page that may hold data; the rest is known zero.
+        // Round 1: every page that may hold data; the rest is known zero, and goes now.
         for r in self.regions.iter_mut() {
             for range in self.vm.ram().populated(r.info.id) {
                 r.set_range(range);
             }
         }
         self.cursor = (0, 0);
+        self.counters.zero += send_holes(&*self.vm, out)?;
         Ok(())
     }
 
@@ -225,7 +219,14 @@ impl SaveParticipant for RamSaver {
         let after: u64 = self.regions.iter().map(Dirty::count).sum();
         self.counters.last_sync_dirty = after - before;
         self.cursor = (0, 0);
-        Ok(after - before)
+        Ok((after - before) * PAGE)
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            data_pages: self.counters.normal,
+            zero_pages: self.counters.zero,
+        }
     }
 
     fn pending(&self) -> u64 {
@@ -252,7 +253,7 @@ impl SaveParticipant for RamSaver {
 
 /// The zero ranges of round 1: pages known to hold nothing, sent as ranges so that the stream
 /// describes all of RAM (a saved file restores into any memory).
-pub(crate) fn send_holes(vm: &dyn SourceVm, out: &mut Out<'_>) -> Result<u64> {
+fn send_holes(vm: &dyn SourceVm, out: &mut Out<'_>) -> Result<u64> {
     let mut total = 0;
     for info in vm.ram().regions() {
         let pages = info.size / PAGE;
@@ -378,6 +379,17 @@ impl RamLoader {
 }
 
 impl LoadParticipant for RamLoader {
+    fn name(&self) -> &'static str {
+        "ram"
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            data_pages: self.pages,
+            zero_pages: self.zero,
+        }
+    }
+
     fn load_setup(&mut self, desc: &VmDescription) -> Result<()> {
         self.region_pages = desc.ram.iter().map(|r| (r.id, r.size / PAGE)).collect();
         Ok(())

@@ -81,6 +81,10 @@ pub struct MigrationStats {
     pub switchover: Option<Switchover>,
     /// Why precopy stopped iterating: "converged", "round limit", "time limit", "idle".
     pub stop_reason: Option<&'static str>,
+    /// The migration failed after the source committed: the target may be running the guest.
+    pub in_doubt: bool,
+    /// Test aid: the switch-over step where `x-tern-switchover-fault` holds now.
+    pub fault_holding: Option<&'static str>,
 }
 
 /// One precopy round as measured by the source. Times are seconds since the migration began;
@@ -120,7 +124,9 @@ pub struct Switchover {
     pub state_ms: f64,
     /// Until END was written (and, one-way, the channel closed and synced).
     pub end_ms: f64,
-    /// Until the target acknowledged: it loaded the state and resumed the guest.
+    /// Until the target's LOADED: it read END and loaded everything, not running yet.
+    pub loaded_ms: f64,
+    /// Until the target's RUNNING (after the commit and GO): the downtime.
     pub ack_ms: f64,
     pub pages: u64,
     pub zero_pages: u64,
@@ -154,6 +160,8 @@ impl Default for MigrationStats {
             rounds: Vec::new(),
             switchover: None,
             stop_reason: None,
+            in_doubt: false,
+            fault_holding: None,
         }
     }
 }
@@ -210,6 +218,12 @@ impl MigrationStats {
         if let Some(e) = &self.error {
             v["error-desc"] = json!(e);
         }
+        if self.in_doubt {
+            v["x-tern-in-doubt"] = json!(true);
+        }
+        if let Some(step) = self.fault_holding {
+            v["x-tern-fault-holding"] = json!(step);
+        }
         if let Some(d) = self.ram_digest {
             v["x-tern-ram-digest"] = json!(format!("{d:016x}"));
         }
@@ -247,13 +261,15 @@ impl MigrationStats {
                 "pages-ms": s.pages_ms,
                 "state-ms": s.state_ms,
                 "end-ms": s.end_ms,
+                "loaded-ms": s.loaded_ms,
                 "ack-ms": s.ack_ms,
                 "downtime": {
                     "pause": s.pause_ms,
                     "final-pages": s.pages_ms - s.pause_ms,
                     "device-state": s.state_ms - s.pages_ms,
                     "end": s.end_ms - s.state_ms,
-                    "target-load-and-resume": s.ack_ms - s.end_ms,
+                    "target-load": s.loaded_ms - s.end_ms,
+                    "commit-and-run": s.ack_ms - s.loaded_ms,
                     "total": s.ack_ms,
                 },
                 "pages": s.pages,
@@ -274,6 +290,7 @@ impl MigrationStats {
             "zero-pages": self.duplicate,
             "stop-reason": self.stop_reason,
             "error": self.error,
+            "in-doubt": self.in_doubt,
             "rounds": rounds,
             "switchover": sw,
         })

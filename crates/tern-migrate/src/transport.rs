@@ -95,9 +95,8 @@ pub fn inherited_fd(n: RawFd) -> Result<OwnedFd> {
         .map_err(MigrateError::io(format!("duplicating fd:{n}")))
 }
 
-/// A connected migration channel.
 #[derive(Debug)]
-pub enum Connection {
+enum Endpoint {
     Tcp(TcpStream),
     /// A unix socket, or any socket passed as a descriptor.
     Unix(UnixStream),
@@ -105,65 +104,75 @@ pub enum Connection {
     File(File),
 }
 
+/// A connected migration channel. Clones are handles on the *same* descriptor (no `dup`): the
+/// sender writes through one, the return-path reader reads through another, and the canceller
+/// shuts the socket down through a third, from any thread. (A TLS stream fits the same shape: one
+/// shared session behind the handles.)
+#[derive(Clone, Debug)]
+pub struct Connection(Arc<Endpoint>);
+
 impl Connection {
-    /// Another handle on the same channel (for the return path, or to cancel).
-    pub fn try_clone(&self) -> io::Result<Connection> {
-        Ok(match self {
-            Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
-            Connection::Unix(s) => Connection::Unix(s.try_clone()?),
-            Connection::File(f) => Connection::File(f.try_clone()?),
-        })
+    fn tcp(s: TcpStream) -> Connection {
+        Connection(Arc::new(Endpoint::Tcp(s)))
+    }
+
+    fn unix(s: UnixStream) -> Connection {
+        Connection(Arc::new(Endpoint::Unix(s)))
+    }
+
+    fn file(f: File) -> Connection {
+        Connection(Arc::new(Endpoint::File(f)))
     }
 
     /// Whether the other end can answer on this channel.
     pub fn two_way(&self) -> bool {
-        !matches!(self, Connection::File(_))
+        !matches!(*self.0, Endpoint::File(_))
     }
 
     /// Shuts both directions of a socket down, waking any blocked reader or writer.
     pub fn shutdown(&self) {
-        let _ = match self {
-            Connection::Tcp(s) => s.shutdown(Shutdown::Both),
-            Connection::Unix(s) => s.shutdown(Shutdown::Both),
-            Connection::File(_) => Ok(()),
+        let _ = match &*self.0 {
+            Endpoint::Tcp(s) => s.shutdown(Shutdown::Both),
+            Endpoint::Unix(s) => s.shutdown(Shutdown::Both),
+            Endpoint::File(_) => Ok(()),
         };
     }
 
-    /// Limits how long a read may block.
+    /// Limits how long a read may block (every handle shares the setting).
     pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
-        match self {
-            Connection::Tcp(s) => s.set_read_timeout(t),
-            Connection::Unix(s) => s.set_read_timeout(t),
-            Connection::File(_) => Ok(()),
+        match &*self.0 {
+            Endpoint::Tcp(s) => s.set_read_timeout(t),
+            Endpoint::Unix(s) => s.set_read_timeout(t),
+            Endpoint::File(_) => Ok(()),
         }
     }
 
     fn from_fd(fd: OwnedFd) -> io::Result<Connection> {
         let f = File::from(fd);
         if f.metadata()?.file_type().is_socket() {
-            Ok(Connection::Unix(UnixStream::from(OwnedFd::from(f))))
+            Ok(Connection::unix(UnixStream::from(OwnedFd::from(f))))
         } else {
-            Ok(Connection::File(f))
+            Ok(Connection::file(f))
         }
     }
 }
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Connection::Tcp(s) => s.read(buf),
-            Connection::Unix(s) => s.read(buf),
-            Connection::File(f) => f.read(buf),
+        match &*self.0 {
+            Endpoint::Tcp(s) => (&mut &*s).read(buf),
+            Endpoint::Unix(s) => (&mut &*s).read(buf),
+            Endpoint::File(f) => (&mut &*f).read(buf),
         }
     }
 }
 
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Connection::Tcp(s) => s.write(buf),
-            Connection::Unix(s) => s.write(buf),
-            Connection::File(f) => f.write(buf),
+        match &*self.0 {
+            Endpoint::Tcp(s) => (&mut &*s).write(buf),
+            Endpoint::Unix(s) => (&mut &*s).write(buf),
+            Endpoint::File(f) => (&mut &*f).write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -278,7 +287,7 @@ impl Channel {
             _ => return Err(MigrateError::Vm(format!("'{cmd}' has no pipe"))),
         };
         Ok(Channel {
-            conn: Connection::File(File::from(pipe)),
+            conn: Connection::file(File::from(pipe)),
             end: ChannelEnd {
                 child: Some((child, cmd.to_string(), Arc::new(AtomicBool::new(false)))),
                 sync: None,
@@ -301,9 +310,9 @@ impl Channel {
                 // Nagle plus delayed ACK would add tens of ms to the downtime.
                 s.set_nodelay(true)
                     .map_err(MigrateError::io("TCP_NODELAY"))?;
-                Ok(Channel::plain(Connection::Tcp(s)))
+                Ok(Channel::plain(Connection::tcp(s)))
             }
-            Uri::Unix(p) => Ok(Channel::plain(Connection::Unix(
+            Uri::Unix(p) => Ok(Channel::plain(Connection::unix(
                 UnixStream::connect(p).map_err(MigrateError::io(format!("connecting to {uri}")))?,
             ))),
             Uri::Fd(_) => {
@@ -320,7 +329,7 @@ impl Channel {
                     .try_clone()
                     .map_err(MigrateError::io("duplicating the file"))?;
                 Ok(Channel {
-                    conn: Connection::File(f),
+                    conn: Connection::file(f),
                     end: ChannelEnd {
                         child: None,
                         sync: Some(sync),
@@ -337,12 +346,12 @@ impl Channel {
     }
 
     /// A handle to stop this channel from another thread.
-    pub fn canceller(&self) -> io::Result<Canceller> {
-        Ok(match (&self.conn, &self.end.child) {
+    pub fn canceller(&self) -> Canceller {
+        match (&self.conn, &self.end.child) {
             (_, Some((child, _, reaped))) => Canceller::Command(child.id(), reaped.clone()),
-            (c, None) if c.two_way() => Canceller::Socket(c.try_clone()?),
+            (c, None) if c.two_way() => Canceller::Socket(c.clone()),
             _ => Canceller::Nothing,
-        })
+        }
     }
 }
 
@@ -371,7 +380,7 @@ impl Listener {
                     p.clone(),
                 ))
             }
-            Uri::File(p) => open(Channel::plain(Connection::File(
+            Uri::File(p) => open(Channel::plain(Connection::file(
                 File::open(p).map_err(MigrateError::io(format!("opening {}", p.display())))?,
             ))),
             Uri::Fd(_) => {
@@ -394,9 +403,9 @@ impl Listener {
                     .map_err(MigrateError::io("accepting the migration"))?;
                 s.set_nodelay(true)
                     .map_err(MigrateError::io("TCP_NODELAY"))?;
-                Ok(Channel::plain(Connection::Tcp(s)))
+                Ok(Channel::plain(Connection::tcp(s)))
             }
-            Listener::Unix(l, _) => Ok(Channel::plain(Connection::Unix(
+            Listener::Unix(l, _) => Ok(Channel::plain(Connection::unix(
                 l.accept()
                     .map_err(MigrateError::io("accepting the migration"))?
                     .0,

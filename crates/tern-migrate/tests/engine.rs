@@ -12,61 +12,9 @@ use tern_migrate::{
     MigrationParams, MigrationStatus, SourceVm, TargetVm,
 };
 
-const MIB: u64 = 1 << 20;
+mod common;
 
-fn uri(name: &str) -> Uri {
-    let p = std::env::temp_dir().join(format!("tern-engine-{}-{name}.sock", std::process::id()));
-    Uri::Unix(p)
-}
-
-fn control(params: MigrationParams) -> (Arc<MigrationControl>, Arc<Mutex<Vec<MigrationEvent>>>) {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let e = events.clone();
-    let caps = Capabilities {
-        events: true,
-        ram_digest: true,
-        ..Default::default()
-    };
-    (
-        MigrationControl::new(params, caps, Box::new(move |ev| e.lock().unwrap().push(ev))),
-        events,
-    )
-}
-
-/// Starts a target that accepts one migration into `target` (or refuses with `refuse`).
-fn target(
-    uri: &Uri,
-    target: Arc<FakeVm>,
-    refuse: Option<&'static str>,
-) -> (
-    Arc<MigrationControl>,
-    thread::JoinHandle<Result<(), String>>,
-) {
-    let listener = Listener::bind(uri, None).unwrap();
-    let (ctl, _) = control(MigrationParams::default());
-    let c = ctl.clone();
-    let h = thread::spawn(move || {
-        let conn = listener.accept().map_err(|e| e.to_string())?;
-        let t = target.clone();
-        let factory: tern_migrate::TargetFactory<'_> = Box::new(move |_desc| match refuse {
-            Some(why) => Err(MigrateError::Mismatch(why.into())),
-            None => Ok(t as Arc<dyn TargetVm>),
-        });
-        run_incoming(conn, factory, &c)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    });
-    (ctl, h)
-}
-
-fn fill(vm: &FakeVm, pages: u64) {
-    let n = vm.contents().len() as u64;
-    for p in 0..pages {
-        if p % 3 != 0 {
-            vm.guest_write((p % n) as u32, p / n, (p % 251) as u8 + 1);
-        }
-    }
-}
+use common::*;
 
 #[test]
 fn idle_migration_copies_everything_and_leaves_the_source_paused() {
@@ -165,7 +113,7 @@ fn cancel_resumes_nothing_it_did_not_pause_and_leaves_the_source_running() {
     let h = thread::spawn(move || run_outgoing(s2 as Arc<dyn SourceVm>, &u, None, &c));
     thread::sleep(Duration::from_millis(300));
     assert_eq!(ctl.snapshot().status, MigrationStatus::Active);
-    ctl.cancel();
+    ctl.cancel().unwrap();
     let r = h.join().unwrap();
     assert!(
         matches!(r, Err(MigrateError::Cancelled) | Err(MigrateError::Wire(_))),

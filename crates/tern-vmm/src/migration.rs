@@ -4,9 +4,11 @@
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use tern_migrate::{
-    GuestRam, MigrateError, RegionInfo, Result, SectionDesc, SourceVm, TargetRam, TargetVm,
+    GuestRam, LoadParticipant, MigrateError, RamLoader, RamSaver, RegionInfo, Result,
+    SaveParticipant, SectionDesc, SourceVm, TargetRam, TargetVm,
 };
 use tern_wire::Section;
 use vm_memory::GuestMemoryBackend;
@@ -274,6 +276,10 @@ impl SourceVm for Vm {
     fn state_size_hint(&self) -> u64 {
         u64::from(self.vcpus()) * (8 << 10) + (4 << 10)
     }
+
+    fn save_participants(self: Arc<Self>) -> Vec<Box<dyn SaveParticipant>> {
+        vec![Box::new(RamSaver::new(self))]
+    }
 }
 
 /// `madvise` advice that faults pages in writable without touching their contents (Linux 5.14;
@@ -346,6 +352,10 @@ impl TargetVm for Vm {
 
     fn load_state(&self, sections: &[Section]) -> Result<()> {
         Ok(crate::state::load(self, sections)?)
+    }
+
+    fn load_participants(self: Arc<Self>) -> Vec<Box<dyn LoadParticipant>> {
+        vec![Box::new(RamLoader::new(self))]
     }
 
     fn resume(&self) -> Result<()> {

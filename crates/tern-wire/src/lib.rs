@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod control;
 mod desc;
 mod error;
 mod frame;
@@ -15,6 +16,7 @@ mod ram;
 mod state;
 mod stream;
 
+pub use control::{ChannelHello, ChannelRole, ReturnMessage, MAX_RETURN_MESSAGE};
 pub use crc32c::crc32c;
 pub use desc::{FieldDesc, RamRegionDesc, SectionDesc, SubsectionDesc, VmDescription};
 pub use error::{ErrorKind, StateError, WireError};
@@ -26,7 +28,7 @@ pub use state::{
     load_all, save_all, FieldSpec, FieldType, MigratableState, Schema, Section, SectionBuilder,
     SectionReader, Subsection, SubsectionBuilder, SubsectionReader, SubsectionSpec, Value,
 };
-pub use stream::{PostcopyCommand, Record, ReturnMessage, StreamReader, StreamWriter, Totals};
+pub use stream::{PostcopyCommand, Record, StreamReader, StreamWriter, Totals};
 
 /// Stream magic.
 pub const MAGIC: [u8; 8] = *b"TERNSTRM";
@@ -46,6 +48,9 @@ pub mod record_type {
     pub const RETURN_MESSAGE: u16 = 0x0005;
     pub const SOURCE_INFO: u16 = 0x0006;
     pub const PING: u16 = 0x0007;
+    pub const GO: u16 = 0x0008;
+    pub const CHANNEL_HELLO: u16 = 0x0009;
+    pub const PARTICIPANT_DATA: u16 = 0x000a;
     pub const END: u16 = 0x00ff;
 
     /// A human name for a record type.
@@ -58,6 +63,9 @@ pub mod record_type {
             RETURN_MESSAGE => "RETURN_MESSAGE",
             SOURCE_INFO => "SOURCE_INFO",
             PING => "PING",
+            GO => "GO",
+            CHANNEL_HELLO => "CHANNEL_HELLO",
+            PARTICIPANT_DATA => "PARTICIPANT_DATA",
             END => "END",
             _ => "unknown",
         }

@@ -141,81 +141,6 @@ impl PostcopyCommand {
     }
 }
 
-/// Messages on the return path (target to source).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReturnMessage {
-    PageRequest {
-        region: u32,
-        first_page: u64,
-        count: u64,
-    },
-    Ack {
-        sequence: u64,
-    },
-    Error {
-        code: u32,
-        message: String,
-    },
-}
-
-impl ReturnMessage {
-    /// Encodes the record body (record type RETURN_MESSAGE).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::new();
-        match self {
-            ReturnMessage::PageRequest {
-                region,
-                first_page,
-                count,
-            } => {
-                b.extend_from_slice(&[1, 0, 0, 0]);
-                b.extend_from_slice(&region.to_le_bytes());
-                b.extend_from_slice(&[0; 4]);
-                b.extend_from_slice(&first_page.to_le_bytes());
-                b.extend_from_slice(&count.to_le_bytes());
-            }
-            ReturnMessage::Ack { sequence } => {
-                b.extend_from_slice(&[2, 0, 0, 0]);
-                b.extend_from_slice(&sequence.to_le_bytes());
-            }
-            ReturnMessage::Error { code, message } => {
-                b.extend_from_slice(&[3, 0, 0, 0]);
-                b.extend_from_slice(&code.to_le_bytes());
-                b.extend_from_slice(message.as_bytes());
-            }
-        }
-        b
-    }
-
-    /// Decodes a record body.
-    pub fn decode(body: &[u8]) -> Result<Self, ErrorKind> {
-        let bad = |reason: &str| ErrorKind::Malformed {
-            record: "RETURN_MESSAGE",
-            reason: reason.into(),
-        };
-        if body.len() < 4 || body[2..4] != [0, 0] {
-            return Err(bad("bad header"));
-        }
-        let d = &body[4..];
-        let u64_at = |at: usize| u64::from_le_bytes(d[at..at + 8].try_into().expect("8"));
-        match u16::from_le_bytes([body[0], body[1]]) {
-            1 if d.len() == 24 => Ok(ReturnMessage::PageRequest {
-                region: u32::from_le_bytes(d[0..4].try_into().expect("4")),
-                first_page: u64_at(8),
-                count: u64_at(16),
-            }),
-            2 if d.len() == 8 => Ok(ReturnMessage::Ack {
-                sequence: u64_at(0),
-            }),
-            3 if d.len() >= 4 => Ok(ReturnMessage::Error {
-                code: u32::from_le_bytes(d[0..4].try_into().expect("4")),
-                message: String::from_utf8_lossy(&d[4..]).into_owned(),
-            }),
-            _ => Err(bad("unknown kind or wrong length")),
-        }
-    }
-}
-
 /// Writes a stream. Wrap a socket or file in a `BufWriter`: small headers are written as-is.
 pub struct StreamWriter<W: Write> {
     w: RecordWriter<W>,
@@ -300,6 +225,24 @@ impl<W: Write> StreamWriter<W> {
             .map(drop)
     }
 
+    /// Data of an iterative participant other than RAM (`name`: 1..=255 bytes).
+    pub fn participant_data(&mut self, name: &str, data: &[u8]) -> Result<(), WireError> {
+        let n = u8::try_from(name.len())
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                WireError::at(
+                    self.w.offset(),
+                    ErrorKind::Malformed {
+                        record: "PARTICIPANT_DATA",
+                        reason: format!("participant name of {} bytes", name.len()),
+                    },
+                )
+            })?;
+        self.record(rt::PARTICIPANT_DATA, 0, &[&[n], name.as_bytes(), data])
+            .map(drop)
+    }
+
     /// Any record, as is (for tools and tests).
     pub fn raw_record(&mut self, ty: u16, flags: u16, body: &[u8]) -> Result<(), WireError> {
         self.record(ty, flags, &[body]).map(drop)
@@ -340,6 +283,11 @@ pub enum Record<'a> {
     SourceInfo(serde_json::Value),
     /// A PING with its sequence.
     Ping(u64),
+    /// Data of an iterative participant other than RAM (PARTICIPANT_DATA).
+    Participant {
+        name: &'a str,
+        data: &'a [u8],
+    },
     /// An OPTIONAL record of a type this build does not know, skipped.
     SkippedOptional {
         ty: u16,
@@ -406,6 +354,11 @@ impl<R: Read> StreamReader<R> {
         self.r.buffer_capacity()
     }
 
+    /// The framed records that follow the stream on a live connection (GO after END).
+    pub fn into_records(self) -> RecordReader<R> {
+        self.r
+    }
+
     /// The next record; `None` after END (having checked nothing follows it).
     pub fn next_record(&mut self) -> Result<Option<Record<'_>>, WireError> {
         if self.ended {
@@ -456,6 +409,7 @@ impl<R: Read> StreamReader<R> {
                 | rt::POSTCOPY_COMMAND
                 | rt::SOURCE_INFO
                 | rt::PING
+                | rt::PARTICIPANT_DATA
                 | rt::END
         );
         if !known {
@@ -567,6 +521,24 @@ impl<R: Read> StreamReader<R> {
                     })
                 })?;
                 Record::Ping(u64::from_le_bytes(seq))
+            }
+            rt::PARTICIPANT_DATA => {
+                let bad = |reason: &str| {
+                    err(ErrorKind::Malformed {
+                        record: "PARTICIPANT_DATA",
+                        reason: reason.into(),
+                    })
+                };
+                let n = *body.first().ok_or_else(|| bad("empty body"))? as usize;
+                if n == 0 || body.len() < 1 + n {
+                    return Err(bad("bad name length"));
+                }
+                let name =
+                    std::str::from_utf8(&body[1..1 + n]).map_err(|_| bad("name is not UTF-8"))?;
+                Record::Participant {
+                    name,
+                    data: &body[1 + n..],
+                }
             }
             _ => unreachable!("known types are matched above"),
         };

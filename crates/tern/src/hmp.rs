@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use tern_qmp::Backend;
 
-use crate::run::RunBackend;
+use crate::backend::RunBackend;
 use crate::size::parse_size;
 
 /// Longest accepted command line.

@@ -9,6 +9,7 @@ macro_rules! say {
     }};
 }
 
+mod backend;
 mod cli;
 mod client;
 mod demo;

@@ -213,7 +213,8 @@ pub fn render(t: &Value) -> Result<String> {
             ("final-pages", "#ff7f0e"),
             ("device-state", "#2ca02c"),
             ("end", "#8c564b"),
-            ("target-load-and-resume", "#17becf"),
+            ("target-load", "#17becf"),
+            ("commit-and-run", "#e377c2"),
         ];
         let total = f(d, "total").max(1e-9);
         let bar_y = PLOT_Y + PLOT_H + 88.0;
@@ -328,14 +329,15 @@ mod tests {
             ],
             "switchover": {"start": 1.0, "ack-ms": 12.0, "downtime": {"pause": 0.1,
                 "final-pages": 8.0, "device-state": 0.3, "end": 0.1,
-                "target-load-and-resume": 3.5, "total": 12.0}}
+                "target-load": 3.0, "commit-and-run": 0.5, "total": 12.0}}
         });
         let svg = render(&t).unwrap();
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
         assert!(svg.contains("downtime 12.0 ms"));
         assert!(svg.contains(">R2<"));
         assert!(svg.contains("tcp:a&lt;b:1"), "escaped");
-        assert!(svg.contains("target-load-and-resume 3.50 ms"));
+        assert!(svg.contains("target-load 3.00 ms"));
+        assert!(svg.contains("commit-and-run 0.50 ms"));
         assert!(svg.contains("precopy stopped: converged"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(render(&json!({"rounds": []})).is_err());

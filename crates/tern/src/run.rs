@@ -3,22 +3,23 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tern_migrate::transport::{inherited_fd, Listener, Uri};
 use tern_migrate::{
-    run_incoming, run_outgoing, Capabilities, MigrateError, MigrationControl, MigrationEvent,
-    MigrationParams, SourceVm, TargetVm,
+    run_incoming, run_outgoing, Capabilities, MigrateError, MigrationEvent, MigrationManager,
+    SourceVm, TargetVm,
 };
-use tern_qmp::{no_args, Backend, QmpError, Server};
-use tern_vmm::memory::vm_memory::{Bytes, GuestAddress};
+use tern_qmp::Server;
 use tern_vmm::{MachineConfig, RunState, SerialOutput, Vm, VmConfig, VmExit};
+
+use crate::backend::RunBackend;
 
 use crate::size::{human, parse_size};
 
@@ -133,7 +134,7 @@ fn read_kernel(path: &PathBuf) -> Result<Vec<u8>> {
 
 /// What the process is doing, as QMP's `query-status` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     /// Waiting for, or receiving, a migration.
     InMigrate,
     /// The guest is ours (running or paused).
@@ -144,19 +145,16 @@ enum Phase {
 
 /// The process's state, shared with the QMP backend and the migration threads.
 pub(crate) struct App {
-    vm: OnceLock<Arc<Vm>>,
+    pub(crate) vm: OnceLock<Arc<Vm>>,
     phase: Mutex<Phase>,
     server: OnceLock<Arc<Server>>,
-    params: Mutex<MigrationParams>,
-    caps: Mutex<Capabilities>,
-    migration: Mutex<Option<Arc<MigrationControl>>>,
-    incoming: Mutex<IncomingState>,
+    /// Parameters, capabilities and the migration: one owner, one lock to start one.
+    pub(crate) mig: MigrationManager,
+    pub(crate) incoming: Mutex<IncomingState>,
     incoming_cv: Condvar,
     machine: MachineSpec,
     /// After a migration into a file or a command, the guest may continue here (`cont`).
-    resumable: AtomicBool,
-    /// Where the source writes each migration's timeline (`x-tern-timeline`).
-    timeline: Mutex<Option<PathBuf>>,
+    pub(crate) resumable: AtomicBool,
 }
 
 /// The target's machine options, if given (the stream must match them).
@@ -167,7 +165,7 @@ struct MachineSpec {
     kvm_path: PathBuf,
 }
 
-enum IncomingState {
+pub(crate) enum IncomingState {
     /// No `--incoming`.
     None,
     /// `--incoming defer`, waiting for `migrate-incoming`.
@@ -181,19 +179,23 @@ enum IncomingState {
 }
 
 impl App {
-    fn emit(&self, event: &str, data: Option<Value>) {
+    pub(crate) fn emit(&self, event: &str, data: Option<Value>) {
         if let Some(s) = self.server.get() {
             s.emit(event, data);
         }
     }
 
-    fn control(self: &Arc<Self>) -> Arc<MigrationControl> {
+    pub(crate) fn phase(&self) -> MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// QMP's MIGRATION and MIGRATION_PASS events, if the `events` capability is on.
+    fn events(
+        self: &Arc<Self>,
+    ) -> impl Fn(Capabilities) -> Box<dyn Fn(MigrationEvent) + Send + Sync> {
         let app = Arc::downgrade(self);
-        let caps = *self.caps.lock().unwrap_or_else(|e| e.into_inner());
-        let params = *self.params.lock().unwrap_or_else(|e| e.into_inner());
-        MigrationControl::new(
-            params,
-            caps,
+        move |caps| {
+            let app = app.clone();
             Box::new(move |ev| {
                 let Some(app) = app.upgrade() else { return };
                 if !caps.events {
@@ -205,8 +207,8 @@ impl App {
                     }
                     MigrationEvent::Pass(n) => app.emit("MIGRATION_PASS", Some(json!({"pass": n}))),
                 }
-            }),
-        )
+            })
+        }
     }
 
     fn set_incoming(&self, s: IncomingState) {
@@ -215,7 +217,7 @@ impl App {
     }
 
     /// The descriptor an `fd:` URI names: a QMP `getfd` name or an inherited number.
-    fn resolve_fd(&self, uri: &Uri) -> Result<Option<OwnedFd>, String> {
+    pub(crate) fn resolve_fd(&self, uri: &Uri) -> Result<Option<OwnedFd>, String> {
         let Uri::Fd(name) = uri else { return Ok(None) };
         if let Some(n) = uri.fd_number() {
             return inherited_fd(n).map(Some).map_err(|e| e.to_string());
@@ -227,14 +229,27 @@ impl App {
             .ok_or_else(|| format!("File descriptor named '{name}' has not been found"))
     }
 
-    /// Binds the listener now (so errors reach the caller) and receives on a thread.
-    fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
+    /// Binds the listener now (so errors reach the caller) and receives on a thread. Only
+    /// when no incoming migration was started yet (`--incoming URI`, or `defer` until the first
+    /// `migrate-incoming`), decided under the migration manager's lock.
+    pub(crate) fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
         let uri = Uri::parse(uri).map_err(|e| e.to_string())?;
-        let fd = self.resolve_fd(&uri)?;
-        let listener = Listener::bind(&uri, fd).map_err(|e| e.to_string())?;
-        let ctl = self.control();
-        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctl.clone());
-        self.set_incoming(IncomingState::Running);
+        let mut listener = None;
+        let ctl = self.mig.begin(
+            || {
+                let mut inc = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+                if !matches!(*inc, IncomingState::Deferred) {
+                    return Err("'-incoming' was not specified on the command line".into());
+                }
+                let fd = self.resolve_fd(&uri)?;
+                listener = Some(Listener::bind(&uri, fd).map_err(|e| e.to_string())?);
+                *inc = IncomingState::Running;
+                Ok(())
+            },
+            self.events(),
+        )?;
+        self.incoming_cv.notify_all();
+        let listener = listener.expect("bound when begin succeeds");
         let app = self.clone();
         std::thread::Builder::new()
             .name("migration-in".into())
@@ -242,16 +257,65 @@ impl App {
                 let result = listener
                     .accept()
                     .and_then(|conn| run_incoming(conn, app.factory(), &ctl).map(|_| ()));
-                match result {
+                app.mig.finish(&ctl, || match result {
                     Ok(()) => {
-                        *app.phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Live;
+                        *app.phase() = Phase::Live;
                         app.emit("RESUME", None);
                         app.set_incoming(IncomingState::Done);
                     }
                     Err(e) => app.set_incoming(IncomingState::Failed(e.to_string())),
-                }
+                });
             })
             .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Starts an outgoing migration to `uri` on a thread, if the guest is ours to migrate and
+    /// no other migration runs (one decision, under the migration manager's lock).
+    pub(crate) fn start_outgoing(self: &Arc<Self>, uri: Uri) -> Result<(), String> {
+        let vm = self
+            .vm
+            .get()
+            .cloned()
+            .ok_or("The VM is not there yet: an incoming migration is pending")?;
+        let mut fd = None;
+        let ctl = self.mig.begin(
+            || {
+                if *self.phase() != Phase::Live {
+                    return Err("Cannot migrate: the guest is not ours to migrate (incoming or already migrated)".into());
+                }
+                fd = self.resolve_fd(&uri)?;
+                Ok(())
+            },
+            self.events(),
+        )?;
+        let app = self.clone();
+        let was_running = vm.state() == RunState::Running;
+        std::thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(move || {
+                let result = run_outgoing(vm.clone() as Arc<dyn SourceVm>, &uri, fd, &ctl);
+                if let Some(path) = app.mig.timeline() {
+                    let mut t = ctl.snapshot().timeline();
+                    t["uri"] = json!(uri.to_string());
+                    let text = serde_json::to_string_pretty(&t).unwrap_or_default();
+                    if let Err(e) = std::fs::write(&path, text + "\n") {
+                        tracing::warn!("cannot write the timeline {}: {e}", path.display());
+                    }
+                }
+                app.mig.finish(&ctl, || match result {
+                    Ok(()) => {
+                        app.resumable
+                            .store(matches!(uri, Uri::File(_) | Uri::Exec(_)), Ordering::SeqCst);
+                        *app.phase() = Phase::PostMigrate;
+                        if was_running {
+                            app.emit("STOP", None);
+                        }
+                    }
+                    Err(e) => tracing::warn!("migration to {uri} failed: {e}"),
+                });
+            })
+            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
         Ok(())
     }
 
@@ -361,9 +425,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             Phase::Live
         }),
         server: OnceLock::new(),
-        params: Mutex::new(MigrationParams::default()),
-        caps: Mutex::new(Capabilities::default()),
-        migration: Mutex::new(None),
+        mig: MigrationManager::default(),
         incoming: Mutex::new(IncomingState::None),
         incoming_cv: Condvar::new(),
         machine: MachineSpec {
@@ -373,7 +435,6 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             kvm_path: args.kvm_device.clone(),
         },
         resumable: AtomicBool::new(false),
-        timeline: Mutex::new(None),
     });
 
     if args.incoming.is_none() {
@@ -397,10 +458,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     match args.incoming.as_deref() {
         None => {}
         Some("defer") => app.set_incoming(IncomingState::Deferred),
-        Some(uri) => app.start_incoming(uri).map_err(anyhow::Error::msg)?,
+        Some(uri) => {
+            app.set_incoming(IncomingState::Deferred);
+            app.start_incoming(uri).map_err(anyhow::Error::msg)?
+        }
     }
 
-    let backend = Arc::new(RunBackend { app: app.clone() });
+    let backend = Arc::new(RunBackend::new(app.clone()));
     if let Some(path) = &qmp_path {
         let (srv, listener) =
             Server::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
@@ -442,345 +506,3 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         VmExit::Error(msg) => bail!("{msg}"),
     }
 }
-
-/// QMP commands.
-pub(crate) struct RunBackend {
-    app: Arc<App>,
-}
-
-fn u64_arg(args: &Map<String, Value>, k: &str) -> Result<Option<u64>, QmpError> {
-    match args.get(k) {
-        None => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            QmpError::generic(format!("Parameter '{k}' expects a non-negative integer"))
-        }),
-    }
-}
-
-fn str_arg<'a>(args: &'a Map<String, Value>, k: &str) -> Result<&'a str, QmpError> {
-    args.get(k)
-        .and_then(Value::as_str)
-        .ok_or_else(|| QmpError::generic(format!("Parameter '{k}' is missing")))
-}
-
-impl RunBackend {
-    fn vm(&self) -> Result<Arc<Vm>, QmpError> {
-        self.app.vm.get().cloned().ok_or_else(|| {
-            QmpError::generic("The VM is not there yet: an incoming migration is pending")
-        })
-    }
-
-    fn phase(&self) -> Phase {
-        *self.app.phase.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn active_migration(&self) -> Option<Arc<MigrationControl>> {
-        self.app
-            .migration
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .filter(|c| !c.snapshot().status.is_final())
-    }
-
-    fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        for k in args.keys() {
-            if !matches!(k.as_str(), "uri" | "detach" | "resume" | "blk" | "inc") {
-                return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
-            }
-        }
-        if args.get("resume").and_then(Value::as_bool) == Some(true) {
-            return Err(QmpError::generic(
-                "Postcopy recovery is not supported by tern yet",
-            ));
-        }
-        let uri =
-            Uri::parse(str_arg(args, "uri")?).map_err(|e| QmpError::generic(e.to_string()))?;
-        let vm = self.vm()?;
-        if self.phase() != Phase::Live {
-            return Err(QmpError::generic(
-                "Cannot migrate: the guest is not ours to migrate (incoming or already migrated)",
-            ));
-        }
-        if self.active_migration().is_some() {
-            return Err(QmpError::generic("There's a migration process in progress"));
-        }
-        let fd = self.app.resolve_fd(&uri).map_err(QmpError::generic)?;
-        let ctl = self.app.control();
-        *self.app.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctl.clone());
-        let app = self.app.clone();
-        let was_running = vm.state() == RunState::Running;
-        std::thread::Builder::new()
-            .name("migration-out".into())
-            .spawn(move || {
-                let result = run_outgoing(vm.clone() as Arc<dyn SourceVm>, &uri, fd, &ctl);
-                let timeline = app
-                    .timeline
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if let Some(path) = timeline {
-                    let mut t = ctl.snapshot().timeline();
-                    t["uri"] = json!(uri.to_string());
-                    let text = serde_json::to_string_pretty(&t).unwrap_or_default();
-                    if let Err(e) = std::fs::write(&path, text + "\n") {
-                        tracing::warn!("cannot write the timeline {}: {e}", path.display());
-                    }
-                }
-                match result {
-                    Ok(()) => {
-                        app.resumable
-                            .store(matches!(uri, Uri::File(_) | Uri::Exec(_)), Ordering::SeqCst);
-                        *app.phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::PostMigrate;
-                        if was_running {
-                            app.emit("STOP", None);
-                        }
-                    }
-                    Err(e) => tracing::warn!("migration to {uri} failed: {e}"),
-                }
-            })
-            .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
-        Ok(json!({}))
-    }
-
-    fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let mut rest = args.clone();
-        let timeline = match rest.remove("x-tern-timeline") {
-            None => None,
-            Some(Value::String(p)) => Some(p),
-            Some(_) => {
-                return Err(QmpError::generic(
-                    "Parameter 'x-tern-timeline' expects a file path (\"\" for none)",
-                ))
-            }
-        };
-        let mut p = *self.app.params.lock().unwrap_or_else(|e| e.into_inner());
-        p.apply(&rest).map_err(QmpError::generic)?;
-        *self.app.params.lock().unwrap_or_else(|e| e.into_inner()) = p;
-        if let Some(t) = timeline {
-            *self.app.timeline.lock().unwrap_or_else(|e| e.into_inner()) =
-                (!t.is_empty()).then(|| PathBuf::from(t));
-        }
-        if let Some(c) = self.active_migration() {
-            c.bandwidth_limit
-                .store(p.max_bandwidth, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(json!({}))
-    }
-
-    fn set_capabilities(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        if self.active_migration().is_some() {
-            return Err(QmpError::generic("There's a migration process in progress"));
-        }
-        let list = args
-            .get("capabilities")
-            .and_then(Value::as_array)
-            .ok_or_else(|| QmpError::generic("Parameter 'capabilities' is missing"))?;
-        let mut caps = *self.app.caps.lock().unwrap_or_else(|e| e.into_inner());
-        for item in list {
-            let name = item
-                .get("capability")
-                .and_then(Value::as_str)
-                .ok_or_else(|| QmpError::generic("Parameter 'capability' is missing"))?;
-            let state = item
-                .get("state")
-                .and_then(Value::as_bool)
-                .ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
-            caps.set(name, state).map_err(QmpError::generic)?;
-        }
-        *self.app.caps.lock().unwrap_or_else(|e| e.into_inner()) = caps;
-        Ok(json!({}))
-    }
-}
-
-impl Backend for RunBackend {
-    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        match command {
-            "query-status" => {
-                no_args(args)?;
-                let status = match self.phase() {
-                    Phase::InMigrate => "inmigrate",
-                    Phase::PostMigrate => "postmigrate",
-                    Phase::Live => match self.app.vm.get().map(|v| v.state()) {
-                        Some(RunState::Running) => "running",
-                        _ => "paused",
-                    },
-                };
-                Ok(json!({"running": status == "running", "status": status}))
-            }
-            "stop" => {
-                no_args(args)?;
-                let vm = self.vm()?;
-                if self.phase() == Phase::Live && vm.state() == RunState::Running {
-                    vm.pause();
-                    self.app.emit("STOP", None);
-                }
-                Ok(json!({}))
-            }
-            "cont" => {
-                no_args(args)?;
-                let vm = self.vm()?;
-                match self.phase() {
-                    // Saved into a file or a command: this copy may go on (a snapshot).
-                    Phase::PostMigrate if self.app.resumable.load(Ordering::SeqCst) => {
-                        *self.app.phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Live;
-                    }
-                    Phase::PostMigrate => {
-                        return Err(QmpError::generic(
-                            "The guest was migrated away; it runs on the target now",
-                        ))
-                    }
-                    Phase::InMigrate => {
-                        return Err(QmpError::generic(
-                            "Guest can not be started: an incoming migration is pending",
-                        ))
-                    }
-                    Phase::Live => {}
-                }
-                if self.active_migration().is_none() && vm.state() == RunState::Paused {
-                    vm.resume();
-                    self.app.emit("RESUME", None);
-                }
-                Ok(json!({}))
-            }
-            "quit" => {
-                no_args(args)?;
-                Ok(json!({}))
-            }
-            "migrate" => self.migrate(args),
-            "migrate_cancel" => {
-                no_args(args)?;
-                if let Some(c) = self.active_migration() {
-                    c.cancel();
-                }
-                Ok(json!({}))
-            }
-            "migrate-incoming" => {
-                let uri = str_arg(args, "uri")?;
-                let deferred = matches!(
-                    *self.app.incoming.lock().unwrap_or_else(|e| e.into_inner()),
-                    IncomingState::Deferred
-                );
-                if !deferred {
-                    return Err(QmpError::generic(
-                        "'-incoming' was not specified on the command line",
-                    ));
-                }
-                self.app.start_incoming(uri).map_err(QmpError::generic)?;
-                Ok(json!({}))
-            }
-            "query-migrate" => {
-                no_args(args)?;
-                let ctl = self
-                    .app
-                    .migration
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                Ok(ctl
-                    .map(|c| c.snapshot().to_qmp())
-                    .unwrap_or_else(|| json!({})))
-            }
-            "query-migrate-parameters" => {
-                no_args(args)?;
-                let p = *self.app.params.lock().unwrap_or_else(|e| e.into_inner());
-                let mut v = p.to_qmp();
-                v["x-tern-timeline"] = json!(self
-                    .app
-                    .timeline
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default());
-                Ok(v)
-            }
-            "migrate-set-parameters" => self.set_parameters(args),
-            "query-migrate-capabilities" => {
-                no_args(args)?;
-                let caps = *self.app.caps.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(json!(caps
-                    .list()
-                    .into_iter()
-                    .map(|(c, s)| json!({"capability": c, "state": s}))
-                    .collect::<Vec<_>>()))
-            }
-            "migrate-set-capabilities" => self.set_capabilities(args),
-            "query-version" => {
-                no_args(args)?;
-                Ok(json!({"qemu": {"micro": 0, "minor": 0, "major": 10},
-                          "package": concat!("tern ", env!("CARGO_PKG_VERSION"))}))
-            }
-            "query-commands" => {
-                no_args(args)?;
-                Ok(json!(COMMANDS
-                    .iter()
-                    .map(|n| json!({"name": n}))
-                    .collect::<Vec<_>>()))
-            }
-            // Test aid, named like QEMU's experimental commands: write a u64 into guest RAM.
-            "x-tern-write-guest-memory" => {
-                let (addr, value) = (
-                    u64_arg(args, "addr")?
-                        .ok_or_else(|| QmpError::generic("Parameter 'addr' is missing"))?,
-                    u64_arg(args, "value")?
-                        .ok_or_else(|| QmpError::generic("Parameter 'value' is missing"))?,
-                );
-                self.vm()?
-                    .ram()
-                    .memory()
-                    .write_obj(value, GuestAddress(addr))
-                    .map_err(|e| QmpError::generic(format!("cannot write at {addr:#x}: {e}")))?;
-                Ok(json!({}))
-            }
-            "human-monitor-command" => {
-                let line = str_arg(args, "command-line")?;
-                for k in args.keys() {
-                    if !matches!(k.as_str(), "command-line" | "cpu-index") {
-                        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
-                    }
-                }
-                let (out, quit) = crate::hmp::execute(self, line);
-                if quit {
-                    self.quit();
-                }
-                Ok(json!(out))
-            }
-            other => Err(QmpError::not_found(other)),
-        }
-    }
-
-    fn quit(&self) {
-        match self.app.vm.get() {
-            Some(vm) => vm.request_exit(VmExit::Shutdown("host-qmp-quit")),
-            None => {
-                self.app.emit(
-                    "SHUTDOWN",
-                    Some(json!({"guest": false, "reason": "host-qmp-quit"})),
-                );
-                std::process::exit(0);
-            }
-        }
-    }
-}
-
-const COMMANDS: &[&str] = &[
-    "qmp_capabilities",
-    "query-status",
-    "stop",
-    "cont",
-    "quit",
-    "migrate",
-    "migrate_cancel",
-    "migrate-incoming",
-    "query-migrate",
-    "query-migrate-parameters",
-    "migrate-set-parameters",
-    "query-migrate-capabilities",
-    "migrate-set-capabilities",
-    "query-version",
-    "query-commands",
-    "human-monitor-command",
-    "getfd",
-    "closefd",
-];

@@ -1,0 +1,207 @@
+//! What a migration shares with the control socket: statistics, status events, the bandwidth
+//! knob, and cancellation — which the source's point of no return closes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::params::{FaultAction, SwitchoverStep};
+use crate::stats::{MigrationStats, MigrationStatus};
+use crate::transport::Canceller;
+use crate::{Capabilities, MigrateError, MigrationParams, Result};
+
+/// Something that happened, for the control socket to turn into events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MigrationEvent {
+    /// The status changed (QMP `MIGRATION`).
+    Status(MigrationStatus),
+    /// A new round started (QMP `MIGRATION_PASS`).
+    Pass(u64),
+}
+
+/// Why `migrate_cancel` was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CancelRefused {
+    #[error("The migration has passed its point of no return (the target was told to run the guest); it cannot be cancelled")]
+    Committed,
+}
+
+/// Where cancellation stands against the commit; one lock decides which came first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Commit {
+    Open,
+    Cancelled,
+    Committed,
+}
+
+/// Shared between the migration thread and the control socket.
+pub struct MigrationControl {
+    stats: Mutex<MigrationStats>,
+    commit: Mutex<Commit>,
+    cancelled: AtomicBool,
+    conn: Mutex<Option<Canceller>>,
+    /// `max-bandwidth`, changeable while migrating.
+    pub bandwidth_limit: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+    pub(crate) params: MigrationParams,
+    caps: Capabilities,
+    events: Box<dyn Fn(MigrationEvent) + Send + Sync>,
+}
+
+impl MigrationControl {
+    /// A control block for one migration, in status `setup` from the start (so that a
+    /// `query-migrate` right after `migrate` sees it).
+    pub fn new(
+        params: MigrationParams,
+        caps: Capabilities,
+        events: Box<dyn Fn(MigrationEvent) + Send + Sync>,
+    ) -> Arc<Self> {
+        Arc::new(MigrationControl {
+            stats: Mutex::new(MigrationStats {
+                status: MigrationStatus::Setup,
+                started: Some(Instant::now()),
+                ..MigrationStats::default()
+            }),
+            commit: Mutex::new(Commit::Open),
+            cancelled: AtomicBool::new(false),
+            conn: Mutex::new(None),
+            bandwidth_limit: Arc::new(AtomicU64::new(params.max_bandwidth)),
+            accepted: Arc::new(AtomicU64::new(0)),
+            params,
+            caps,
+            events,
+        })
+    }
+
+    pub(crate) fn stats(&self) -> MutexGuard<'_, MigrationStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the statistics.
+    pub fn snapshot(&self) -> MigrationStats {
+        let mut s = self.stats().clone();
+        if !s.status.is_final() && s.status != MigrationStatus::None {
+            s.transferred = s.transferred.max(self.accepted.load(Ordering::Relaxed));
+        }
+        s
+    }
+
+    pub(crate) fn set_status(&self, status: MigrationStatus) {
+        let changed = {
+            let mut s = self.stats();
+            let changed = s.status != status;
+            s.status = status;
+            if status.is_final() && s.ended.is_none() {
+                s.ended = Some(Instant::now());
+            }
+            changed
+        };
+        if changed {
+            (self.events)(MigrationEvent::Status(status));
+        }
+    }
+
+    /// Emits the current status again (QEMU's MIGRATION event for `setup`, which the status
+    /// already had when the control block was made).
+    pub(crate) fn announce(&self) {
+        let status = self.stats().status;
+        (self.events)(MigrationEvent::Status(status));
+    }
+
+    pub(crate) fn pass(&self, n: u64) {
+        (self.events)(MigrationEvent::Pass(n));
+    }
+
+    /// The capabilities this migration runs with.
+    pub fn caps(&self) -> Capabilities {
+        self.caps
+    }
+
+    pub(crate) fn set_conn(&self, c: Canceller) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+    }
+
+    /// Stops the channel (a blocked read or write fails at once).
+    pub(crate) fn shut_channel(&self) {
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            c.cancel();
+        }
+    }
+
+    /// Cancels: the migration thread stops at the next record (or its blocked read or write
+    /// fails) and resumes the source. Refused once the source has committed to the switch-over.
+    pub fn cancel(&self) -> std::result::Result<(), CancelRefused> {
+        {
+            let mut c = self.commit.lock().unwrap_or_else(|e| e.into_inner());
+            match *c {
+                Commit::Committed => return Err(CancelRefused::Committed),
+                Commit::Cancelled => return Ok(()),
+                Commit::Open => *c = Commit::Cancelled,
+            }
+            self.cancelled.store(true, Ordering::SeqCst);
+        }
+        {
+            let mut s = self.stats();
+            if !s.status.is_final() {
+                s.status = MigrationStatus::Cancelling;
+            }
+        }
+        (self.events)(MigrationEvent::Status(MigrationStatus::Cancelling));
+        self.shut_channel();
+        Ok(())
+    }
+
+    /// The point of no return: from here the source never resumes the guest by itself and
+    /// cancelling is refused. Fails if a cancel came first.
+    pub(crate) fn commit(&self) -> Result<()> {
+        let mut c = self.commit.lock().unwrap_or_else(|e| e.into_inner());
+        match *c {
+            Commit::Cancelled => Err(MigrateError::Cancelled),
+            _ => {
+                *c = Commit::Committed;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether `migrate_cancel` was taken.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn check_cancel(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(MigrateError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn accepted_counter(&self) -> Arc<AtomicU64> {
+        self.accepted.clone()
+    }
+
+    /// Test aid: applies `x-tern-switchover-fault` if it names `step`. A hold ends early when
+    /// the migration is cancelled.
+    pub(crate) fn fault_at(&self, step: SwitchoverStep) {
+        let Some(f) = self.params.switchover_fault.filter(|f| f.step == step) else {
+            return;
+        };
+        tracing::warn!("x-tern-switchover-fault: {f}");
+        match f.action {
+            FaultAction::Cut => self.shut_channel(),
+            FaultAction::Hold(ms) => {
+                self.stats().fault_holding = Some(step.as_str());
+                let until = Instant::now() + std::time::Duration::from_millis(ms);
+                while Instant::now() < until && !self.is_cancelled() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                self.stats().fault_holding = None;
+            }
+        }
+    }
+}

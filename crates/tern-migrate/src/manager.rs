@@ -1,0 +1,209 @@
+//! The one owner of a VM's migration settings and of "the" migration: parameters, capabilities,
+//! the timeline path, and the migration in progress. Starting a migration is one decision under
+//! one lock, so two `migrate` commands racing on two monitor connections start exactly one.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Map, Value};
+
+use crate::control::{CancelRefused, MigrationControl, MigrationEvent};
+use crate::{Capabilities, MigrationParams};
+
+/// QEMU's words for "another migration runs".
+pub const IN_PROGRESS: &str = "There's a migration process in progress";
+
+struct Inner {
+    params: MigrationParams,
+    caps: Capabilities,
+    timeline: Option<PathBuf>,
+    /// The latest migration, and whether its thread has finished with it.
+    current: Option<(Arc<MigrationControl>, bool)>,
+}
+
+/// See the module documentation.
+pub struct MigrationManager {
+    inner: Mutex<Inner>,
+}
+
+impl Default for MigrationManager {
+    fn default() -> Self {
+        MigrationManager {
+            inner: Mutex::new(Inner {
+                params: MigrationParams::default(),
+                caps: Capabilities::default(),
+                timeline: None,
+                current: None,
+            }),
+        }
+    }
+}
+
+impl MigrationManager {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The parameters new migrations take.
+    pub fn params(&self) -> MigrationParams {
+        self.lock().params
+    }
+
+    /// The capabilities new migrations take.
+    pub fn caps(&self) -> Capabilities {
+        self.lock().caps
+    }
+
+    /// Where the source writes each migration's timeline (`x-tern-timeline`).
+    pub fn timeline(&self) -> Option<PathBuf> {
+        self.lock().timeline.clone()
+    }
+
+    /// `query-migrate-parameters`.
+    pub fn params_qmp(&self) -> Value {
+        let g = self.lock();
+        let mut v = g.params.to_qmp();
+        v["x-tern-timeline"] = Value::String(
+            g.timeline
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        );
+        v
+    }
+
+    /// `migrate-set-parameters`, all or nothing; `max-bandwidth` also applies to the migration
+    /// in progress.
+    pub fn set_parameters(&self, args: &Map<String, Value>) -> Result<(), String> {
+        let mut rest = args.clone();
+        let timeline = match rest.remove("x-tern-timeline") {
+            None => None,
+            Some(Value::String(p)) => Some(p),
+            Some(_) => {
+                return Err(
+                    "Parameter 'x-tern-timeline' expects a file path (\"\" for none)".into(),
+                )
+            }
+        };
+        let mut g = self.lock();
+        let mut p = g.params;
+        p.apply(&rest)?;
+        g.params = p;
+        if let Some(t) = timeline {
+            g.timeline = (!t.is_empty()).then(|| PathBuf::from(t));
+        }
+        if let Some((c, false)) = &g.current {
+            c.bandwidth_limit.store(p.max_bandwidth, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// `migrate-set-capabilities`: `(name, state)` pairs, all or nothing; refused while a
+    /// migration runs.
+    pub fn set_capabilities(&self, list: &[(&str, bool)]) -> Result<(), String> {
+        let mut g = self.lock();
+        if matches!(g.current, Some((_, false))) {
+            return Err(IN_PROGRESS.into());
+        }
+        let mut caps = g.caps;
+        for (name, on) in list {
+            caps.set(name, *on)?;
+        }
+        g.caps = caps;
+        Ok(())
+    }
+
+    /// The latest migration, finished or not (`query-migrate`).
+    pub fn current(&self) -> Option<Arc<MigrationControl>> {
+        self.lock().current.as_ref().map(|(c, _)| c.clone())
+    }
+
+    /// The migration in progress, if any.
+    pub fn active(&self) -> Option<Arc<MigrationControl>> {
+        match &self.lock().current {
+            Some((c, false)) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// Starts a migration: under one lock, refuses if one is in progress or if `allowed` says
+    /// no (the VM's own state, checked atomically with the start), else makes the control block
+    /// — in status `setup` already — and records it. The caller then runs it on a thread and
+    /// calls [`MigrationManager::finish`] when that thread is done with it.
+    pub fn begin(
+        &self,
+        allowed: impl FnOnce() -> Result<(), String>,
+        events: impl Fn(Capabilities) -> Box<dyn Fn(MigrationEvent) + Send + Sync>,
+    ) -> Result<Arc<MigrationControl>, String> {
+        let mut g = self.lock();
+        if matches!(g.current, Some((_, false))) {
+            return Err(IN_PROGRESS.into());
+        }
+        allowed()?;
+        let ctl = MigrationControl::new(g.params, g.caps, events(g.caps));
+        g.current = Some((ctl.clone(), false));
+        Ok(ctl)
+    }
+
+    /// The migration thread is done with `ctl`; `after` runs under the same lock, so that what
+    /// it changes (the VM now belongs to the target, say) is seen by the next
+    /// [`MigrationManager::begin`] together with the end of this migration.
+    pub fn finish(&self, ctl: &Arc<MigrationControl>, after: impl FnOnce()) {
+        let mut g = self.lock();
+        if let Some((c, done)) = g.current.as_mut() {
+            if Arc::ptr_eq(c, ctl) {
+                *done = true;
+            }
+        }
+        after();
+    }
+
+    /// `migrate_cancel`: cancels the migration in progress (nothing to do if none).
+    pub fn cancel(&self) -> Result<(), CancelRefused> {
+        match self.active() {
+            Some(c) => c.cancel(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+
+    fn quiet(_: Capabilities) -> Box<dyn Fn(MigrationEvent) + Send + Sync> {
+        Box::new(|_| {})
+    }
+
+    #[test]
+    fn racing_starts_start_exactly_one() {
+        for _ in 0..50 {
+            let m = Arc::new(MigrationManager::default());
+            let barrier = Arc::new(Barrier::new(4));
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let (m, b) = (m.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        b.wait();
+                        m.begin(|| Ok(()), quiet).is_ok()
+                    })
+                })
+                .collect();
+            let started = handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|&ok| ok)
+                .count();
+            assert_eq!(started, 1);
+            let c = m.active().unwrap();
+            assert_eq!(c.snapshot().status, crate::MigrationStatus::Setup);
+            assert!(m.set_capabilities(&[("events", true)]).is_err());
+            m.finish(&c, || {});
+            assert!(m.active().is_none());
+            assert!(m.begin(|| Err("migrated away".into()), quiet).is_err());
+            assert!(m.begin(|| Ok(()), quiet).is_ok());
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Participants: whatever state moves iteratively while the guest runs (RAM first, block storage
+//! later). The engine walks a list of them and never names one; the VM supplies the list.
+
+use std::io::Write;
+
+use tern_wire::{Record, StreamWriter, VmDescription};
+
+use crate::Result;
+
+/// The stream as a participant writes it.
+pub type Out<'a> = StreamWriter<Box<dyn Write + Send + 'a>>;
+
+/// What a participant has moved so far, in pages of 4 KiB (QEMU reports RAM this way; other
+/// participants count their blocks in the same unit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Pages sent (or loaded) with data.
+    pub data_pages: u64,
+    /// Pages sent (or loaded) as known zeros.
+    pub zero_pages: u64,
+}
+
+impl std::ops::AddAssign for Progress {
+    fn add_assign(&mut self, o: Progress) {
+        self.data_pages += o.data_pages;
+        self.zero_pages += o.zero_pages;
+    }
+}
+
+/// A participant on the source.
+pub trait SaveParticipant: Send {
+    /// Its name, for errors and statistics; also the name its PARTICIPANT_DATA records carry.
+    fn name(&self) -> &'static str;
+    /// Before the first round: starts tracking changes, marks everything to send, and may write
+    /// what it knows already (RAM sends its never-written ranges as zeros).
+    fn save_setup(&mut self, out: &mut Out<'_>) -> Result<()>;
+    /// Starts a round: collects what changed since the last one. Returns the bytes newly found
+    /// dirty.
+    fn sync(&mut self) -> Result<u64>;
+    /// Bytes still to send in this round (an upper bound: zero pages cost almost nothing).
+    fn pending(&self) -> u64;
+    /// Sends the next chunk of this round; returns false once the round is done.
+    fn iterate(&mut self, out: &mut Out<'_>) -> Result<bool>;
+    /// With the VM paused: sends everything that is left.
+    fn complete_precopy(&mut self, out: &mut Out<'_>) -> Result<()>;
+    /// Moved so far.
+    fn progress(&self) -> Progress;
+    /// After success or failure (stops tracking).
+    fn cleanup(&mut self);
+}
+
+/// A participant on the target.
+pub trait LoadParticipant: Send {
+    /// The name its source counterpart has.
+    fn name(&self) -> &'static str;
+    /// After the VM description.
+    fn load_setup(&mut self, desc: &VmDescription) -> Result<()>;
+    /// One record; returns false if the record is not this participant's.
+    fn load(&mut self, record: &Record<'_>) -> Result<bool>;
+    /// Loaded so far.
+    fn progress(&self) -> Progress;
+    /// After success or failure.
+    fn cleanup(&mut self);
+}
+
+/// Every participant's progress, added up.
+pub(crate) fn total<'a, P: ?Sized + 'a>(
+    parts: impl Iterator<Item = &'a Box<P>>,
+    progress: impl Fn(&P) -> Progress,
+) -> Progress {
+    let mut t = Progress::default();
+    for p in parts {
+        t += progress(p);
+    }
+    t
+}

@@ -1,0 +1,252 @@
+//! The source side, as a phase machine:
+//!
+//! ```text
+//! Setup ─▶ Precopy ─▶ StopAndCopy ─▶ AwaitLoaded ─▶ Committed ─▶ Done
+//!   └──────────┴────────────┴─────────────┴─▶ failed / cancelled: the source resumes
+//!                                                Committed ─▶ failed in doubt: it stays paused
+//! ```
+//!
+//! One guard ([`Session`]) owns the decision to resume the guest, and the phase it holds says
+//! whether the point of no return was passed. Each phase is a function in `precopy` or
+//! `switchover`; a return-path thread turns what the target says into typed events.
+
+mod precopy;
+mod return_path;
+mod switchover;
+
+use std::io::{BufWriter, Write};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_wire::{record_type, ChannelHello, ChannelRole, RecordWriter, StreamWriter};
+
+use crate::control::MigrationControl;
+use crate::participant::{self, Out, SaveParticipant};
+use crate::rate::RateLimited;
+use crate::stats::{MigrationStats, MigrationStatus};
+use crate::transport::{Channel, Connection, Uri};
+use crate::{MigrateError, Result, SourceVm};
+
+pub(crate) use return_path::ReturnPath;
+
+/// Where an outgoing migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    /// Connecting, describing the VM, marking everything to send.
+    Setup,
+    /// Rounds while the guest runs.
+    Precopy,
+    /// The guest is paused; the last pages, the device state and END go out.
+    StopAndCopy,
+    /// Waiting for the target's LOADED.
+    AwaitLoaded,
+    /// The point of no return was passed: the guest is the target's to run.
+    Committed,
+    /// RUNNING arrived (or a one-way stream was completed).
+    Done,
+}
+
+/// One guard for the whole outgoing migration: whatever way it ends, tracking stops and the
+/// throttle is released; a source it paused runs again unless the migration was committed.
+pub(crate) struct Session {
+    vm: Arc<dyn SourceVm>,
+    parts: Vec<Box<dyn SaveParticipant>>,
+    paused: bool,
+    phase: Phase,
+}
+
+impl Session {
+    fn enter(&mut self, phase: Phase) {
+        tracing::debug!(?phase, "outgoing migration");
+        self.phase = phase;
+    }
+
+    fn progress(&self) -> participant::Progress {
+        participant::total(self.parts.iter(), |p| p.progress())
+    }
+
+    fn pending(&self) -> u64 {
+        self.parts.iter().map(|p| p.pending()).sum()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for p in self.parts.iter_mut() {
+            p.cleanup();
+        }
+        self.vm.set_throttle(0);
+        if self.paused && self.phase < Phase::Committed {
+            if let Err(e) = self.vm.resume() {
+                tracing::error!("cannot resume the source after a failed migration: {e}");
+            }
+        }
+    }
+}
+
+/// The channel as the phases use it.
+pub(crate) struct Link {
+    pub(crate) out: Out<'static>,
+    /// The return path (two-way channels only).
+    pub(crate) ret: Option<ReturnPath>,
+    pub(crate) end: Option<crate::transport::ChannelEnd>,
+    /// Two-way channels: for GO, written after END. (A one-way channel keeps no second handle:
+    /// a command must see end of input once the stream's writer is dropped.)
+    pub(crate) conn: Option<Connection>,
+}
+
+/// Runs a migration to `uri` on the calling thread until it completes, fails or is cancelled.
+/// `fd` is the descriptor an `fd:` URI names (resolved by the caller).
+pub fn run_outgoing(
+    vm: Arc<dyn SourceVm>,
+    uri: &Uri,
+    fd: Option<OwnedFd>,
+    ctl: &MigrationControl,
+) -> Result<()> {
+    {
+        // The status stays what `MigrationControl::new` made it (`setup`): a `query-migrate`
+        // between `migrate` and here must not see "nothing".
+        let mut s = ctl.stats();
+        s.started = Some(Instant::now());
+        s.total = vm.ram().regions().iter().map(|r| r.size).sum();
+    }
+    ctl.announce();
+    let result = outgoing(vm, uri, fd, ctl);
+    match &result {
+        Ok(()) => ctl.set_status(MigrationStatus::Completed),
+        Err(MigrateError::Cancelled) => ctl.set_status(MigrationStatus::Cancelled),
+        Err(e @ MigrateError::InDoubt(_)) => {
+            tracing::error!("{e}");
+            let mut s = ctl.stats();
+            s.error = Some(e.to_string());
+            s.in_doubt = true;
+            drop(s);
+            ctl.set_status(MigrationStatus::Failed);
+        }
+        Err(e) if ctl.is_cancelled() => {
+            tracing::info!("migration cancelled ({e})");
+            ctl.set_status(MigrationStatus::Cancelled);
+        }
+        Err(e) => {
+            ctl.stats().error = Some(e.to_string());
+            ctl.set_status(MigrationStatus::Failed);
+        }
+    }
+    {
+        let mut s = ctl.stats();
+        s.transferred = ctl.accepted();
+        s.throttle_percent = 0;
+    }
+    result
+}
+
+/// A random session id for the channel hello.
+fn session_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom(2) writes at most `id.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        // No entropy source: the id only tells connections apart, uniqueness suffices.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        id.copy_from_slice(&(t ^ u128::from(std::process::id())).to_le_bytes());
+    }
+    id
+}
+
+fn outgoing(
+    vm: Arc<dyn SourceVm>,
+    uri: &Uri,
+    fd: Option<OwnedFd>,
+    ctl: &MigrationControl,
+) -> Result<()> {
+    let channel = Channel::connect(uri, fd)?;
+    ctl.set_conn(channel.canceller());
+    let Channel { conn, end } = channel;
+    // A cancel that came before the canceller was in place.
+    ctl.check_cancel()?;
+    let two_way = conn.two_way().then(|| conn.clone());
+    if let Some(c) = &two_way {
+        hello(c)?;
+    }
+    let ret = match &two_way {
+        Some(c) => Some(ReturnPath::start(c.clone())?),
+        None => None,
+    };
+    let writer: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(
+        256 << 10,
+        RateLimited::new(conn, ctl.bandwidth_limit.clone(), ctl.accepted_counter()),
+    ));
+    let mut link = Link {
+        out: StreamWriter::new(writer)?,
+        ret,
+        end: Some(end),
+        conn: two_way.clone(),
+    };
+    let mut session = Session {
+        vm: vm.clone(),
+        parts: vm.clone().save_participants(),
+        paused: false,
+        phase: Phase::Setup,
+    };
+    let result = phases(ctl, &mut session, &mut link);
+    let result = match result {
+        // A write failed: the target may have said why before closing.
+        Err(MigrateError::Wire(e)) if matches!(e.kind, tern_wire::ErrorKind::Io(_)) => {
+            match link
+                .ret
+                .as_mut()
+                .and_then(|r| r.reason(Duration::from_secs(2)))
+            {
+                Some(reason) => Err(MigrateError::TargetRefused(reason)),
+                None => ctl.check_cancel().and(Err(MigrateError::Wire(e))),
+            }
+        }
+        other => other,
+    };
+    // Whatever happened, the channel is done: a target still waiting sees it close (before
+    // GO that means it must not run), and the return-path thread ends.
+    if let Some(c) = &two_way {
+        c.shutdown();
+    }
+    drop(link.out);
+    if let Some(r) = link.ret.take() {
+        r.join();
+    }
+    drop(session);
+    result
+}
+
+/// The first record on a live connection (`docs/stream-format.md`, CHANNEL_HELLO).
+fn hello(conn: &Connection) -> Result<()> {
+    let h = ChannelHello {
+        session: session_id(),
+        role: ChannelRole::Main,
+        index: 0,
+        channels: 1,
+    };
+    let mut w = RecordWriter::new(conn.clone());
+    w.write(record_type::CHANNEL_HELLO, 0, &h.encode())?;
+    Ok(())
+}
+
+fn phases(ctl: &MigrationControl, session: &mut Session, link: &mut Link) -> Result<()> {
+    let started = ctl.stats().started.unwrap_or_else(Instant::now);
+    precopy::setup(ctl, session, link, started)?;
+    session.enter(Phase::Precopy);
+    ctl.set_status(MigrationStatus::Active);
+    let rounds = precopy::rounds(ctl, session, link, started)?;
+    switchover::run(ctl, session, link, started, rounds)
+}
+
+/// Copies the participants' progress into the statistics.
+fn update_counters(s: &mut MigrationStats, session: &Session, accepted: u64) {
+    let p = session.progress();
+    s.normal = p.data_pages;
+    s.duplicate = p.zero_pages;
+    s.remaining = session.pending();
+    s.transferred = accepted;
+}

@@ -1,0 +1,200 @@
+//! Setup and the precopy rounds: each round sends what became dirty since the last sync, then
+//! the convergence rule decides whether the rest fits in the downtime limit.
+
+use std::time::Instant;
+
+use serde_json::json;
+use tern_wire::{RamRegionDesc, VmDescription};
+
+use super::{update_counters, Link, Session};
+use crate::control::MigrationControl;
+use crate::convergence::{self, Measured, Throttle};
+use crate::params::LimitAction;
+use crate::stats::RoundRecord;
+use crate::{MigrateError, Result};
+
+/// Bytes per second assumed before a round was large enough to measure the link.
+const UNMEASURED_BANDWIDTH: f64 = 100e6;
+
+/// Fixed costs of a switch-over, in seconds, before anything was measured.
+const SWITCHOVER_OVERHEAD: f64 = 0.005;
+
+/// Describes the VM and lets every participant start tracking and mark what it will send.
+pub(super) fn setup(
+    ctl: &MigrationControl,
+    session: &mut Session,
+    link: &mut Link,
+    started: Instant,
+) -> Result<()> {
+    let vm = &session.vm;
+    let desc = VmDescription {
+        machine: vm.machine(),
+        ram: vm
+            .ram()
+            .regions()
+            .into_iter()
+            .map(|r| RamRegionDesc {
+                id: r.id,
+                name: r.name,
+                gpa: r.gpa,
+                size: r.size,
+            })
+            .collect(),
+        sections: vm.state_schemas(),
+    };
+    let out = &mut link.out;
+    out.source_info(&json!({
+        "tern": env!("CARGO_PKG_VERSION"),
+        "x-tern-ram-digest": ctl.caps().ram_digest,
+    }))?;
+    out.description(&desc)?;
+    for p in session.parts.iter_mut() {
+        p.save_setup(out)?;
+    }
+    let mut s = ctl.stats();
+    s.setup_time_ms = started.elapsed().as_millis() as u64;
+    update_counters(&mut s, session, ctl.accepted());
+    Ok(())
+}
+
+/// Sends round after round until the rest fits in the downtime limit (or a limit says to stop
+/// anyway). Returns the number of rounds.
+pub(super) fn rounds(
+    ctl: &MigrationControl,
+    session: &mut Session,
+    link: &mut Link,
+    started: Instant,
+) -> Result<u64> {
+    let state_bytes = session.vm.state_size_hint();
+    let params = ctl.params;
+    let limit_ms = params.downtime_limit_ms;
+    let mut round = 1u64;
+    let mut bandwidth = 0.0f64;
+    let mut last_sync = Instant::now();
+    let mut throttle = Throttle::default();
+    let secs = |t: Instant| t.duration_since(started).as_secs_f64();
+    let out = &mut link.out;
+    loop {
+        ctl.pass(round);
+        ctl.stats().dirty_sync_count = round;
+        let t0 = Instant::now();
+        let b0 = ctl.accepted();
+        let p0 = session.progress();
+        let mut batches = 0u64;
+        for i in 0..session.parts.len() {
+            while session.parts[i].iterate(out)? {
+                batches += 1;
+                if batches.is_multiple_of(16) {
+                    ctl.check_cancel()?;
+                    let mut s = ctl.stats();
+                    update_counters(&mut s, session, ctl.accepted());
+                    s.precopy_bytes = s.transferred;
+                }
+            }
+        }
+        out.flush()?;
+        ctl.check_cancel()?;
+        let dt = t0.elapsed().as_secs_f64();
+        let bytes = ctl.accepted() - b0;
+        if dt > 0.0005 && bytes > 64 << 10 {
+            bandwidth = bytes as f64 / dt;
+        }
+        // What became dirty meanwhile: the next round's work, and what a stop would send now.
+        let since = last_sync.elapsed().as_secs_f64();
+        let mut dirtied = 0;
+        for p in session.parts.iter_mut() {
+            dirtied += p.sync()?;
+        }
+        let t_end = Instant::now();
+        last_sync = t_end;
+        let pending = session.pending();
+        let dirty_rate = dirtied as f64 / since.max(1e-6);
+        let m = Measured {
+            dirty_rate,
+            // A round too small to measure the link: assume a slow one.
+            bandwidth: if bandwidth > 0.0 {
+                bandwidth
+            } else {
+                UNMEASURED_BANDWIDTH
+            },
+            dirty_bytes: pending,
+            state_bytes,
+            target_load_rate: 0.0,
+            fixed_overhead: SWITCHOVER_OVERHEAD,
+        };
+        let expected = convergence::expected_downtime(&m);
+        let p1 = session.progress();
+        let (pages, zeros) = (p1.data_pages - p0.data_pages, p1.zero_pages - p0.zero_pages);
+        {
+            let mut s = ctl.stats();
+            update_counters(&mut s, session, ctl.accepted());
+            s.precopy_bytes = s.transferred;
+            s.mbps = bandwidth * 8.0 / 1e6;
+            s.dirty_pages_rate = (dirty_rate / 4096.0) as u64;
+            s.pages_per_second = ((pages + zeros) as f64 / dt.max(1e-6)) as u64;
+            s.expected_downtime_ms = (expected * 1000.0).min(u64::MAX as f64) as u64;
+            s.rounds.push(RoundRecord {
+                round,
+                start: secs(t0),
+                end: secs(t_end),
+                pages,
+                zero_pages: zeros,
+                bytes,
+                dirty_pages: dirtied / 4096,
+                bandwidth: if dt > 0.0 { bytes as f64 / dt } else { 0.0 },
+                dirty_rate,
+                expected_downtime_ms: expected * 1000.0,
+                throttle_percent: throttle.percent,
+            });
+        }
+        tracing::debug!(
+            round,
+            bytes,
+            dt,
+            dirtied,
+            pending,
+            expected,
+            "precopy round done"
+        );
+        if convergence::converged(&m, limit_ms) {
+            ctl.stats().stop_reason = Some("converged");
+            return Ok(round);
+        }
+        let limit = if params.max_rounds > 0 && round >= params.max_rounds {
+            Some(("round limit", format!("{round} rounds")))
+        } else if params.max_precopy_ms > 0
+            && started.elapsed().as_millis() as u64 >= params.max_precopy_ms
+        {
+            Some((
+                "time limit",
+                format!("{} ms of precopy", started.elapsed().as_millis()),
+            ))
+        } else {
+            None
+        };
+        if let Some((why, what)) = limit {
+            let detail = format!(
+                "after {what} {:.0} ms of downtime were still expected (limit {limit_ms} ms): the guest dirties {:.0} MiB/s, the link carries {:.0} MiB/s",
+                expected * 1000.0,
+                dirty_rate / (1 << 20) as f64,
+                m.bandwidth / (1 << 20) as f64,
+            );
+            match params.limit_action {
+                LimitAction::Fail => return Err(MigrateError::NotConverging(detail)),
+                LimitAction::Switchover => {
+                    tracing::warn!("forcing the switch-over: {detail}");
+                    ctl.stats().stop_reason = Some(why);
+                    return Ok(round);
+                }
+            }
+        }
+        if ctl.caps().auto_converge && round >= 2 {
+            if let Some(pct) = throttle.after_sync(&params, dirtied, bytes) {
+                tracing::info!(round, pct, "auto-converge: throttling the vCPUs");
+                session.vm.set_throttle(pct);
+                ctl.stats().throttle_percent = pct;
+            }
+        }
+        round += 1;
+    }
+}

@@ -1,0 +1,163 @@
+//! The return-path thread: reads what the target sends and turns it into typed events, so that
+//! the sender never blocks on a read while it has pages to send (postcopy's page requests will
+//! arrive the same way).
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tern_wire::{record_type, RecordReader, ReturnMessage, MAX_RETURN_MESSAGE};
+
+use crate::transport::Connection;
+use crate::{MigrateError, Result};
+
+/// One thing the target said, or the end of the return path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum TargetEvent {
+    Message(ReturnMessage),
+    /// The return path ended: `None` for a clean close, else why it broke.
+    Closed(Option<String>),
+}
+
+/// The receiving end of the return path.
+pub(crate) struct ReturnPath {
+    events: Receiver<TargetEvent>,
+    thread: Option<JoinHandle<()>>,
+    /// Set once `Closed` was taken out of the queue.
+    closed: Option<Option<String>>,
+}
+
+impl ReturnPath {
+    /// Starts the reader thread on `conn` (a handle on the migration's socket; the thread
+    /// ends when the socket is shut down or the target closes it).
+    pub(crate) fn start(conn: Connection) -> Result<ReturnPath> {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("migration-ret".into())
+            .spawn(move || {
+                let mut r = RecordReader::new(conn);
+                loop {
+                    let ev = match r.next_record() {
+                        Ok(None) => TargetEvent::Closed(None),
+                        Ok(Some(rec)) if rec.ty != record_type::RETURN_MESSAGE => {
+                            TargetEvent::Closed(Some(format!(
+                                "unexpected record type {:#x} on the return path",
+                                rec.ty
+                            )))
+                        }
+                        Ok(Some(rec)) if rec.body.len() > MAX_RETURN_MESSAGE => {
+                            TargetEvent::Closed(Some(format!(
+                                "a return message of {} bytes",
+                                rec.body.len()
+                            )))
+                        }
+                        Ok(Some(rec)) => match ReturnMessage::decode(rec.body) {
+                            Ok(m) => TargetEvent::Message(m),
+                            Err(k) => TargetEvent::Closed(Some(format!("bad return message: {k}"))),
+                        },
+                        Err(e) => TargetEvent::Closed(Some(e.to_string())),
+                    };
+                    let last = matches!(ev, TargetEvent::Closed(_));
+                    if tx.send(ev).is_err() || last {
+                        return;
+                    }
+                }
+            })
+            .map_err(MigrateError::io("starting the return-path thread"))?;
+        Ok(ReturnPath {
+            events: rx,
+            thread: Some(thread),
+            closed: None,
+        })
+    }
+
+    /// The next event, waiting at most `timeout`; `None` on timeout. After `Closed` every call
+    /// returns `Closed` again.
+    pub(crate) fn next(&mut self, timeout: Duration) -> Option<TargetEvent> {
+        if let Some(why) = &self.closed {
+            return Some(TargetEvent::Closed(why.clone()));
+        }
+        match self.events.recv_timeout(timeout) {
+            Ok(ev) => {
+                if let TargetEvent::Closed(why) = &ev {
+                    self.closed = Some(why.clone());
+                }
+                Some(ev)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                self.closed = Some(None);
+                Some(TargetEvent::Closed(None))
+            }
+        }
+    }
+
+    /// Whether the target has closed the return path or said ERROR (looked up without
+    /// waiting; other messages queued meanwhile are dropped, as nothing is expected then).
+    pub(crate) fn peer_gone(&mut self) -> Option<String> {
+        loop {
+            match self.next(Duration::ZERO) {
+                None => return None,
+                Some(TargetEvent::Closed(why)) => {
+                    return Some(why.unwrap_or_else(|| "the target closed the connection".into()))
+                }
+                Some(TargetEvent::Message(ReturnMessage::Error { message, .. })) => {
+                    return Some(format!("the target refused: {message}"))
+                }
+                Some(TargetEvent::Message(m)) => {
+                    tracing::warn!("unexpected return message {m:?}; ignored")
+                }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a message that `want` accepts. An ERROR from the target, the
+    /// end of the return path, another message or the timeout are errors (a cancel shuts the
+    /// socket down, so it ends the wait too).
+    pub(crate) fn expect<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(&ReturnMessage) -> Option<T>,
+    ) -> Result<T> {
+        match self.next(timeout) {
+            None => Err(MigrateError::Vm(format!(
+                "the target did not send {what} within {} s",
+                timeout.as_secs()
+            ))),
+            Some(TargetEvent::Message(m)) => match want(&m) {
+                Some(t) => Ok(t),
+                None => Err(match m {
+                    ReturnMessage::Error { message, .. } => MigrateError::TargetRefused(message),
+                    other => MigrateError::Vm(format!(
+                        "the target sent {other:?} while {what} was expected"
+                    )),
+                }),
+            },
+            Some(TargetEvent::Closed(None)) => Err(MigrateError::NoAck),
+            Some(TargetEvent::Closed(Some(why))) => {
+                Err(MigrateError::Vm(format!("the return path broke: {why}")))
+            }
+        }
+    }
+
+    /// After the stream broke: the target's reason, if it said one before closing.
+    pub(crate) fn reason(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left)? {
+                TargetEvent::Message(ReturnMessage::Error { message, .. }) => return Some(message),
+                TargetEvent::Message(_) => {}
+                TargetEvent::Closed(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for the thread (the caller has shut the socket down).
+    pub(crate) fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

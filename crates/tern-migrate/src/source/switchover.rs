@@ -1,0 +1,192 @@
+//! The switch-over: let the target catch up, pause, send the rest and END, then the two-phase
+//! commit (`docs/stream-format.md`, *The switch-over*): LOADED, the point of no return, GO,
+//! RUNNING.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tern_wire::{record_type, RecordWriter, ReturnMessage, StreamWriter};
+
+use super::{update_counters, Link, Phase, Session};
+use crate::control::MigrationControl;
+use crate::params::SwitchoverStep;
+use crate::participant::Out;
+use crate::stats::Switchover;
+use crate::{MigrateError, Result};
+
+/// How long the target may take to catch up before the pause.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the target may take to load the state after END. Waiting is safe (the target does
+/// not run before GO), so this is generous.
+const LOADED_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the target may take to start its vCPUs after GO.
+const RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(super) fn run(
+    ctl: &MigrationControl,
+    session: &mut Session,
+    link: &mut Link,
+    started: Instant,
+    rounds: u64,
+) -> Result<()> {
+    let secs = |t: Instant| t.duration_since(started).as_secs_f64();
+    let drain = drain(ctl, link, rounds)?;
+
+    // Stop and copy.
+    session.enter(Phase::StopAndCopy);
+    let t_pause = Instant::now();
+    let b0 = ctl.accepted();
+    let p0 = session.progress();
+    if session.vm.is_running() {
+        session.vm.pause()?;
+        session.paused = true;
+    }
+    // max-bandwidth shares the link while the guest runs; with the guest stopped every
+    // millisecond is downtime, so the last pages and the state go at full speed.
+    ctl.bandwidth_limit.store(0, Ordering::Relaxed);
+    let t_paused = t_pause.elapsed();
+    ctl.stats().dirty_sync_count = rounds + 1;
+    let out = &mut link.out;
+    for p in session.parts.iter_mut() {
+        p.complete_precopy(out)?;
+    }
+    out.flush()?;
+    let t_pages = t_pause.elapsed();
+    let b_pages = ctl.accepted();
+    for s in &session.vm.save_state()? {
+        out.section(s)?;
+    }
+    out.flush()?;
+    let t_state = t_pause.elapsed();
+    let state_sent = ctl.accepted() - b_pages;
+    end_stream(out)?;
+    let one_way = link.ret.is_none();
+    if let Some(end) = link.end.take().filter(|_| one_way) {
+        // A file synced, a command exited 0: complete. Nobody will run this copy on GO; the
+        // source stays stopped like any migrated source (a file's saver may `cont`).
+        end.finish()?;
+    }
+    let t_end = t_pause.elapsed();
+    tracing::debug!("stop-and-copy: END sent");
+    // Test aid: the RAM the target got, digested while the target loads (the guest is paused and
+    // stays so at least until LOADED).
+    if ctl.caps().ram_digest {
+        ctl.stats().ram_digest = Some(session.vm.ram_digest());
+    }
+    {
+        let mut s = ctl.stats();
+        update_counters(&mut s, session, ctl.accepted());
+        s.remaining = 0;
+        s.downtime_bytes = ctl.accepted() - b0;
+    }
+
+    let (t_loaded, t_running) = match link.ret.as_mut() {
+        None => {
+            session.enter(Phase::Done);
+            (t_end, t_end)
+        }
+        Some(ret) => {
+            session.enter(Phase::AwaitLoaded);
+            ctl.fault_at(SwitchoverStep::BeforeLoaded);
+            ret.expect("LOADED", LOADED_TIMEOUT, |m| match m {
+                ReturnMessage::Loaded { records } => Some(*records),
+                _ => None,
+            })?;
+            let t_loaded = t_pause.elapsed();
+            ctl.fault_at(SwitchoverStep::BeforeGo);
+            commit(ctl, session, ret)?;
+            go(link)?;
+            ctl.fault_at(SwitchoverStep::BeforeRunning);
+            let ret = link.ret.as_mut().expect("two-way");
+            ret.expect("RUNNING", RUNNING_TIMEOUT, |m| {
+                matches!(m, ReturnMessage::Running).then_some(())
+            })
+            .map_err(|e| MigrateError::InDoubt(format!("RUNNING did not arrive: {e}")))?;
+            session.enter(Phase::Done);
+            (t_loaded, t_pause.elapsed())
+        }
+    };
+    tracing::info!(
+        "stop-and-copy: paused after {t_paused:?}, last pages sent after {t_pages:?}, device state after {t_state:?}, END after {t_end:?}, LOADED after {t_loaded:?}, RUNNING after {t_running:?}"
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let p1 = session.progress();
+    let mut s = ctl.stats();
+    s.downtime_ms = Some(t_running.as_millis() as u64);
+    s.switchover = Some(Switchover {
+        start: secs(t_pause),
+        drain_ms: ms(drain),
+        pause_ms: ms(t_paused),
+        pages_ms: ms(t_pages),
+        state_ms: ms(t_state),
+        end_ms: ms(t_end),
+        loaded_ms: ms(t_loaded),
+        ack_ms: ms(t_running),
+        pages: p1.data_pages - p0.data_pages,
+        zero_pages: p1.zero_pages - p0.zero_pages,
+        state_bytes: state_sent,
+        bytes: s.downtime_bytes,
+    });
+    Ok(())
+}
+
+/// Lets the target catch up before the guest stops: whatever it still has to load would
+/// otherwise count as downtime. (The guest keeps running meanwhile; the final sync sees what
+/// it dirties.) A one-way channel has no one to ask.
+fn drain(ctl: &MigrationControl, link: &mut Link, rounds: u64) -> Result<Duration> {
+    let t = Instant::now();
+    if let Some(ret) = link.ret.as_mut() {
+        link.out.ping(rounds)?;
+        link.out.flush()?;
+        ret.expect("the PING's ACK", DRAIN_TIMEOUT, |m| match m {
+            ReturnMessage::Ack { sequence } if *sequence == rounds => Some(()),
+            _ => None,
+        })
+        .map_err(|e| match e {
+            _ if ctl.is_cancelled() => MigrateError::Cancelled,
+            e => e,
+        })?;
+    }
+    tracing::debug!("target caught up in {:?}", t.elapsed());
+    Ok(t.elapsed())
+}
+
+/// Writes END and flushes, leaving a writer that discards (the stream is over).
+fn end_stream(out: &mut Out<'static>) -> Result<()> {
+    let blank: Out<'static> =
+        StreamWriter::new(Box::new(std::io::sink()) as Box<dyn Write + Send>)?;
+    let full = std::mem::replace(out, blank);
+    let (writer, _) = full.finish()?;
+    drop(writer);
+    Ok(())
+}
+
+/// The point of no return. It is refused if a cancel came first, or if the target is already
+/// gone (its return path closed, or it said ERROR): committing then would leave the guest
+/// running nowhere.
+fn commit(
+    ctl: &MigrationControl,
+    session: &mut Session,
+    ret: &mut super::ReturnPath,
+) -> Result<()> {
+    ctl.check_cancel()?;
+    if let Some(why) = ret.peer_gone() {
+        return Err(MigrateError::Vm(format!(
+            "the target went away after LOADED ({why}); not committing"
+        )));
+    }
+    ctl.commit()?;
+    session.enter(Phase::Committed);
+    tracing::info!("switch-over committed: the guest is the target's now");
+    Ok(())
+}
+
+/// Sends GO. Any failure now leaves the outcome in doubt: the target may have received it.
+fn go(link: &mut Link) -> Result<()> {
+    let conn = link.conn.clone().expect("GO goes on a two-way channel");
+    RecordWriter::new(conn)
+        .write(record_type::GO, 0, &[])
+        .map(drop)
+        .map_err(|e| MigrateError::InDoubt(format!("sending GO failed: {e}")))
+}

@@ -1,0 +1,312 @@
+//! The target side, as a receive state machine:
+//!
+//! ```text
+//! Hello ─▶ Header ─▶ Receiving ─▶ Ended ─▶ Loaded ─(GO)─▶ Running
+//!   └────────┴──────────┴──────────┴─────────┴─▶ failed: ERROR to the source; the guest never ran
+//! ```
+//!
+//! On a two-way channel the guest starts only on the source's GO, and only here
+//! ([`State::Running`] is entered in one place). A one-way stream (a file, a pipe) has nobody to
+//! commit: its reader runs the guest once END was checked and the state loaded.
+
+use std::io::BufReader;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_wire::{
+    record_type, ChannelHello, ChannelRole, Record, RecordReader, RecordWriter, ReturnMessage,
+    Section, StreamReader,
+};
+
+use crate::control::MigrationControl;
+use crate::params::SwitchoverStep;
+use crate::participant::{self, LoadParticipant};
+use crate::stats::{MigrationStats, MigrationStatus};
+use crate::transport::{Canceller, Channel, Connection};
+use crate::{MigrateError, Result, TargetFactory, TargetVm};
+
+/// How long a target that sent LOADED waits for GO before it gives up (without running).
+const GO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What an incoming migration produced.
+pub struct IncomingOutcome {
+    /// The running guest.
+    pub vm: Arc<dyn TargetVm>,
+}
+
+/// Where the receiver is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Reading the channel hello (live connections only).
+    Hello,
+    /// Reading the stream header.
+    Header,
+    /// Records, until END.
+    Receiving,
+    /// END read and checked; loading the device state.
+    Ended,
+    /// LOADED sent; waiting for GO. The guest does not run.
+    Loaded,
+    /// GO received: the vCPUs run.
+    Running,
+}
+
+/// Receives a migration on `channel`. On failure the source is told why on the return path
+/// (if the channel has one).
+pub fn run_incoming(
+    channel: Channel,
+    factory: TargetFactory<'_>,
+    ctl: &MigrationControl,
+) -> Result<IncomingOutcome> {
+    {
+        let mut s = ctl.stats();
+        *s = MigrationStats {
+            started: Some(Instant::now()),
+            ..MigrationStats::default()
+        };
+    }
+    ctl.set_status(MigrationStatus::Active);
+    let Channel { conn, end } = channel;
+    let two_way = conn.two_way();
+    if two_way {
+        ctl.set_conn(Canceller::Socket(conn.clone()));
+    }
+    let mut rx = Receiver {
+        conn: conn.clone(),
+        two_way,
+        state: State::Hello,
+        vm: None,
+        parts: Vec::new(),
+        sections: Vec::new(),
+    };
+    let result = rx.run(factory, ctl);
+    for p in rx.parts.iter_mut() {
+        p.cleanup();
+    }
+    end.detach();
+    match result {
+        Ok(vm) => {
+            ctl.set_status(MigrationStatus::Completed);
+            Ok(IncomingOutcome { vm })
+        }
+        Err(e) => {
+            tracing::warn!(state = ?rx.state, "incoming migration failed: {e}");
+            if two_way {
+                let _ = send(
+                    &conn,
+                    &ReturnMessage::Error {
+                        code: 1,
+                        message: e.to_string(),
+                    },
+                );
+                conn.shutdown();
+            }
+            ctl.stats().error = Some(e.to_string());
+            ctl.set_status(MigrationStatus::Failed);
+            Err(e)
+        }
+    }
+}
+
+fn send(conn: &Connection, msg: &ReturnMessage) -> Result<()> {
+    RecordWriter::new(conn.clone()).write(record_type::RETURN_MESSAGE, 0, &msg.encode())?;
+    Ok(())
+}
+
+struct Receiver {
+    conn: Connection,
+    two_way: bool,
+    state: State,
+    vm: Option<Arc<dyn TargetVm>>,
+    parts: Vec<Box<dyn LoadParticipant>>,
+    sections: Vec<Section>,
+}
+
+impl Receiver {
+    fn enter(&mut self, state: State) {
+        tracing::debug!(?state, "incoming migration");
+        self.state = state;
+    }
+
+    fn run(
+        &mut self,
+        factory: TargetFactory<'_>,
+        ctl: &MigrationControl,
+    ) -> Result<Arc<dyn TargetVm>> {
+        if self.two_way {
+            self.hello()?;
+        }
+        self.enter(State::Header);
+        // A small buffer: record headers are gathered, but bodies are read in chunks larger than
+        // it, which go straight from the socket into the decoder's buffer (a bigger one would
+        // copy every page once more).
+        let r = StreamReader::new(BufReader::with_capacity(16 << 10, self.conn.clone()))?;
+        // A socket stays open after END (GO comes on it); a file or pipe must end right after it.
+        let mut r = if self.two_way { r.live() } else { r };
+        self.enter(State::Receiving);
+        let (records, want_digest) = self.receive(&mut r, factory, ctl)?;
+        self.enter(State::Ended);
+        let vm = self
+            .vm
+            .clone()
+            .ok_or_else(|| MigrateError::Vm("the stream had no VM description".into()))?;
+        let t = Instant::now();
+        vm.load_state(&self.sections)?;
+        let t_state = t.elapsed();
+        if want_digest {
+            ctl.stats().ram_digest = Some(vm.ram_digest());
+        }
+        if self.two_way {
+            ctl.fault_at(SwitchoverStep::BeforeLoaded);
+            send(&self.conn, &ReturnMessage::Loaded { records })?;
+            self.enter(State::Loaded);
+            ctl.fault_at(SwitchoverStep::BeforeGo);
+            self.await_go(r.into_records())?;
+            // GO: the guest is ours now; a cancel here would lose it.
+            ctl.commit()?;
+            ctl.fault_at(SwitchoverStep::BeforeRunning);
+        }
+        self.enter(State::Running);
+        vm.resume()?;
+        if self.two_way {
+            // The guest runs here whatever happens to this message: a source that misses it
+            // reports the switch-over in doubt and stays paused.
+            if let Err(e) = send(&self.conn, &ReturnMessage::Running) {
+                tracing::warn!("RUNNING could not be sent: {e}");
+            }
+        }
+        tracing::info!(
+            "incoming: END read; state loaded in {t_state:?}, running after {:?}",
+            t.elapsed()
+        );
+        Ok(vm)
+    }
+
+    /// The channel hello: this build takes one connection, the main one.
+    fn hello(&mut self) -> Result<()> {
+        let mut rr = RecordReader::new(self.conn.clone());
+        let rec = rr
+            .next_record()?
+            .ok_or_else(|| MigrateError::Vm("the connection closed before its hello".into()))?;
+        if rec.ty != record_type::CHANNEL_HELLO {
+            return Err(MigrateError::Vm(format!(
+                "a live migration starts with CHANNEL_HELLO, not {}",
+                record_type::name(rec.ty)
+            )));
+        }
+        let h = ChannelHello::decode(rec.body)
+            .map_err(|k| MigrateError::Vm(format!("bad channel hello: {k}")))?;
+        if h.role != ChannelRole::Main || h.channels != 1 {
+            return Err(MigrateError::Vm(format!(
+                "the source opens {} channels ({:?} #{}); this target takes one",
+                h.channels, h.role, h.index
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads records until END. Returns END's record count and whether the source asked for
+    /// the RAM digest.
+    fn receive(
+        &mut self,
+        r: &mut StreamReader<BufReader<Connection>>,
+        factory: TargetFactory<'_>,
+        ctl: &MigrationControl,
+    ) -> Result<(u64, bool)> {
+        let mut factory = Some(factory);
+        let mut want_digest = false;
+        loop {
+            let mut described = false;
+            match r.next_record()? {
+                None => return Err(MigrateError::Vm("the stream ended without END".into())),
+                Some(Record::Description) => described = true,
+                Some(rec @ (Record::Ram(_) | Record::Participant { .. })) => {
+                    if self.vm.is_none() {
+                        return Err(MigrateError::Vm("data before the VM description".into()));
+                    }
+                    let mut taken = false;
+                    for p in self.parts.iter_mut() {
+                        if p.load(&rec)? {
+                            taken = true;
+                            break;
+                        }
+                    }
+                    if !taken {
+                        return Err(MigrateError::Vm(match rec {
+                            Record::Participant { name, .. } => format!(
+                                "the stream carries data of '{name}', which this target does not have"
+                            ),
+                            _ => "no participant takes RAM pages".into(),
+                        }));
+                    }
+                }
+                Some(Record::Section(s)) => self.sections.push(s),
+                Some(Record::Ping(sequence)) => {
+                    // One-way (a file, a pipe): nobody to answer.
+                    if self.two_way {
+                        send(&self.conn, &ReturnMessage::Ack { sequence })?;
+                    }
+                }
+                Some(Record::SourceInfo(v)) => {
+                    want_digest = v
+                        .get("x-tern-ram-digest")
+                        .and_then(|x| x.as_bool())
+                        .unwrap_or(false);
+                }
+                Some(Record::Postcopy(c)) => {
+                    return Err(MigrateError::Vm(format!(
+                        "postcopy is not supported yet (got {c:?})"
+                    )));
+                }
+                Some(Record::SkippedOptional { ty, .. }) => {
+                    tracing::info!("skipped an optional record of unknown type {ty:#x}");
+                }
+                Some(Record::End(t)) => return Ok((t.records, want_digest)),
+            }
+            if described {
+                let desc = r
+                    .description()
+                    .cloned()
+                    .ok_or_else(|| MigrateError::Vm("no VM description".into()))?;
+                let make = factory
+                    .take()
+                    .ok_or_else(|| MigrateError::Vm("second VM description".into()))?;
+                let vm = make(&desc)?;
+                self.parts = vm.clone().load_participants();
+                for p in self.parts.iter_mut() {
+                    p.load_setup(&desc)?;
+                }
+                ctl.stats().total = desc.ram.iter().map(|x| x.size).sum();
+                self.vm = Some(vm);
+            }
+            let p = participant::total(self.parts.iter(), |p| p.progress());
+            let mut s = ctl.stats();
+            s.transferred = r.offset();
+            s.normal = p.data_pages;
+            s.duplicate = p.zero_pages;
+        }
+    }
+
+    /// After LOADED: exactly one GO, within [`GO_TIMEOUT`]. Anything else — a timeout, the
+    /// connection closing, another record — and the guest must not run here.
+    fn await_go(&mut self, mut rr: RecordReader<BufReader<Connection>>) -> Result<()> {
+        self.conn
+            .set_read_timeout(Some(GO_TIMEOUT))
+            .map_err(MigrateError::io("setting the GO timeout"))?;
+        let rec = rr.next_record().map_err(|e| {
+            MigrateError::Vm(format!(
+                "no GO from the source ({e}); the guest was not started here"
+            ))
+        })?;
+        match rec {
+            Some(rec) if rec.ty == record_type::GO && rec.body.is_empty() => Ok(()),
+            Some(rec) => Err(MigrateError::Vm(format!(
+                "{} instead of GO after LOADED; the guest was not started here",
+                record_type::name(rec.ty)
+            ))),
+            None => Err(MigrateError::Vm(
+                "the source closed the connection before GO; the guest was not started here".into(),
+            )),
+        }
+    }
+}
