@@ -40,6 +40,8 @@ pub struct MigrationControl {
     commit: Mutex<Commit>,
     cancelled: AtomicBool,
     conn: Mutex<Option<Canceller>>,
+    /// Set once the channel was shut down (a cancel, a fault, the end).
+    channel_shut: AtomicBool,
     /// `max-bandwidth`, changeable while migrating.
     pub bandwidth_limit: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
@@ -65,6 +67,7 @@ impl MigrationControl {
             commit: Mutex::new(Commit::Open),
             cancelled: AtomicBool::new(false),
             conn: Mutex::new(None),
+            channel_shut: AtomicBool::new(false),
             bandwidth_limit: Arc::new(AtomicU64::new(params.max_bandwidth)),
             accepted: Arc::new(AtomicU64::new(0)),
             params,
@@ -123,6 +126,7 @@ impl MigrationControl {
 
     /// Stops the channel (a blocked read or write fails at once).
     pub(crate) fn shut_channel(&self) {
+        self.channel_shut.store(true, Ordering::SeqCst);
         if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             c.cancel();
         }
@@ -151,12 +155,15 @@ impl MigrationControl {
         Ok(())
     }
 
-    /// The point of no return: from here the source never resumes the guest by itself and
-    /// cancelling is refused. Fails if a cancel came first.
+    /// The point of no return: from here cancelling is refused. Fails if a cancel came first,
+    /// or if the channel was shut down (a cut: nothing can be committed over it).
     pub(crate) fn commit(&self) -> Result<()> {
         let mut c = self.commit.lock().unwrap_or_else(|e| e.into_inner());
         match *c {
             Commit::Cancelled => Err(MigrateError::Cancelled),
+            _ if self.channel_shut.load(Ordering::SeqCst) => Err(MigrateError::Vm(
+                "the migration channel was shut down before the commit".into(),
+            )),
             _ => {
                 *c = Commit::Committed;
                 Ok(())

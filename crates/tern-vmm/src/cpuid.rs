@@ -47,6 +47,59 @@ pub fn filter(supported: &CpuId, index: u32, count: u32, tsc_khz: Option<u32>) -
     CpuId::from_entries(&entries).unwrap_or_else(|_| supported.clone())
 }
 
+/// Feature bits that must not be asked of a host that lacks them: (leaf, subleaf, register,
+/// mask of bits the VMM itself sets or that follow guest state, which are not checked).
+pub(crate) const FEATURE_REGS: &[(u32, u32, &str, u32)] = &[
+    (1, 0, "ecx", (1 << 31) | (1 << 27)),
+    (1, 0, "edx", (1 << 28) | (1 << 9)),
+    (7, 0, "ebx", 0),
+    (7, 0, "ecx", 1 << 4),
+    (7, 0, "edx", 1 << 29),
+    (7, 1, "eax", 0),
+    (0xd, 1, "eax", 0),
+    (0x8000_0001, 0, "ecx", 0),
+    (0x8000_0001, 0, "edx", 0),
+];
+
+pub(crate) fn reg(e: &kvm_cpuid_entry2, r: &str) -> u32 {
+    match r {
+        "eax" => e.eax,
+        "ebx" => e.ebx,
+        "ecx" => e.ecx,
+        _ => e.edx,
+    }
+}
+
+/// Whether `e` is leaf `leaf`, subleaf `sub` (the subleaf counts only where KVM says it does).
+pub(crate) fn is_leaf(e: &kvm_cpuid_entry2, leaf: u32, sub: u32) -> bool {
+    e.function == leaf
+        && (e.index == sub || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+}
+
+/// Every CPU feature bit of `source` that `host` lacks, named as `CPUID.leaf.sub:REG[bit n]`.
+pub fn missing_features(source: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Vec<String> {
+    let mut out = Vec::new();
+    for &(leaf, sub, r, ignore) in FEATURE_REGS {
+        let Some(s) = source.iter().find(|e| is_leaf(e, leaf, sub)) else {
+            continue;
+        };
+        let have = host
+            .iter()
+            .find(|e| is_leaf(e, leaf, sub))
+            .map_or(0, |e| reg(e, r));
+        let mut missing = reg(s, r) & !have & !ignore;
+        while missing != 0 {
+            let bit = missing.trailing_zeros();
+            out.push(format!(
+                "CPUID.{leaf:#x}.{sub}:{}[bit {bit}]",
+                r.to_uppercase()
+            ));
+            missing &= missing - 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

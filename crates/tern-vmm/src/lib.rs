@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod cpuid;
 mod error;
+pub mod machine;
 pub mod memory;
 mod migration;
 pub mod serial;

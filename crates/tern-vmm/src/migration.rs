@@ -235,12 +235,14 @@ impl SourceVm for Vm {
     }
 
     fn machine(&self) -> serde_json::Value {
-        serde_json::json!({
-            "memory": self.ram.size(),
-            "vcpus": self.vcpus(),
-            "tsc_khz": self.tsc_khz,
-            "arch": "x86_64",
-        })
+        let cpuid = crate::cpuid::filter(&self.supported_cpuid, 0, self.vcpus(), self.tsc_khz);
+        let m = crate::machine::MachineDescription::new(
+            self.ram.size(),
+            self.vcpus(),
+            self.tsc_khz,
+            cpuid.as_slice(),
+        );
+        serde_json::to_value(m).unwrap_or_default()
     }
 
     fn state_schemas(&self) -> Vec<SectionDesc> {

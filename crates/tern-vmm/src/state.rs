@@ -387,55 +387,15 @@ fn find<'a>(sections: &'a [Section], name: &str, instance: u32) -> Result<&'a Se
         })
 }
 
-/// Feature bits that must not be asked of a host that lacks them: (leaf, subleaf, register,
-/// mask of bits the VMM itself sets or that follow guest state, which are not checked).
-const FEATURE_REGS: &[(u32, u32, &str, u32)] = &[
-    (1, 0, "ecx", (1 << 31) | (1 << 27)),
-    (1, 0, "edx", (1 << 28) | (1 << 9)),
-    (7, 0, "ebx", 0),
-    (7, 0, "ecx", 1 << 4),
-    (7, 0, "edx", 1 << 29),
-    (7, 1, "eax", 0),
-    (0xd, 1, "eax", 0),
-    (0x8000_0001, 0, "ecx", 0),
-    (0x8000_0001, 0, "edx", 0),
-];
-
-fn reg(e: &kvm_cpuid_entry2, r: &str) -> u32 {
-    match r {
-        "eax" => e.eax,
-        "ebx" => e.ebx,
-        "ecx" => e.ecx,
-        _ => e.edx,
-    }
-}
-
 /// Checks that this host supports every CPU feature the source's vCPUs had; names the first one
 /// it lacks.
 pub fn check_cpuid(source: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Result<(), String> {
-    // The subleaf counts only where KVM says it does.
-    let is = |e: &kvm_cpuid_entry2, leaf: u32, sub: u32| {
-        e.function == leaf
-            && (e.index == sub || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
-    };
-    for &(leaf, sub, r, ignore) in FEATURE_REGS {
-        let Some(s) = source.iter().find(|e| is(e, leaf, sub)) else {
-            continue;
-        };
-        let have = host
-            .iter()
-            .find(|e| is(e, leaf, sub))
-            .map_or(0, |e| reg(e, r));
-        let missing = reg(s, r) & !have & !ignore;
-        if missing != 0 {
-            let bit = missing.trailing_zeros();
-            return Err(format!(
-                "the source's CPU feature CPUID.{leaf:#x}.{sub}:{}[bit {bit}] is not supported by this host",
-                r.to_uppercase()
-            ));
-        }
+    match crate::cpuid::missing_features(source, host).first() {
+        Some(m) => Err(format!(
+            "the source's CPU feature {m} is not supported by this host"
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn load_vcpu(vm: &Vm, s: &Section, vcpu: &VcpuFd, now_ns: u64) -> Result<(), StateError> {

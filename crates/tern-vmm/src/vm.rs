@@ -135,7 +135,7 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
+pub(crate) fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
     let display = path.display().to_string();
     let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::OpenKvm {
         path: display.clone(),

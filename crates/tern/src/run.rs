@@ -17,6 +17,7 @@ use tern_migrate::{
     SourceVm, TargetVm,
 };
 use tern_qmp::Server;
+use tern_vmm::machine::{host_memory, HostInfo, MachineDescription, Requested};
 use tern_vmm::{MachineConfig, RunState, SerialOutput, Vm, VmConfig, VmExit};
 
 use crate::backend::RunBackend;
@@ -79,14 +80,6 @@ pub(crate) fn parse_unix(what: &str, s: &str) -> Result<PathBuf> {
         Some(("unix", p)) if !p.is_empty() => Ok(p.into()),
         _ => bail!("{what} '{s}': expected unix:PATH"),
     }
-}
-
-/// Total RAM of the host, from /proc/meminfo.
-fn host_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 fn check_memory(memory: u64) -> Result<()> {
@@ -319,48 +312,25 @@ impl App {
         Ok(())
     }
 
-    /// Builds the target VM from the stream's description, checked against our options.
+    /// Builds the target VM from the stream's description, checked against our options and this
+    /// host first (every mismatch named), before anything is allocated.
     fn factory(self: &Arc<Self>) -> tern_migrate::TargetFactory<'static> {
         let app = self.clone();
         Box::new(move |desc| {
-            let m = &desc.machine;
-            let memory = m
-                .get("memory")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| MigrateError::Mismatch("the stream names no memory size".into()))?;
-            let vcpus = m
-                .get("vcpus")
-                .and_then(Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| MigrateError::Mismatch("the stream names no vCPU count".into()))?;
-            if let Some(mine) = app.machine.memory {
-                if mine != memory {
-                    return Err(MigrateError::Mismatch(format!(
-                        "memory is {} here but {} in the stream",
-                        human(mine),
-                        human(memory)
-                    )));
-                }
-            }
-            if let Some(mine) = app.machine.vcpus {
-                if mine != vcpus {
-                    return Err(MigrateError::Mismatch(format!(
-                        "{mine} vCPUs here but {vcpus} in the stream"
-                    )));
-                }
-            }
-            if let Some(host) = host_memory() {
-                if memory > host {
-                    return Err(MigrateError::Mismatch(format!(
-                        "the stream needs {} of RAM, this host has {}",
-                        human(memory),
-                        human(host)
-                    )));
-                }
+            let m =
+                MachineDescription::from_stream(&desc.machine).map_err(MigrateError::Mismatch)?;
+            let host = HostInfo::probe(&app.machine.kvm_path).map_err(MigrateError::Vm)?;
+            let wanted = Requested {
+                memory: app.machine.memory,
+                vcpus: app.machine.vcpus,
+            };
+            let mismatches = m.mismatches(&host, &wanted);
+            if !mismatches.is_empty() {
+                return Err(MigrateError::Mismatch(mismatches.join("; ")));
             }
             let vm = Vm::create(&MachineConfig {
-                memory,
-                vcpus,
+                memory: m.memory,
+                vcpus: m.vcpus,
                 serial: app.machine.serial.clone(),
                 kvm_path: app.machine.kvm_path.clone(),
             })

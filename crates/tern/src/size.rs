@@ -37,15 +37,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Formats bytes for messages.
-pub fn human(bytes: u64) -> String {
-    const G: u64 = 1 << 30;
-    const M: u64 = 1 << 20;
-    if bytes >= G {
-        format!("{:.1}G", bytes as f64 / G as f64)
-    } else {
-        format!("{}M", bytes / M)
-    }
-}
+pub use tern_vmm::machine::human;
 
 #[cfg(test)]
 mod tests {

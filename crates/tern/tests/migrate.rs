@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -10,54 +10,6 @@ use common::*;
 use serde_json::json;
 
 const MIGRATE: Duration = Duration::from_secs(180);
-
-/// A running tern with its QMP socket.
-struct Vmm {
-    p: Proc,
-    q: Qmp,
-}
-
-fn dir(name: &str) -> PathBuf {
-    tmpdir(name)
-}
-
-fn free_tcp_uri() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("tcp:127.0.0.1:{}", l.local_addr().unwrap().port())
-}
-
-fn source(d: &Path, tag: &str, memory: &str, cmdline: &str) -> Vmm {
-    let sock = d.join(format!("{tag}.qmp"));
-    let qmp = format!("unix:{}", sock.display());
-    let mut p = Proc::tern_run(&[
-        "--memory",
-        memory,
-        "--vcpus",
-        "2",
-        "--cmdline",
-        cmdline,
-        "--qmp",
-        &qmp,
-    ]);
-    p.wait_for("ready", BOOT, |l| l == "tern-guest ready");
-    p.wait_for("a heartbeat", LINE, is_hb);
-    let q = Qmp::connect(&sock, LINE);
-    Vmm { p, q }
-}
-
-fn target(d: &Path, tag: &str, uri: &str, extra: &[&str]) -> Vmm {
-    let sock = d.join(format!("{tag}.qmp"));
-    let qmp = format!("unix:{}", sock.display());
-    let mut args = vec!["--incoming", uri, "--qmp", &qmp];
-    args.extend_from_slice(extra);
-    let p = Proc::tern_run(&args);
-    let mut q = Qmp::connect(&sock, LINE);
-    assert_eq!(
-        q.ok("query-status", json!({})),
-        json!({"running": false, "status": "inmigrate"})
-    );
-    Vmm { p, q }
-}
 
 /// Migrates `src` to a new target at `uri`; checks continuity, the guest's self-check on the
 /// target, the source's postmigrate state and the RAM digests. Returns the target.
@@ -98,12 +50,6 @@ fn migrate(d: &Path, src: &mut Vmm, tag: &str, uri: &str) -> Vmm {
     let ev = src.q.wait_event("MIGRATION");
     assert!(ev["data"]["status"].is_string());
     dst
-}
-
-fn quit(mut v: Vmm) {
-    let _ = v.q.execute("quit", json!({}));
-    let status = v.p.wait_exit(LINE);
-    assert_eq!(status.code(), Some(0));
 }
 
 fn matrix(transport: &str) {

@@ -95,8 +95,12 @@ pub(super) fn run(
             })?;
             let t_loaded = t_pause.elapsed();
             ctl.fault_at(SwitchoverStep::BeforeGo);
-            commit(ctl, session, ret)?;
+            commit(ctl, ret)?;
             go(link)?;
+            // GO left: from here the target may run the guest, and the source never resumes it
+            // by itself.
+            session.enter(Phase::Committed);
+            tracing::info!("switch-over committed: the guest is the target's now");
             ctl.fault_at(SwitchoverStep::BeforeRunning);
             let ret = link.ret.as_mut().expect("two-way");
             ret.expect("RUNNING", RUNNING_TIMEOUT, |m| {
@@ -162,31 +166,31 @@ fn end_stream(out: &mut Out<'static>) -> Result<()> {
     Ok(())
 }
 
-/// The point of no return. It is refused if a cancel came first, or if the target is already
-/// gone (its return path closed, or it said ERROR): committing then would leave the guest
-/// running nowhere.
-fn commit(
-    ctl: &MigrationControl,
-    session: &mut Session,
-    ret: &mut super::ReturnPath,
-) -> Result<()> {
+/// The point of no return, as far as `migrate_cancel` is concerned: refused if a cancel came
+/// first, if the channel was shut down, or if the target is already gone (its return path
+/// closed, or it said ERROR): committing then would leave the guest running nowhere.
+fn commit(ctl: &MigrationControl, ret: &mut super::ReturnPath) -> Result<()> {
     ctl.check_cancel()?;
     if let Some(why) = ret.peer_gone() {
         return Err(MigrateError::Vm(format!(
             "the target went away after LOADED ({why}); not committing"
         )));
     }
-    ctl.commit()?;
-    session.enter(Phase::Committed);
-    tracing::info!("switch-over committed: the guest is the target's now");
-    Ok(())
+    ctl.commit()
 }
 
-/// Sends GO. Any failure now leaves the outcome in doubt: the target may have received it.
+/// Sends GO. The target runs only on a complete GO record whose CRC checks, and every byte of
+/// it goes through the calls below: if one fails, the record is incomplete at the target, which
+/// then does not run — so a failure here still resumes the source. Once they all succeeded the
+/// bytes may arrive, and the outcome is the target's.
 fn go(link: &mut Link) -> Result<()> {
     let conn = link.conn.clone().expect("GO goes on a two-way channel");
     RecordWriter::new(conn)
         .write(record_type::GO, 0, &[])
         .map(drop)
-        .map_err(|e| MigrateError::InDoubt(format!("sending GO failed: {e}")))
+        .map_err(|e| {
+            MigrateError::Vm(format!(
+                "sending GO failed ({e}); the target cannot have it, so the source runs on"
+            ))
+        })
 }

@@ -334,3 +334,57 @@ impl Qmp {
 
 pub const BOOT: Duration = Duration::from_secs(90);
 pub const LINE: Duration = Duration::from_secs(30);
+
+/// A running tern with its QMP socket.
+pub struct Vmm {
+    pub p: Proc,
+    pub q: Qmp,
+}
+
+pub fn dir(name: &str) -> PathBuf {
+    tmpdir(name)
+}
+
+pub fn free_tcp_uri() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("tcp:127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+pub fn source(d: &Path, tag: &str, memory: &str, cmdline: &str) -> Vmm {
+    let sock = d.join(format!("{tag}.qmp"));
+    let qmp = format!("unix:{}", sock.display());
+    let mut p = Proc::tern_run(&[
+        "--memory",
+        memory,
+        "--vcpus",
+        "2",
+        "--cmdline",
+        cmdline,
+        "--qmp",
+        &qmp,
+    ]);
+    p.wait_for("ready", BOOT, |l| l == "tern-guest ready");
+    p.wait_for("a heartbeat", LINE, is_hb);
+    let q = Qmp::connect(&sock, LINE);
+    Vmm { p, q }
+}
+
+pub fn target(d: &Path, tag: &str, uri: &str, extra: &[&str]) -> Vmm {
+    let sock = d.join(format!("{tag}.qmp"));
+    let qmp = format!("unix:{}", sock.display());
+    let mut args = vec!["--incoming", uri, "--qmp", &qmp];
+    args.extend_from_slice(extra);
+    let p = Proc::tern_run(&args);
+    let mut q = Qmp::connect(&sock, LINE);
+    assert_eq!(
+        q.ok("query-status", json!({})),
+        json!({"running": false, "status": "inmigrate"})
+    );
+    Vmm { p, q }
+}
+
+pub fn quit(mut v: Vmm) {
+    let _ = v.q.execute("quit", json!({}));
+    let status = v.p.wait_exit(LINE);
+    assert_eq!(status.code(), Some(0));
+}

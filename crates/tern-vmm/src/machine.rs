@@ -1,0 +1,284 @@
+//! The machine a stream describes (its VM_DESCRIPTION's `machine` object), typed, and the check a
+//! target makes before it allocates anything: every mismatch with its own options and with this
+//! host is named, all at once.
+
+use kvm_bindings::kvm_cpuid_entry2;
+use kvm_ioctls::Kvm;
+use serde::{Deserialize, Serialize};
+
+use crate::cpuid::{self, FEATURE_REGS};
+
+/// How far the source's TSC frequency may be from this host's before the guest's clock would
+/// visibly run at another rate (this KVM cannot scale the TSC: `KVM_CAP_TSC_CONTROL` is 0).
+/// 250 ppm is about what separate calibrations of one CPU model differ by.
+pub const TSC_TOLERANCE_PPM: u64 = 250;
+
+/// One CPUID register the guest may rely on (leaf, subleaf, register name, value).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuFeatureWord {
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub reg: String,
+    pub value: u32,
+}
+
+/// The machine as the source describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineDescription {
+    pub arch: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub vcpus: u32,
+    /// The guest's TSC frequency; absent if the source could not read it.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
+    /// The CPU feature words of the vCPUs (streams before this field had none: the per-vCPU
+    /// CPUID check at load time still applies).
+    #[serde(default)]
+    pub cpu_features: Vec<CpuFeatureWord>,
+}
+
+/// What the target's own command line asks for (the stream must match what is given).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Requested {
+    pub memory: Option<u64>,
+    pub vcpus: Option<u32>,
+}
+
+/// What this host offers.
+#[derive(Clone, Debug)]
+pub struct HostInfo {
+    /// Total RAM (MemTotal), if known.
+    pub memory: Option<u64>,
+    /// The TSC frequency a vCPU gets here, if known.
+    pub tsc_khz: Option<u32>,
+    /// KVM's supported CPUID.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+}
+
+impl HostInfo {
+    /// Asks KVM (a throw-away VM with one vCPU, no memory, for the TSC frequency) and
+    /// /proc/meminfo.
+    pub fn probe(kvm_path: &std::path::Path) -> Result<HostInfo, String> {
+        let kvm = crate::vm::open_kvm(kvm_path).map_err(|e| format!("{e:#}"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?
+            .as_slice()
+            .to_vec();
+        Ok(HostInfo {
+            memory: host_memory(),
+            tsc_khz: probe_tsc_khz(&kvm),
+            cpuid,
+        })
+    }
+}
+
+fn probe_tsc_khz(kvm: &Kvm) -> Option<u32> {
+    let vm = kvm.create_vm().ok()?;
+    let vcpu = vm.create_vcpu(0).ok()?;
+    vcpu.get_tsc_khz().ok()
+}
+
+/// Total RAM of the host, from /proc/meminfo.
+pub fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Sizes as `tern` prints them (1.0G, 512M).
+pub fn human(bytes: u64) -> String {
+    const G: u64 = 1 << 30;
+    const M: u64 = 1 << 20;
+    if bytes >= G {
+        format!("{:.1}G", bytes as f64 / G as f64)
+    } else {
+        format!("{}M", bytes / M)
+    }
+}
+
+impl MachineDescription {
+    /// The description of a machine with this CPUID table (vCPU 0's).
+    pub fn new(memory: u64, vcpus: u32, tsc_khz: Option<u32>, cpuid: &[kvm_cpuid_entry2]) -> Self {
+        let cpu_features = FEATURE_REGS
+            .iter()
+            .filter_map(|&(leaf, subleaf, reg, _)| {
+                let e = cpuid.iter().find(|e| cpuid::is_leaf(e, leaf, subleaf))?;
+                Some(CpuFeatureWord {
+                    leaf,
+                    subleaf,
+                    reg: reg.into(),
+                    value: cpuid::reg(e, reg),
+                })
+            })
+            .collect();
+        MachineDescription {
+            arch: "x86_64".into(),
+            memory,
+            vcpus,
+            tsc_khz,
+            cpu_features,
+        }
+    }
+
+    /// Reads the `machine` object of a stream, naming what is missing or malformed.
+    pub fn from_stream(v: &serde_json::Value) -> Result<Self, String> {
+        serde_json::from_value(v.clone()).map_err(|e| format!("the machine description: {e}"))
+    }
+
+    /// Every way this machine does not fit `host` and the target's own options; empty if it
+    /// fits.
+    pub fn mismatches(&self, host: &HostInfo, want: &Requested) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.arch != "x86_64" {
+            out.push(format!(
+                "the stream is for {}, this host runs x86_64",
+                self.arch
+            ));
+        }
+        if self.memory == 0 || !self.memory.is_multiple_of(4096) {
+            out.push(format!(
+                "the stream's memory size {} is not a whole number of pages",
+                self.memory
+            ));
+        }
+        if let Some(mine) = want.memory.filter(|&m| m != self.memory) {
+            out.push(format!(
+                "memory is {} here but {} in the stream",
+                human(mine),
+                human(self.memory)
+            ));
+        }
+        if let Some(hostmem) = host.memory.filter(|&h| self.memory > h) {
+            out.push(format!(
+                "the stream needs {} of RAM, this host has {}",
+                human(self.memory),
+                human(hostmem)
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > crate::MAX_VCPUS {
+            out.push(format!(
+                "the stream has {} vCPUs, tern runs 1 to {}",
+                self.vcpus,
+                crate::MAX_VCPUS
+            ));
+        }
+        if let Some(mine) = want.vcpus.filter(|&v| v != self.vcpus) {
+            out.push(format!(
+                "{mine} vCPUs here but {} in the stream",
+                self.vcpus
+            ));
+        }
+        if let (Some(src), Some(here)) = (self.tsc_khz, host.tsc_khz) {
+            let diff = u64::from(src.abs_diff(here));
+            if diff * 1_000_000 > u64::from(src) * TSC_TOLERANCE_PPM {
+                out.push(format!(
+                    "the guest's TSC runs at {src} kHz, this host's at {here} kHz, and this KVM cannot scale it (more than {TSC_TOLERANCE_PPM} ppm apart: the guest's clock would drift)"
+                ));
+            }
+        }
+        let source: Vec<kvm_cpuid_entry2> = self
+            .cpu_features
+            .iter()
+            .map(|w| {
+                let mut e = kvm_cpuid_entry2 {
+                    function: w.leaf,
+                    index: w.subleaf,
+                    flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                    ..Default::default()
+                };
+                match w.reg.as_str() {
+                    "eax" => e.eax = w.value,
+                    "ebx" => e.ebx = w.value,
+                    "ecx" => e.ecx = w.value,
+                    _ => e.edx = w.value,
+                }
+                e
+            })
+            .collect();
+        // One entry per word, looked up on its own: two words of one leaf (ECX and EDX of
+        // leaf 1) must not hide each other.
+        for e in &source {
+            out.extend(
+                cpuid::missing_features(std::slice::from_ref(e), &host.cpuid)
+                    .into_iter()
+                    .map(|m| format!("the source's CPU feature {m} is not supported by this host")),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostInfo {
+        HostInfo {
+            memory: Some(8 << 30),
+            tsc_khz: Some(2_000_000),
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 7,
+                index: 0,
+                flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ebx: 0b0011,
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn machine() -> MachineDescription {
+        MachineDescription::new(1 << 30, 2, Some(2_000_100), &host().cpuid)
+    }
+
+    #[test]
+    fn a_matching_machine_fits_and_round_trips() {
+        let m = machine();
+        assert_eq!(m.cpu_features.len(), 3, "EBX, ECX and EDX of leaf 7");
+        assert!(m.mismatches(&host(), &Requested::default()).is_empty());
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(MachineDescription::from_stream(&v).unwrap(), m);
+        // A stream from before cpu_features still reads.
+        let old = serde_json::json!({"memory": 1u64 << 30, "vcpus": 2, "tsc_khz": 2000000, "arch": "x86_64"});
+        assert!(MachineDescription::from_stream(&old)
+            .unwrap()
+            .cpu_features
+            .is_empty());
+        assert!(MachineDescription::from_stream(
+            &serde_json::json!({"vcpus": 2, "arch": "x86_64"})
+        )
+        .unwrap_err()
+        .contains("memory"));
+    }
+
+    #[test]
+    fn every_mismatch_is_named_at_once() {
+        let mut m = machine();
+        m.memory = 16 << 30;
+        m.vcpus = 4;
+        m.tsc_khz = Some(2_100_000);
+        m.cpu_features[0].value = 0b0111;
+        let got = m.mismatches(
+            &host(),
+            &Requested {
+                memory: Some(1 << 30),
+                vcpus: Some(2),
+            },
+        );
+        let all = got.join("\n");
+        assert!(
+            all.contains("memory is 1.0G here but 16.0G in the stream"),
+            "{all}"
+        );
+        assert!(
+            all.contains("needs 16.0G of RAM, this host has 8.0G"),
+            "{all}"
+        );
+        assert!(all.contains("2 vCPUs here but 4 in the stream"), "{all}");
+        assert!(all.contains("2100000 kHz"), "{all}");
+        assert!(all.contains("CPUID.0x7.0:EBX[bit 2]"), "{all}");
+        assert_eq!(got.len(), 5, "{all}");
+    }
+}
