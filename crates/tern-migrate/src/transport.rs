@@ -12,6 +12,7 @@ use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -240,9 +241,9 @@ impl Canceller {
             Canceller::Command(pid, reaped) => {
                 if !reaped.load(Ordering::SeqCst) {
                     if let Ok(pid) = libc::pid_t::try_from(*pid) {
-                        // SAFETY: kill(2) has no memory effects; the child was not reaped yet,
-                        // so the pid is still ours.
-                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                        // SAFETY: kill(2) has no memory effects; the child leads its own process
+                        // group and was not reaped yet, so that group is still ours.
+                        unsafe { libc::kill(-pid, libc::SIGTERM) };
                     }
                 }
             }
@@ -274,11 +275,14 @@ impl Channel {
         } else {
             (Stdio::null(), Stdio::piped())
         };
+        // Its own process group, so that a cancel stops the whole pipeline: `sh -c 'cat > f'`
+        // may fork `cat`, which would otherwise keep the pipe open after `sh` is gone.
         let mut child = Command::new("/bin/sh")
             .arg("-c")
             .arg(cmd)
             .stdin(stdin)
             .stdout(stdout)
+            .process_group(0)
             .spawn()
             .map_err(MigrateError::io(format!("starting '{cmd}'")))?;
         let pipe: OwnedFd = match (child.stdin.take(), child.stdout.take()) {

@@ -211,6 +211,7 @@ fn racing_migrate_commands_start_exactly_one() {
     // Slow enough that the winner is still running when the loser asks.
     a.ok("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
     let barrier = Arc::new(Barrier::new(2));
+    let t0 = Instant::now();
     for i in 0..50 {
         let uri = "exec:cat > /dev/null";
         let bb = barrier.clone();
@@ -241,7 +242,61 @@ fn racing_migrate_commands_start_exactly_one() {
         a.ok("migrate_cancel", json!({}));
         let r = wait_migration(&mut a, SETTLE);
         assert_eq!(r["status"], "cancelled", "iteration {i}: {r}");
+        if i < 3 {
+            eprintln!("iteration {i} done at {:?}", t0.elapsed());
+        }
     }
+    eprintln!("50 racing starts: {:?}", t0.elapsed());
     source_still_fine(&mut p, &mut a);
     quit(Vmm { p, q: a });
+}
+
+/// `tern save` right after the guest is ready, 50 times, with a busy guest beside it: each save
+/// completes (a `query-migrate` right after `migrate` used to see no migration yet, and the save
+/// then failed leaving the guest stopped and the file empty).
+#[test]
+fn tern_save_right_after_ready_completes_fifty_times_on_a_loaded_machine() {
+    let _g = exclusive();
+    let d = dir("save50");
+    // The load: a guest dirtying memory as fast as it can, on the other core.
+    let _busy = source(
+        &d,
+        "busy",
+        "256M",
+        "tern.wss=128 tern.rate=100000 tern.check=0",
+    );
+    let t0 = Instant::now();
+    for i in 0..50 {
+        let sock = d.join(format!("g{i}.qmp"));
+        let mut p = Proc::tern_run(&[
+            "--memory",
+            "64M",
+            "--cmdline",
+            "tern.wss=8 tern.rate=16 tern.check=0",
+            "--qmp",
+            &format!("unix:{}", sock.display()),
+        ]);
+        p.wait_for("ready", BOOT, |l| l == "tern-guest ready");
+        let file = d.join(format!("g{i}.tern"));
+        let out = std::process::Command::new(tern_bin())
+            .args(["save", "--qmp", &format!("unix:{}", sock.display())])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("save completed"),
+            "save {i}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            std::fs::metadata(&file).unwrap().len() > 8 << 20,
+            "save {i}"
+        );
+        std::fs::remove_file(&file).unwrap();
+        let mut q = Qmp::connect(&sock, LINE);
+        let _ = q.execute("quit", json!({}));
+        assert_eq!(p.wait_exit(LINE).code(), Some(0));
+    }
+    eprintln!("50 saves: {:?}", t0.elapsed());
 }
