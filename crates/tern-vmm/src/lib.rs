@@ -6,12 +6,12 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod devices;
 mod error;
 pub mod machine;
 pub mod memory;
 mod migration;
 pub mod serial;
-pub mod state;
 mod vcpu;
 mod vm;
 

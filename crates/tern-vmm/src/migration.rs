@@ -246,7 +246,7 @@ impl SourceVm for Vm {
     }
 
     fn state_schemas(&self) -> Vec<SectionDesc> {
-        crate::state::schemas(self.vcpus())
+        self.devices.manager.schemas()
     }
 
     fn pause(&self) -> Result<()> {
@@ -268,7 +268,7 @@ impl SourceVm for Vm {
     }
 
     fn save_state(&self) -> Result<Vec<Section>> {
-        Ok(crate::state::save(self)?)
+        Ok(self.devices.manager.save(self)?)
     }
 
     fn ram_digest(&self) -> u64 {
@@ -353,7 +353,13 @@ impl TargetVm for Vm {
     }
 
     fn load_state(&self, sections: &[Section]) -> Result<()> {
-        Ok(crate::state::load(self, sections)?)
+        Ok(self.devices.manager.load(
+            self,
+            sections,
+            &crate::devices::LoadCtx {
+                now_ns: crate::devices::realtime_ns(),
+            },
+        )?)
     }
 
     fn load_participants(self: Arc<Self>) -> Vec<Box<dyn LoadParticipant>> {

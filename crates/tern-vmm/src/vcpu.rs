@@ -14,8 +14,9 @@ use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::boot::{BootInfo, BOOT_GDT_ADDR};
+use crate::devices::PioOutcome;
 use crate::error::kvm;
-use crate::vm::{Devices, PioOutcome, VmExit};
+use crate::vm::{Devices, VmExit};
 use crate::Result;
 
 thread_local! {
@@ -299,12 +300,12 @@ fn run_loop(
         let mut guard = lock(vcpu);
         let vcpu = &mut *guard;
         let step = match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => match devices.pio_write(port, data) {
+            Ok(VcpuExit::IoOut(port, data)) => match devices.manager.pio_write(port, data) {
                 PioOutcome::Done => Step::Continue,
                 PioOutcome::Shutdown => Step::Exit(VmExit::Shutdown("guest-shutdown")),
             },
             Ok(VcpuExit::IoIn(port, data)) => {
-                devices.pio_read(port, data);
+                devices.manager.pio_read(port, data);
                 Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {

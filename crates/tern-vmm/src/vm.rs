@@ -14,6 +14,10 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot::{self, BootInfo};
+use crate::devices::cpu::Vcpu;
+use crate::devices::kvm::{Clock, IrqChip, Pit};
+use crate::devices::serial::{SerialPort, ShutdownPort};
+use crate::devices::{DeviceManager, LoadStage};
 use crate::error::kvm as kvm_err;
 use crate::memory::GuestRam;
 use crate::serial::{IrqTrigger, SerialDevice, SerialOutput, SerialSink, COM1_BASE, COM1_IRQ};
@@ -22,7 +26,6 @@ use crate::{cpuid, Error, Result, MAX_VCPUS};
 
 /// Port the built-in guest (and QEMU's q35 ACPI PM1a control) powers off through.
 pub const SHUTDOWN_PORT: u16 = 0x604;
-const SHUTDOWN_VALUE: u16 = 0x2000;
 /// Where KVM puts the TSS it needs on Intel (three pages below the 4 GiB boundary area).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
@@ -59,46 +62,14 @@ pub enum VmExit {
     Error(String),
 }
 
-/// Outcome of a port write.
-pub(crate) enum PioOutcome {
-    Done,
-    Shutdown,
-}
-
-/// Port-I/O devices and the exit notification, shared with the vCPU threads.
+/// The device manager and the exit notification, shared with the vCPU threads.
 pub(crate) struct Devices {
-    pub(crate) serial: Mutex<SerialDevice>,
-    pub(crate) serial_irq: EventFd,
+    pub(crate) manager: DeviceManager,
     exit: Mutex<Option<VmExit>>,
     exit_cv: Condvar,
 }
 
 impl Devices {
-    pub(crate) fn pio_write(&self, port: u16, data: &[u8]) -> PioOutcome {
-        if (COM1_BASE..COM1_BASE + 8).contains(&port) && data.len() == 1 {
-            let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = s.write((port - COM1_BASE) as u8, data[0]) {
-                tracing::warn!("serial write: {e:?}");
-            }
-        } else if port == SHUTDOWN_PORT && data.len() == 2 {
-            if u16::from_le_bytes([data[0], data[1]]) & SHUTDOWN_VALUE != 0 {
-                return PioOutcome::Shutdown;
-            }
-        } else {
-            tracing::trace!(port, ?data, "write to an unclaimed port");
-        }
-        PioOutcome::Done
-    }
-
-    pub(crate) fn pio_read(&self, port: u16, data: &mut [u8]) {
-        if (COM1_BASE..COM1_BASE + 8).contains(&port) && data.len() == 1 {
-            let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-            data[0] = s.read((port - COM1_BASE) as u8);
-        } else {
-            data.fill(0xff);
-        }
-    }
-
     /// Records the first reason the VM stopped and wakes whoever waits for it.
     pub(crate) fn report_exit(&self, exit: VmExit) {
         let mut e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
@@ -185,6 +156,14 @@ impl Vm {
 
     /// Builds the machine (KVM VM, RAM, irqchip, PIT, serial, vCPUs) without booting anything.
     pub fn create(cfg: &MachineConfig) -> Result<Arc<Vm>> {
+        Self::create_with(cfg, |_| {})
+    }
+
+    /// [`Vm::create`], with `extra` adding devices to the manager before the vCPUs join it.
+    pub(crate) fn create_with(
+        cfg: &MachineConfig,
+        extra: impl FnOnce(&mut DeviceManager),
+    ) -> Result<Arc<Vm>> {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(Error::InvalidConfig(format!(
                 "vcpus must be between 1 and {MAX_VCPUS}, not {}",
@@ -237,11 +216,31 @@ impl Vm {
             what: "eventfd for the serial IRQ".into(),
             source: e,
         })?;
+        // One list: I/O dispatch, quiesce, the VM description, save and load all walk it.
+        let mut manager = DeviceManager::default();
         let sink = SerialSink::open(&cfg.serial).map_err(|e| Error::Io {
             what: format!("opening the serial output {:?}", cfg.serial),
             source: e,
         })?;
-        let serial = SerialDevice::new(IrqTrigger(irq), sink);
+        manager.add_device(
+            Arc::new(SerialPort::new(
+                SerialDevice::new(IrqTrigger(irq), sink),
+                irq_clone,
+            )),
+            COM1_BASE..COM1_BASE + 8,
+            LoadStage::Devices,
+        );
+        manager.add_stateless_port(
+            Arc::new(ShutdownPort),
+            SHUTDOWN_PORT..SHUTDOWN_PORT + 2,
+            "a write-only power-off latch: nothing to carry",
+        );
+        for chip in [0, 1, 2] {
+            manager.add_state(Arc::new(IrqChip(chip)), LoadStage::Interrupts);
+        }
+        manager.add_state(Arc::new(Pit), LoadStage::Interrupts);
+        manager.add_state(Arc::new(Clock), LoadStage::Clock);
+        extra(&mut manager);
 
         let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -255,7 +254,15 @@ impl Vm {
             tsc_khz = fd.get_tsc_khz().ok();
             fd.set_cpuid2(&cpuid::filter(&supported_cpuid, i, cfg.vcpus, tsc_khz))
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            vcpu_fds.push(Arc::new(Mutex::new(fd)));
+            let fd = Arc::new(Mutex::new(fd));
+            manager.add_state(
+                Arc::new(Vcpu {
+                    index: i,
+                    fd: fd.clone(),
+                }),
+                LoadStage::Vcpus,
+            );
+            vcpu_fds.push(fd);
         }
 
         static SIGNAL: Once = Once::new();
@@ -275,8 +282,7 @@ impl Vm {
             vm_fd,
             ram,
             devices: Arc::new(Devices {
-                serial: Mutex::new(serial),
-                serial_irq: irq_clone,
+                manager,
                 exit: Mutex::new(None),
                 exit_cv: Condvar::new(),
             }),
@@ -350,14 +356,8 @@ impl Vm {
         self.kick_all();
         self.control.wait_parked();
         *state = RunState::Paused;
-        // The console holds a partial line until its newline; out with it now, or a migration
-        // would lose those bytes (the line buffer is the VMM's, not the guest's state).
-        let mut serial = self
-            .devices
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let _ = std::io::Write::flush(serial.writer_mut());
+        // Devices finish what is half done (a console's partial line: a migration would lose it).
+        self.devices.manager.quiesce();
     }
 
     /// Resumes every vCPU and returns once all have left the parking lot (or starts them, on a
