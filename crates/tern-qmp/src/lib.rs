@@ -5,8 +5,10 @@
 //! `{"error": {"class", "desc"}}`, events with a timestamp. The commands themselves are the
 //! [`Backend`]'s; this crate owns the session rules.
 
+mod commands;
 mod format;
 mod server;
 
+pub use commands::{CapabilityState, Command, COMMAND_NAMES};
 pub use format::to_qemu_json;
-pub use server::{no_args, Backend, QmpError, Server};
+pub use server::{Backend, QmpError, Server};

@@ -13,6 +13,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use serde_json::{json, Map, Value};
 
+use crate::commands::Command;
 use crate::format::to_qemu_json;
 
 /// Longest accepted input line; a longer one closes the session.
@@ -45,8 +46,9 @@ impl QmpError {
 
 /// What the VMM does with commands.
 pub trait Backend: Send + Sync + 'static {
-    /// Runs one command (never `qmp_capabilities`, which the server answers).
-    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError>;
+    /// Runs one command (never `qmp_capabilities`, `getfd` or `closefd`, which the session
+    /// answers).
+    fn execute(&self, command: Command) -> Result<Value, QmpError>;
     /// Called after the reply to a successful `quit` has been written.
     fn quit(&self);
 }
@@ -357,7 +359,7 @@ impl Server {
         let result = match cmd.as_str() {
             "getfd" => self.getfd(args, client),
             "closefd" => self.closefd(args),
-            _ => backend.execute(&cmd, args),
+            _ => Command::parse(&cmd, args).and_then(|c| backend.execute(c)),
         };
         match result {
             Ok(v) => (ok_reply(id, v), cmd == "quit"),
@@ -434,14 +436,6 @@ fn error_reply(id: Option<Value>, e: QmpError) -> Value {
     r
 }
 
-/// Rejects any argument of a command that takes none, as QEMU does.
-pub fn no_args(args: &Map<String, Value>) -> Result<(), QmpError> {
-    match args.keys().next() {
-        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
-        None => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,14 +443,11 @@ mod tests {
 
     struct Echo;
     impl Backend for Echo {
-        fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        fn execute(&self, command: Command) -> Result<Value, QmpError> {
             match command {
-                "query-status" => {
-                    no_args(args)?;
-                    Ok(json!({"running": true, "status": "running"}))
-                }
-                "quit" => Ok(json!({})),
-                other => Err(QmpError::not_found(other)),
+                Command::QueryStatus {} => Ok(json!({"running": true, "status": "running"})),
+                Command::Quit {} => Ok(json!({})),
+                other => Err(QmpError::not_found(other.name())),
             }
         }
         fn quit(&self) {}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use tern_qmp::Backend;
+use tern_qmp::{Backend, Command};
 
 use crate::backend::RunBackend;
 use crate::size::parse_size;
@@ -143,7 +143,9 @@ pub fn execute(backend: &RunBackend, line: &str) -> (String, bool) {
 fn qmp(backend: &RunBackend, cmd: &str, args: Value) -> Result<Value, String> {
     let empty = Map::new();
     let args = args.as_object().unwrap_or(&empty);
-    backend.execute(cmd, args).map_err(|e| e.desc)
+    Command::parse(cmd, args)
+        .and_then(|c| backend.execute(c))
+        .map_err(|e| e.desc)
 }
 
 fn info(backend: &RunBackend, rest: &[&str]) -> Result<String, String> {
