@@ -19,6 +19,9 @@ pub enum MigrationEvent {
     Pass(u64),
 }
 
+/// See [`MigrationControl::before_final`].
+type FinalHook = Box<dyn FnOnce(&MigrationStats) + Send>;
+
 /// Why `migrate_cancel` was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CancelRefused {
@@ -48,6 +51,10 @@ pub struct MigrationControl {
     pub(crate) params: MigrationParams,
     caps: Capabilities,
     events: Box<dyn Fn(MigrationEvent) + Send + Sync>,
+    /// What the VMM does just before the status becomes final (QEMU's order: the run state
+    /// changes first, so nobody sees "completed" with the old run state; the timeline is
+    /// written before anyone is told the migration ended).
+    before_final: Mutex<Option<FinalHook>>,
 }
 
 impl MigrationControl {
@@ -73,7 +80,29 @@ impl MigrationControl {
             params,
             caps,
             events,
+            before_final: Mutex::new(None),
         })
+    }
+
+    /// Runs `f` with the final statistics just before the status becomes final.
+    pub fn before_final(&self, f: impl FnOnce(&MigrationStats) + Send + 'static) {
+        *self.before_final.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Ends the migration with `status`: the VMM's hook first, then the status (and its event).
+    pub(crate) fn finalize(&self, status: MigrationStatus) {
+        let hook = self
+            .before_final
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = hook {
+            let mut s = self.snapshot();
+            s.status = status;
+            s.ended = Some(Instant::now());
+            f(&s);
+        }
+        self.set_status(status);
     }
 
     pub(crate) fn stats(&self) -> MutexGuard<'_, MigrationStats> {

@@ -11,7 +11,7 @@ use tern_qmp::{Backend, Command, QmpError, COMMAND_NAMES};
 use tern_vmm::memory::vm_memory::{Bytes, GuestAddress};
 use tern_vmm::{RunState, Vm, VmExit};
 
-use crate::run::{App, Phase};
+use crate::machine::{App, Phase};
 
 /// QMP commands.
 pub(crate) struct RunBackend {

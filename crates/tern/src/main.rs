@@ -15,6 +15,7 @@ mod client;
 mod demo;
 mod drive;
 mod hmp;
+mod machine;
 mod report;
 mod run;
 mod size;

@@ -151,20 +151,23 @@ fn a_target_with_other_memory_refuses_and_exits_non_zero() {
             "2",
             "--serial",
             "none",
+            "--qmp",
+            &format!("unix:{}", sock.display()),
         ]);
         cmd.stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
-        let child = cmd.spawn().unwrap();
-        // Wait for the listener.
+        let mut child = cmd.spawn().unwrap();
+        // The QMP socket answers only once the migration listener listens (a socket file that
+        // exists may not accept yet).
+        drop(Qmp::connect(&sock, LINE));
+        src.q.ok("migrate", json!({"uri": uri}));
         let deadline = Instant::now() + LINE;
-        while !std::path::Path::new(uri.trim_start_matches("unix:")).exists() {
-            assert!(Instant::now() < deadline);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the target did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
-        src.q.ok("migrate", json!({"uri": uri}));
         child.wait_with_output().unwrap()
     };
-    let _ = sock;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0));
     assert!(

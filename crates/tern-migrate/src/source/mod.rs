@@ -113,31 +113,31 @@ pub fn run_outgoing(
     }
     ctl.announce();
     let result = outgoing(vm, uri, fd, ctl);
-    match &result {
-        Ok(()) => ctl.set_status(MigrationStatus::Completed),
-        Err(MigrateError::Cancelled) => ctl.set_status(MigrationStatus::Cancelled),
+    let status = match &result {
+        Ok(()) => MigrationStatus::Completed,
+        Err(MigrateError::Cancelled) => MigrationStatus::Cancelled,
         Err(e @ MigrateError::InDoubt(_)) => {
             tracing::error!("{e}");
             let mut s = ctl.stats();
             s.error = Some(e.to_string());
             s.in_doubt = true;
-            drop(s);
-            ctl.set_status(MigrationStatus::Failed);
+            MigrationStatus::Failed
         }
         Err(e) if ctl.is_cancelled() => {
             tracing::info!("migration cancelled ({e})");
-            ctl.set_status(MigrationStatus::Cancelled);
+            MigrationStatus::Cancelled
         }
         Err(e) => {
             ctl.stats().error = Some(e.to_string());
-            ctl.set_status(MigrationStatus::Failed);
+            MigrationStatus::Failed
         }
-    }
+    };
     {
         let mut s = ctl.stats();
         s.transferred = ctl.accepted();
         s.throttle_percent = 0;
     }
+    ctl.finalize(status);
     result
 }
 

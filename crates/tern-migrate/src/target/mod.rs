@@ -86,7 +86,7 @@ pub fn run_incoming(
     end.detach();
     match result {
         Ok(vm) => {
-            ctl.set_status(MigrationStatus::Completed);
+            ctl.finalize(MigrationStatus::Completed);
             Ok(IncomingOutcome { vm })
         }
         Err(e) => {
@@ -102,7 +102,7 @@ pub fn run_incoming(
                 conn.shutdown();
             }
             ctl.stats().error = Some(e.to_string());
-            ctl.set_status(MigrationStatus::Failed);
+            ctl.finalize(MigrationStatus::Failed);
             Err(e)
         }
     }

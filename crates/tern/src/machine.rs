@@ -1,0 +1,271 @@
+//! The machine manager of `tern run`: the VM, what the process is doing with it (live,
+//! receiving, migrated away), and the migrations that start, end and change that — each decided
+//! under the migration manager's one lock. The QMP backend and the human monitor drive it.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+
+use serde_json::{json, Value};
+use tern_migrate::transport::{inherited_fd, Listener, Uri};
+use tern_migrate::{
+    run_incoming, run_outgoing, Capabilities, MigrateError, MigrationEvent, MigrationManager,
+    MigrationStatus, SourceVm, TargetVm,
+};
+use tern_qmp::Server;
+use tern_vmm::machine::{HostInfo, MachineDescription, Requested};
+use tern_vmm::{MachineConfig, RunState, SerialOutput, Vm};
+
+/// What the process is doing, as QMP's `query-status` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Waiting for, or receiving, a migration.
+    InMigrate,
+    /// The guest is ours (running or paused).
+    Live,
+    /// Migrated away; paused until `quit`.
+    PostMigrate,
+}
+
+/// The process's state, shared with the QMP backend and the migration threads.
+pub(crate) struct App {
+    pub(crate) vm: OnceLock<Arc<Vm>>,
+    phase: Mutex<Phase>,
+    pub(crate) server: OnceLock<Arc<Server>>,
+    /// Parameters, capabilities and the migration: one owner, one lock to start one.
+    pub(crate) mig: MigrationManager,
+    pub(crate) incoming: Mutex<IncomingState>,
+    incoming_cv: Condvar,
+    machine: MachineSpec,
+    /// After a migration into a file or a command, the guest may continue here (`cont`).
+    pub(crate) resumable: AtomicBool,
+}
+
+/// The target's machine options, if given (the stream must match them).
+pub(crate) struct MachineSpec {
+    pub(crate) memory: Option<u64>,
+    pub(crate) vcpus: Option<u32>,
+    pub(crate) serial: SerialOutput,
+    pub(crate) kvm_path: PathBuf,
+}
+
+pub(crate) enum IncomingState {
+    /// No `--incoming`.
+    None,
+    /// `--incoming defer`, waiting for `migrate-incoming`.
+    Deferred,
+    /// Listening or loading.
+    Running,
+    /// Done: the guest runs here.
+    Done,
+    /// Failed, with the reason.
+    Failed(String),
+}
+
+impl App {
+    pub(crate) fn new(phase: Phase, machine: MachineSpec) -> Arc<App> {
+        Arc::new(App {
+            vm: OnceLock::new(),
+            phase: Mutex::new(phase),
+            server: OnceLock::new(),
+            mig: MigrationManager::default(),
+            incoming: Mutex::new(IncomingState::None),
+            incoming_cv: Condvar::new(),
+            machine,
+            resumable: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn emit(&self, event: &str, data: Option<Value>) {
+        if let Some(s) = self.server.get() {
+            s.emit(event, data);
+        }
+    }
+
+    pub(crate) fn phase(&self) -> MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// QMP's MIGRATION and MIGRATION_PASS events, if the `events` capability is on.
+    fn events(
+        self: &Arc<Self>,
+    ) -> impl Fn(Capabilities) -> Box<dyn Fn(MigrationEvent) + Send + Sync> {
+        let app = Arc::downgrade(self);
+        move |caps| {
+            let app = app.clone();
+            Box::new(move |ev| {
+                let Some(app) = app.upgrade() else { return };
+                if !caps.events {
+                    return;
+                }
+                match ev {
+                    MigrationEvent::Status(s) => {
+                        app.emit("MIGRATION", Some(json!({"status": s.as_str()})))
+                    }
+                    MigrationEvent::Pass(n) => app.emit("MIGRATION_PASS", Some(json!({"pass": n}))),
+                }
+            })
+        }
+    }
+
+    pub(crate) fn set_incoming(&self, s: IncomingState) {
+        *self.incoming.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        self.incoming_cv.notify_all();
+    }
+
+    /// The descriptor an `fd:` URI names: a QMP `getfd` name or an inherited number.
+    pub(crate) fn resolve_fd(&self, uri: &Uri) -> Result<Option<OwnedFd>, String> {
+        let Uri::Fd(name) = uri else { return Ok(None) };
+        if let Some(n) = uri.fd_number() {
+            return inherited_fd(n).map(Some).map_err(|e| e.to_string());
+        }
+        self.server
+            .get()
+            .and_then(|s| s.take_fd(name))
+            .map(Some)
+            .ok_or_else(|| format!("File descriptor named '{name}' has not been found"))
+    }
+
+    /// Binds the listener now (so errors reach the caller) and receives on a thread. Only
+    /// when no incoming migration was started yet (`--incoming URI`, or `defer` until the first
+    /// `migrate-incoming`), decided under the migration manager's lock.
+    pub(crate) fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
+        let uri = Uri::parse(uri).map_err(|e| e.to_string())?;
+        let mut listener = None;
+        let ctl = self.mig.begin(
+            || {
+                let mut inc = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+                if !matches!(*inc, IncomingState::Deferred) {
+                    return Err("'-incoming' was not specified on the command line".into());
+                }
+                let fd = self.resolve_fd(&uri)?;
+                listener = Some(Listener::bind(&uri, fd).map_err(|e| e.to_string())?);
+                *inc = IncomingState::Running;
+                Ok(())
+            },
+            self.events(),
+        )?;
+        self.incoming_cv.notify_all();
+        let listener = listener.expect("bound when begin succeeds");
+        let weak = Arc::downgrade(self);
+        ctl.before_final(move |s| {
+            if let (Some(app), MigrationStatus::Completed) = (weak.upgrade(), s.status) {
+                *app.phase() = Phase::Live;
+            }
+        });
+        let app = self.clone();
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || {
+                let result = listener
+                    .accept()
+                    .and_then(|conn| run_incoming(conn, app.factory(), &ctl).map(|_| ()));
+                app.mig.finish(&ctl, || match result {
+                    Ok(()) => {
+                        app.emit("RESUME", None);
+                        app.set_incoming(IncomingState::Done);
+                    }
+                    Err(e) => app.set_incoming(IncomingState::Failed(e.to_string())),
+                });
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Starts an outgoing migration to `uri` on a thread, if the guest is ours to migrate and
+    /// no other migration runs (one decision, under the migration manager's lock).
+    pub(crate) fn start_outgoing(self: &Arc<Self>, uri: Uri) -> Result<(), String> {
+        let vm = self
+            .vm
+            .get()
+            .cloned()
+            .ok_or("The VM is not there yet: an incoming migration is pending")?;
+        let mut fd = None;
+        let ctl = self.mig.begin(
+            || {
+                if *self.phase() != Phase::Live {
+                    return Err("Cannot migrate: the guest is not ours to migrate (incoming or already migrated)".into());
+                }
+                fd = self.resolve_fd(&uri)?;
+                Ok(())
+            },
+            self.events(),
+        )?;
+        // Before anyone hears the migration ended: the timeline is on disk, and a completed
+        // source is in postmigrate.
+        let (weak, timeline, u) = (Arc::downgrade(self), self.mig.timeline(), uri.clone());
+        ctl.before_final(move |s| {
+            if let Some(path) = timeline {
+                let mut t = s.timeline();
+                t["uri"] = json!(u.to_string());
+                let text = serde_json::to_string_pretty(&t).unwrap_or_default();
+                if let Err(e) = std::fs::write(&path, text + "\n") {
+                    tracing::warn!("cannot write the timeline {}: {e}", path.display());
+                }
+            }
+            if let (Some(app), MigrationStatus::Completed) = (weak.upgrade(), s.status) {
+                app.resumable
+                    .store(matches!(u, Uri::File(_) | Uri::Exec(_)), Ordering::SeqCst);
+                *app.phase() = Phase::PostMigrate;
+            }
+        });
+        let app = self.clone();
+        let was_running = vm.state() == RunState::Running;
+        std::thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(move || {
+                let result = run_outgoing(vm.clone() as Arc<dyn SourceVm>, &uri, fd, &ctl);
+                app.mig.finish(&ctl, || match result {
+                    Ok(()) => {
+                        if was_running {
+                            app.emit("STOP", None);
+                        }
+                    }
+                    Err(e) => tracing::warn!("migration to {uri} failed: {e}"),
+                });
+            })
+            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        Ok(())
+    }
+
+    /// Builds the target VM from the stream's description, checked against our options and this
+    /// host first (every mismatch named), before anything is allocated.
+    fn factory(self: &Arc<Self>) -> tern_migrate::TargetFactory<'static> {
+        let app = self.clone();
+        Box::new(move |desc| {
+            let m =
+                MachineDescription::from_stream(&desc.machine).map_err(MigrateError::Mismatch)?;
+            let host = HostInfo::probe(&app.machine.kvm_path).map_err(MigrateError::Vm)?;
+            let wanted = Requested {
+                memory: app.machine.memory,
+                vcpus: app.machine.vcpus,
+            };
+            let mismatches = m.mismatches(&host, &wanted);
+            if !mismatches.is_empty() {
+                return Err(MigrateError::Mismatch(mismatches.join("; ")));
+            }
+            let vm = Vm::create(&MachineConfig {
+                memory: m.memory,
+                vcpus: m.vcpus,
+                serial: app.machine.serial.clone(),
+                kvm_path: app.machine.kvm_path.clone(),
+            })
+            .map_err(|e| MigrateError::Vm(format!("{e:#}")))?;
+            let _ = app.vm.set(vm.clone());
+            Ok(vm as Arc<dyn TargetVm>)
+        })
+    }
+
+    /// Waits for an incoming migration to finish; returns the reason if it failed.
+    pub(crate) fn wait_incoming(&self) -> Result<(), String> {
+        let mut s = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match &*s {
+                IncomingState::None | IncomingState::Done => return Ok(()),
+                IncomingState::Failed(why) => return Err(why.clone()),
+                _ => s = self.incoming_cv.wait(s).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
+}
