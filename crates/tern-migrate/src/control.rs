@@ -118,6 +118,13 @@ impl MigrationControl {
         s
     }
 
+    /// Moves to `active` unless a cancel is already under way.
+    pub(crate) fn set_active(&self) {
+        if !self.is_cancelled() {
+            self.set_status(MigrationStatus::Active);
+        }
+    }
+
     pub(crate) fn set_status(&self, status: MigrationStatus) {
         let changed = {
             let mut s = self.stats();
@@ -149,14 +156,25 @@ impl MigrationControl {
         self.caps
     }
 
+    /// The channel's canceller; a cancel that came before it (while connecting) applies at once.
     pub(crate) fn set_conn(&self, c: Canceller) {
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+        let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if self.channel_shut.load(Ordering::SeqCst) {
+            c.cancel();
+        }
+        *slot = Some(c);
+    }
+
+    /// Drops the canceller (and so this block's handle on the channel).
+    pub(crate) fn clear_conn(&self) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Stops the channel (a blocked read or write fails at once).
     pub(crate) fn shut_channel(&self) {
+        let slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         self.channel_shut.store(true, Ordering::SeqCst);
-        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(c) = slot.as_ref() {
             c.cancel();
         }
     }

@@ -22,6 +22,18 @@ struct Inner {
     current: Option<(Arc<MigrationControl>, bool)>,
 }
 
+impl Inner {
+    /// The migration in progress: its thread has not finished and its status is not final (a
+    /// final status is published only after the VMM's run state changed: see
+    /// [`MigrationControl::before_final`]).
+    fn active(&self) -> Option<&Arc<MigrationControl>> {
+        match &self.current {
+            Some((c, false)) if !c.snapshot().status.is_final() => Some(c),
+            _ => None,
+        }
+    }
+}
+
 /// See the module documentation.
 pub struct MigrationManager {
     inner: Mutex<Inner>,
@@ -93,7 +105,7 @@ impl MigrationManager {
         if let Some(t) = timeline {
             g.timeline = (!t.is_empty()).then(|| PathBuf::from(t));
         }
-        if let Some((c, false)) = &g.current {
+        if let Some(c) = g.active() {
             c.bandwidth_limit.store(p.max_bandwidth, Ordering::Relaxed);
         }
         Ok(())
@@ -103,7 +115,7 @@ impl MigrationManager {
     /// migration runs.
     pub fn set_capabilities(&self, list: &[(&str, bool)]) -> Result<(), String> {
         let mut g = self.lock();
-        if matches!(g.current, Some((_, false))) {
+        if g.active().is_some() {
             return Err(IN_PROGRESS.into());
         }
         let mut caps = g.caps;
@@ -121,10 +133,14 @@ impl MigrationManager {
 
     /// The migration in progress, if any.
     pub fn active(&self) -> Option<Arc<MigrationControl>> {
-        match &self.lock().current {
-            Some((c, false)) => Some(c.clone()),
-            _ => None,
-        }
+        self.lock().active().cloned()
+    }
+
+    /// Runs `f` under the manager's lock if no migration is in progress (so that none can start
+    /// or end meanwhile: `cont` decides this way whether the guest is still ours to resume).
+    pub fn when_idle<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let g = self.lock();
+        g.active().is_none().then(f)
     }
 
     /// Starts a migration: under one lock, refuses if one is in progress or if `allowed` says
@@ -137,7 +153,7 @@ impl MigrationManager {
         events: impl Fn(Capabilities) -> Box<dyn Fn(MigrationEvent) + Send + Sync>,
     ) -> Result<Arc<MigrationControl>, String> {
         let mut g = self.lock();
-        if matches!(g.current, Some((_, false))) {
+        if g.active().is_some() {
             return Err(IN_PROGRESS.into());
         }
         allowed()?;
@@ -146,14 +162,16 @@ impl MigrationManager {
         Ok(ctl)
     }
 
-    /// The migration thread is done with `ctl`; `after` runs under the same lock, so that what
-    /// it changes (the VM now belongs to the target, say) is seen by the next
-    /// [`MigrationManager::begin`] together with the end of this migration.
+    /// The migration thread is done with `ctl`; then `after` runs, outside the lock (what must
+    /// change atomically with the end of the migration — the run state — changed before its
+    /// status became final).
     pub fn finish(&self, ctl: &Arc<MigrationControl>, after: impl FnOnce()) {
-        let mut g = self.lock();
-        if let Some((c, done)) = g.current.as_mut() {
-            if Arc::ptr_eq(c, ctl) {
-                *done = true;
+        {
+            let mut g = self.lock();
+            if let Some((c, done)) = g.current.as_mut() {
+                if Arc::ptr_eq(c, ctl) {
+                    *done = true;
+                }
             }
         }
         after();
@@ -200,8 +218,10 @@ mod tests {
             let c = m.active().unwrap();
             assert_eq!(c.snapshot().status, crate::MigrationStatus::Setup);
             assert!(m.set_capabilities(&[("events", true)]).is_err());
+            assert!(m.when_idle(|| ()).is_none(), "busy while it runs");
             m.finish(&c, || {});
             assert!(m.active().is_none());
+            assert_eq!(m.when_idle(|| 7), Some(7));
             assert!(m.begin(|| Err("migrated away".into()), quiet).is_err());
             assert!(m.begin(|| Ok(()), quiet).is_ok());
         }

@@ -148,6 +148,14 @@ impl Connection {
         }
     }
 
+    /// Whether this is a regular file (not a socket, pipe or device).
+    fn is_regular_file(&self) -> bool {
+        match &*self.0 {
+            Endpoint::File(f) => f.metadata().is_ok_and(|m| m.file_type().is_file()),
+            _ => false,
+        }
+    }
+
     fn from_fd(fd: OwnedFd) -> io::Result<Connection> {
         let f = File::from(fd);
         if f.metadata()?.file_type().is_socket() {
@@ -186,9 +194,18 @@ impl Write for Connection {
 pub struct ChannelEnd {
     child: Option<(Child, String, Arc<AtomicBool>)>,
     sync: Option<File>,
+    /// One-way into something that may run the guest as soon as it has read END (a command, a
+    /// pipe), rather than into a file (a snapshot).
+    live_reader: bool,
 }
 
 impl ChannelEnd {
+    /// Whether whoever reads this one-way stream may run the guest once it has END (a command
+    /// or a pipe may feed a live target; a regular file is a snapshot).
+    pub fn reader_may_run(&self) -> bool {
+        self.live_reader
+    }
+
     /// Completes the channel once every handle on the stream was dropped (so a command sees
     /// end-of-file): the file is synced, the command must exit with status 0.
     pub fn finish(self) -> Result<()> {
@@ -295,6 +312,7 @@ impl Channel {
             end: ChannelEnd {
                 child: Some((child, cmd.to_string(), Arc::new(AtomicBool::new(false)))),
                 sync: None,
+                live_reader: outgoing,
             },
         })
     }
@@ -322,9 +340,15 @@ impl Channel {
             Uri::Fd(_) => {
                 let fd =
                     fd.ok_or_else(|| MigrateError::Vm(format!("{uri}: no such descriptor")))?;
-                Ok(Channel::plain(
-                    Connection::from_fd(fd).map_err(MigrateError::io(uri.to_string()))?,
-                ))
+                let conn = Connection::from_fd(fd).map_err(MigrateError::io(uri.to_string()))?;
+                let live_reader = !conn.two_way() && !conn.is_regular_file();
+                Ok(Channel {
+                    conn,
+                    end: ChannelEnd {
+                        live_reader,
+                        ..ChannelEnd::default()
+                    },
+                })
             }
             Uri::File(p) => {
                 let f = File::create(p)
@@ -337,6 +361,7 @@ impl Channel {
                     end: ChannelEnd {
                         child: None,
                         sync: Some(sync),
+                        live_reader: false,
                     },
                 })
             }

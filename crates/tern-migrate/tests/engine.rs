@@ -256,7 +256,22 @@ fn a_file_holds_a_stopped_guest_once_and_loads_back() {
     .unwrap();
     assert_eq!(src.contents(), dst.contents());
     assert_eq!(tctl.snapshot().ram_digest, s.ram_digest);
-    // A failing command fails the migration, and the (running) source runs on.
+    // A command that fails before it has the whole stream fails the migration, and the
+    // (running) source runs on.
+    let src = FakeVm::new(&[4 * MIB]);
+    fill(&src, 256);
+    let (ctl, _) = control(MigrationParams::default());
+    let err = run_outgoing(
+        src.clone() as Arc<dyn SourceVm>,
+        &Uri::Exec("exit 3".into()),
+        None,
+        &ctl,
+    )
+    .unwrap_err();
+    assert!(!ctl.snapshot().in_doubt, "{err}");
+    assert!(src.is_running());
+    // One that fails after END may have fed a live target: in doubt, and the source stays
+    // paused for the operator to decide.
     let src = FakeVm::new(&[4 * MIB]);
     fill(&src, 256);
     let (ctl, _) = control(MigrationParams::default());
@@ -268,7 +283,9 @@ fn a_file_holds_a_stopped_guest_once_and_loads_back() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("exit status: 7"), "{err}");
-    assert!(src.is_running());
+    assert!(err.to_string().contains("may be running"), "{err}");
+    assert!(ctl.snapshot().in_doubt);
+    assert!(!src.is_running());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -129,10 +129,11 @@ fn a_cut_before_loaded_or_before_go_resumes_the_source() {
 
 #[test]
 fn a_cut_after_go_leaves_the_source_paused_and_says_in_doubt() {
+    // The target holds after GO, so that RUNNING cannot beat the cut.
     let r = start(
         "cut-running",
         fault("before-running:cut"),
-        MigrationParams::default(),
+        fault("before-running:hold:300"),
     );
     let src = r.src.clone();
     let (src_runs, _, s, _) = settle(r);
@@ -158,7 +159,7 @@ fn a_cancel_before_the_commit_wins_and_after_it_is_refused() {
     }
     let r = start(
         "cancel-running",
-        fault("before-running:hold:300"),
+        fault("before-running:hold:3000"),
         MigrationParams::default(),
     );
     holding(&r.ctl, "before-running");

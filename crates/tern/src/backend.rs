@@ -55,6 +55,7 @@ impl RunBackend {
         let status = match self.phase() {
             Phase::InMigrate => "inmigrate",
             Phase::PostMigrate => "postmigrate",
+            Phase::InDoubt => "paused",
             Phase::Live => match self.app.vm.get().map(|v| v.state()) {
                 Some(RunState::Running) => "running",
                 _ => "paused",
@@ -63,27 +64,48 @@ impl RunBackend {
         json!({"running": status == "running", "status": status})
     }
 
+    /// Decided under the migration manager's lock, so that no migration can start or end (and
+    /// hand the guest to a target) between the checks and the resume.
     fn cont(&self) -> Result<Value, QmpError> {
         let vm = self.vm()?;
-        match self.phase() {
-            // Saved into a file or a command: this copy may go on (a snapshot).
-            Phase::PostMigrate if self.app.resumable.load(Ordering::SeqCst) => {
-                *self.app.phase() = Phase::Live;
-            }
-            Phase::PostMigrate => {
-                return Err(QmpError::generic(
-                    "The guest was migrated away; it runs on the target now",
-                ))
-            }
-            Phase::InMigrate => {
-                return Err(QmpError::generic(
-                    "Guest can not be started: an incoming migration is pending",
-                ))
-            }
-            Phase::Live => {}
-        }
-        if self.app.mig.active().is_none() && vm.state() == RunState::Paused {
-            vm.resume();
+        let resumed = self
+            .app
+            .mig
+            .when_idle(|| {
+                let mut phase = self.app.phase();
+                match *phase {
+                    // Saved into a file or a command: this copy may go on (a snapshot).
+                    Phase::PostMigrate if self.app.resumable.load(Ordering::SeqCst) => {
+                        *phase = Phase::Live;
+                    }
+                    Phase::PostMigrate => {
+                        return Err(QmpError::generic(
+                            "The guest was migrated away; it runs on the target now",
+                        ))
+                    }
+                    Phase::InMigrate => {
+                        return Err(QmpError::generic(
+                            "Guest can not be started: an incoming migration is pending",
+                        ))
+                    }
+                    Phase::InDoubt => {
+                        tracing::warn!(
+                            "cont after a switch-over in doubt: the operator takes the guest back"
+                        );
+                        *phase = Phase::Live;
+                    }
+                    Phase::Live => {}
+                }
+                let paused = vm.state() == RunState::Paused;
+                if paused {
+                    vm.resume();
+                }
+                Ok(paused)
+            })
+            .ok_or_else(|| {
+                QmpError::generic("Guest can not be resumed while a migration is in progress")
+            })??;
+        if resumed {
             self.app.emit("RESUME", None);
         }
         Ok(json!({}))

@@ -26,6 +26,9 @@ pub(crate) enum Phase {
     Live,
     /// Migrated away; paused until `quit`.
     PostMigrate,
+    /// The last switch-over is in doubt (GO went out, RUNNING never came): the target may run
+    /// the guest. Paused; no new migration until the operator's `cont` takes the guest back.
+    InDoubt,
 }
 
 /// The process's state, shared with the QMP backend and the migration threads.
@@ -184,8 +187,10 @@ impl App {
         let mut fd = None;
         let ctl = self.mig.begin(
             || {
-                if *self.phase() != Phase::Live {
-                    return Err("Cannot migrate: the guest is not ours to migrate (incoming or already migrated)".into());
+                match *self.phase() {
+                    Phase::Live => {}
+                    Phase::InDoubt => return Err("Cannot migrate: the last switch-over is in doubt (the target may be running the guest); check the target, then `cont` here to take the guest back".into()),
+                    _ => return Err("Cannot migrate: the guest is not ours to migrate (incoming or already migrated)".into()),
                 }
                 fd = self.resolve_fd(&uri)?;
                 Ok(())
@@ -204,10 +209,13 @@ impl App {
                     tracing::warn!("cannot write the timeline {}: {e}", path.display());
                 }
             }
-            if let (Some(app), MigrationStatus::Completed) = (weak.upgrade(), s.status) {
+            let Some(app) = weak.upgrade() else { return };
+            if s.status == MigrationStatus::Completed {
                 app.resumable
                     .store(matches!(u, Uri::File(_) | Uri::Exec(_)), Ordering::SeqCst);
                 *app.phase() = Phase::PostMigrate;
+            } else if s.in_doubt {
+                *app.phase() = Phase::InDoubt;
             }
         });
         let app = self.clone();

@@ -167,17 +167,31 @@ fn exec_cat_into_a_file_then_restore() {
     let mut dst = restore(&d, "dst", &file);
     continues(src_hb, &report, &mut dst);
     quit(dst);
-    // A command that fails fails the migration, and the source is left as it was.
+    // A command that fails after it read the whole stream may have fed a live target: the
+    // migration fails in doubt and the source stays paused until the operator's `cont`.
     let mut again = source(&d, "src2", "tern.wss=64 tern.rate=64 tern.check=2", &[]);
     again
         .q
         .ok("migrate", json!({"uri": "exec:cat > /dev/null; exit 5"}));
     let r = wait_migration(&mut again.q, MIGRATE);
     assert_eq!(r["status"], "failed", "{r}");
+    let e = r["error-desc"].as_str().unwrap();
     assert!(
-        r["error-desc"].as_str().unwrap().contains("exit status: 5"),
+        e.contains("exit status: 5") && e.contains("may be running"),
         "{r}"
     );
+    assert_eq!(r["x-tern-in-doubt"], true, "{r}");
+    assert_eq!(
+        again.q.ok("query-status", json!({})),
+        json!({"running": false, "status": "paused"})
+    );
+    again.q.ok("cont", json!({}));
+    again.p.wait_for("a heartbeat after cont", LINE, is_hb);
+    // One that fails before it has the stream fails plainly, and the source runs on.
+    again.q.ok("migrate", json!({"uri": "exec:exit 3"}));
+    let r = wait_migration(&mut again.q, MIGRATE);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(r.get("x-tern-in-doubt").is_none(), "{r}");
     assert_eq!(
         again.q.ok("query-status", json!({})),
         json!({"running": true, "status": "running"})

@@ -73,6 +73,8 @@ fn case(d: &Path, step: &str, fault: Fault, want: Winner) {
     // Where the hold or the cut is placed: a killed target after GO must have *received* GO, so
     // that hold is the target's; every other fault is the source's.
     let (src_fault, dst_fault) = match (fault, step) {
+        // After GO the target holds before it runs, so that RUNNING cannot beat the cut.
+        (Fault::Cut, "before-running") => (format!("{step}:cut"), format!("{step}:hold:3000")),
         (Fault::Cut, _) => (format!("{step}:cut"), String::new()),
         (Fault::KillTarget, "before-loaded" | "before-running") => {
             (String::new(), format!("{step}:hold:3000"))
@@ -125,6 +127,11 @@ fn case(d: &Path, step: &str, fault: Fault, want: Winner) {
                 "failed"
             };
             assert_eq!(r["status"], expected, "{r}");
+            if matches!(fault, Fault::KillTarget) && step == "before-go" {
+                // Seen before the commit, not by a failing GO.
+                let e = r["error-desc"].as_str().unwrap_or_default();
+                assert!(e.contains("went away after LOADED"), "{r}");
+            }
             source_still_fine(&mut src.p, &mut src.q);
             // The target never ran the guest: it exits without a heartbeat.
             let st = dst.p.wait_exit(SETTLE);
@@ -164,6 +171,17 @@ fn case(d: &Path, step: &str, fault: Fault, want: Winner) {
             assert_eq!(r["status"], "failed", "{r}");
             assert!(in_doubt, "{r}");
             assert_eq!(status(&mut src.q), "paused");
+            // No new migration from an in-doubt source.
+            let e = src
+                .q
+                .execute("migrate", json!({"uri": "exec:cat > /dev/null"}));
+            assert!(
+                e["error"]["desc"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("in doubt"),
+                "{e}"
+            );
             dst.p.wait_exit(SETTLE);
             // The operator checked the target (dead) and resumes the source.
             src.q.ok("cont", json!({}));

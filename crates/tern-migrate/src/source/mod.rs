@@ -25,7 +25,7 @@ use crate::control::MigrationControl;
 use crate::participant::{self, Out, SaveParticipant};
 use crate::rate::RateLimited;
 use crate::stats::{MigrationStats, MigrationStatus};
-use crate::transport::{Channel, Connection, Uri};
+use crate::transport::{Channel, ChannelEnd, Connection, Uri};
 use crate::{MigrateError, Result, SourceVm};
 
 pub(crate) use return_path::ReturnPath;
@@ -90,7 +90,7 @@ pub(crate) struct Link {
     pub(crate) out: Out<'static>,
     /// The return path (two-way channels only).
     pub(crate) ret: Option<ReturnPath>,
-    pub(crate) end: Option<crate::transport::ChannelEnd>,
+    pub(crate) end: Option<ChannelEnd>,
     /// Two-way channels: for GO, written after END. (A one-way channel keeps no second handle:
     /// a command must see end of input once the stream's writer is dropped.)
     pub(crate) conn: Option<Connection>,
@@ -164,35 +164,62 @@ fn outgoing(
     ctl: &MigrationControl,
 ) -> Result<()> {
     let channel = Channel::connect(uri, fd)?;
+    // (A cancel that came while connecting applies now.)
     ctl.set_conn(channel.canceller());
     let Channel { conn, end } = channel;
-    // A cancel that came before the canceller was in place.
+    let mut end = Some(end);
+    let result = transfer(vm, ctl, conn, &mut end);
+    if result.is_err() {
+        // Stop the other end: a socket is shut down, a command is killed.
+        ctl.shut_channel();
+    }
+    if let Some(e) = end.take() {
+        // A command that was not waited for is reaped in the background.
+        e.detach();
+    }
+    ctl.clear_conn();
+    result
+}
+
+/// Everything between the connection and its teardown. `end` is taken while the stream runs and
+/// given back unless it was completed.
+fn transfer(
+    vm: Arc<dyn SourceVm>,
+    ctl: &MigrationControl,
+    conn: Connection,
+    end: &mut Option<ChannelEnd>,
+) -> Result<()> {
     ctl.check_cancel()?;
     let two_way = conn.two_way().then(|| conn.clone());
     if let Some(c) = &two_way {
         hello(c)?;
     }
-    let ret = match &two_way {
-        Some(c) => Some(ReturnPath::start(c.clone())?),
-        None => None,
-    };
     let writer: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(
         256 << 10,
         RateLimited::new(conn, ctl.bandwidth_limit.clone(), ctl.accepted_counter()),
     ));
+    let out = StreamWriter::new(writer)?;
+    // Nothing below returns early until the teardown, which ends this thread.
+    let ret = match &two_way {
+        Some(c) => Some(ReturnPath::start(c.clone())?),
+        None => None,
+    };
     let mut link = Link {
-        out: StreamWriter::new(writer)?,
+        out,
         ret,
-        end: Some(end),
-        conn: two_way.clone(),
+        end: end.take(),
+        conn: two_way,
     };
     let mut session = Session {
         vm: vm.clone(),
-        parts: vm.clone().save_participants(),
+        parts: vm.save_participants(),
         paused: false,
         phase: Phase::Setup,
     };
     let result = phases(ctl, &mut session, &mut link);
+    // The guest first: a source this migration paused runs again now unless GO (or, one-way,
+    // END to a live reader) went out.
+    drop(session);
     let result = match result {
         // A write failed: the target may have said why before closing.
         Err(MigrateError::Wire(e)) if matches!(e.kind, tern_wire::ErrorKind::Io(_)) => {
@@ -207,16 +234,20 @@ fn outgoing(
         }
         other => other,
     };
-    // Whatever happened, the channel is done: a target still waiting sees it close (before
-    // GO that means it must not run), and the return-path thread ends.
-    if let Some(c) = &two_way {
+    // The channel is done: a target still waiting sees it close (before GO that means it must
+    // not run), a failed command is killed before the writer's buffer would block on it, and
+    // the return-path thread ends.
+    if result.is_err() {
+        ctl.shut_channel();
+    }
+    if let Some(c) = &link.conn {
         c.shutdown();
     }
     drop(link.out);
     if let Some(r) = link.ret.take() {
         r.join();
     }
-    drop(session);
+    *end = link.end.take();
     result
 }
 
@@ -237,7 +268,7 @@ fn phases(ctl: &MigrationControl, session: &mut Session, link: &mut Link) -> Res
     let started = ctl.stats().started.unwrap_or_else(Instant::now);
     precopy::setup(ctl, session, link, started)?;
     session.enter(Phase::Precopy);
-    ctl.set_status(MigrationStatus::Active);
+    ctl.set_active();
     let rounds = precopy::rounds(ctl, session, link, started)?;
     switchover::run(ctl, session, link, started, rounds)
 }

@@ -60,12 +60,22 @@ pub(super) fn run(
     out.flush()?;
     let t_state = t_pause.elapsed();
     let state_sent = ctl.accepted() - b_pages;
-    end_stream(out)?;
+    let totals = end_stream(out)?;
     let one_way = link.ret.is_none();
     if let Some(end) = link.end.take().filter(|_| one_way) {
-        // A file synced, a command exited 0: complete. Nobody will run this copy on GO; the
-        // source stays stopped like any migrated source (a file's saver may `cont`).
-        end.finish()?;
+        // END is out. A command or a pipe may feed a live target that runs the guest from
+        // here: the source must not resume by itself any more, and a failure is in doubt. A
+        // file is a snapshot: a failure to sync it resumes the source.
+        let live = end.reader_may_run();
+        if live {
+            session.enter(Phase::Committed);
+        }
+        end.finish().map_err(|e| match e {
+            e if live => MigrateError::InDoubt(format!(
+                "the whole stream was written, then the channel failed ({e})"
+            )),
+            e => e,
+        })?;
     }
     let t_end = t_pause.elapsed();
     tracing::debug!("stop-and-copy: END sent");
@@ -89,10 +99,16 @@ pub(super) fn run(
         Some(ret) => {
             session.enter(Phase::AwaitLoaded);
             ctl.fault_at(SwitchoverStep::BeforeLoaded);
-            ret.expect("LOADED", LOADED_TIMEOUT, |m| match m {
+            let loaded = ret.expect("LOADED", LOADED_TIMEOUT, |m| match m {
                 ReturnMessage::Loaded { records } => Some(*records),
                 _ => None,
             })?;
+            if loaded != totals.records {
+                return Err(MigrateError::Vm(format!(
+                    "the target loaded {loaded} records, the stream had {}",
+                    totals.records
+                )));
+            }
             let t_loaded = t_pause.elapsed();
             ctl.fault_at(SwitchoverStep::BeforeGo);
             commit(ctl, ret)?;
@@ -156,14 +172,15 @@ fn drain(ctl: &MigrationControl, link: &mut Link, rounds: u64) -> Result<Duratio
     Ok(t.elapsed())
 }
 
-/// Writes END and flushes, leaving a writer that discards (the stream is over).
-fn end_stream(out: &mut Out<'static>) -> Result<()> {
+/// Writes END and flushes, leaving a writer that discards (the stream is over). Returns the
+/// stream's totals.
+fn end_stream(out: &mut Out<'static>) -> Result<tern_wire::Totals> {
     let blank: Out<'static> =
         StreamWriter::new(Box::new(std::io::sink()) as Box<dyn Write + Send>)?;
     let full = std::mem::replace(out, blank);
-    let (writer, _) = full.finish()?;
+    let (writer, totals) = full.finish()?;
     drop(writer);
-    Ok(())
+    Ok(totals)
 }
 
 /// The point of no return, as far as `migrate_cancel` is concerned: refused if a cancel came

@@ -162,8 +162,11 @@ impl Receiver {
             self.enter(State::Loaded);
             ctl.fault_at(SwitchoverStep::BeforeGo);
             self.await_go(r.into_records())?;
-            // GO: the guest is ours now; a cancel here would lose it.
-            ctl.commit()?;
+            // GO: the guest is ours now, and runs here whatever else happens (a cancel that
+            // raced GO in is refused from here, or too late to matter: the source committed).
+            if ctl.commit().is_err() {
+                tracing::warn!("a cancel raced GO; the guest runs here, as the source expects");
+            }
             ctl.fault_at(SwitchoverStep::BeforeRunning);
         }
         self.enter(State::Running);
