@@ -132,6 +132,9 @@ pub struct MigrationParams {
     pub limit_action: LimitAction,
     /// Test aid: a fault at one step of the switch-over (`x-tern-switchover-fault`).
     pub switchover_fault: Option<SwitchoverFault>,
+    /// The target gives up on a source that sends nothing for this long, in milliseconds
+    /// (`x-tern-read-timeout`; a source never pauses its stream for long: 60 s is generous).
+    pub read_timeout_ms: u64,
 }
 
 impl Default for MigrationParams {
@@ -148,6 +151,7 @@ impl Default for MigrationParams {
             max_precopy_ms: 0,
             limit_action: LimitAction::Fail,
             switchover_fault: None,
+            read_timeout_ms: 60_000,
         }
     }
 }
@@ -190,6 +194,7 @@ impl MigrationParams {
             "x-tern-max-precopy-time": self.max_precopy_ms,
             "x-tern-limit-action": self.limit_action.as_str(),
             "x-tern-switchover-fault": self.switchover_fault.map(|f| f.to_string()).unwrap_or_default(),
+            "x-tern-read-timeout": self.read_timeout_ms,
         })
     }
 
@@ -220,6 +225,7 @@ impl MigrationParams {
                         _ => return Err(format!("Parameter '{k}' expects 'fail' or 'switchover'")),
                     }
                 }
+                "x-tern-read-timeout" => p.read_timeout_ms = int_in(k, v, 100, 86_400_000)?,
                 "x-tern-switchover-fault" => {
                     p.switchover_fault = SwitchoverFault::parse(
                         v.as_str()

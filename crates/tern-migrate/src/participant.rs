@@ -59,7 +59,7 @@ pub trait LoadParticipant: Send {
     fn load(&mut self, record: &Record<'_>) -> Result<bool>;
     /// Loaded so far.
     fn progress(&self) -> Progress;
-    /// After success or failure.
+    /// Once the stream has ended (END) or failed; may come more than once.
     fn cleanup(&mut self);
 }
 

@@ -423,6 +423,12 @@ impl Listener {
         }
     }
 
+    /// Whether another connection can come after one was refused (a listening socket; not an
+    /// already open descriptor, file or command).
+    pub fn reusable(&self) -> bool {
+        !matches!(self, Listener::Open(_))
+    }
+
     /// Waits for the source.
     pub fn accept(&self) -> Result<Channel> {
         match self {

@@ -249,7 +249,7 @@ fn a_file_holds_a_stopped_guest_once_and_loads_back() {
     let (tctl, _) = control(MigrationParams::default());
     let t = dst.clone();
     run_incoming(
-        listener.accept().unwrap(),
+        &listener,
         Box::new(move |_| Ok(t as Arc<dyn TargetVm>)),
         &tctl,
     )

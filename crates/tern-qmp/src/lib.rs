@@ -7,6 +7,7 @@
 
 mod commands;
 mod format;
+pub mod listen;
 mod server;
 
 pub use commands::{CapabilityState, Command, COMMAND_NAMES};

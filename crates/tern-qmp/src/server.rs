@@ -107,21 +107,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the socket at `path` (replacing a stale socket file).
-    pub fn bind(path: &Path) -> io::Result<(Arc<Server>, UnixListener)> {
-        if path.exists() {
-            let _ = std::fs::remove_file(path);
-        }
-        let listener = UnixListener::bind(path)?;
-        Ok((
-            Arc::new(Server {
-                path: path.to_path_buf(),
-                clients: Mutex::new(Vec::new()),
-                version: (10, 0, 0),
-                fds: Mutex::new(HashMap::new()),
-            }),
-            listener,
-        ))
+    /// A server for the socket at `path` (bound with [`crate::listen::bind_private`], then
+    /// handed to [`Server::serve`]).
+    pub fn new(path: &Path) -> Arc<Server> {
+        Arc::new(Server {
+            path: path.to_path_buf(),
+            clients: Mutex::new(Vec::new()),
+            version: (10, 0, 0),
+            fds: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Accepts clients on a background thread, each served on its own thread.
@@ -134,14 +128,8 @@ impl Server {
         std::thread::Builder::new()
             .name("qmp-accept".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    let stream = match stream {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::warn!("QMP accept on {}: {e}", server.path.display());
-                            continue;
-                        }
-                    };
+                let what = format!("QMP on {}", server.path.display());
+                crate::listen::accept_loop(listener, &what, |stream| {
                     let (server, backend) = (server.clone(), backend.clone());
                     let _ =
                         std::thread::Builder::new()
@@ -151,7 +139,7 @@ impl Server {
                                     tracing::debug!("QMP session ended: {e}");
                                 }
                             });
-                }
+                });
             })?;
         Ok(())
     }

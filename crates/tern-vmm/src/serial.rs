@@ -70,8 +70,12 @@ impl SerialSink {
                 std::thread::Builder::new()
                     .name("serial-accept".into())
                     .spawn(move || {
-                        for s in listener.incoming().flatten() {
-                            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+                        for s in listener.incoming() {
+                            match s {
+                                Ok(s) => *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(s),
+                                // Out of descriptors (EMFILE): wait rather than spin.
+                                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+                            }
                         }
                     })?;
                 Target::Unix(client)

@@ -205,7 +205,7 @@ impl Vm {
             })
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io {
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| Error::Io {
             what: "eventfd for the serial IRQ".into(),
             source: e,
         })?;

@@ -25,8 +25,9 @@ pub use ram::{
     RamRecord, RamRun, RunData, RunRef, ENC_LZ4, ENC_RAW, ENC_XOR_DELTA, ENC_ZERO, ENC_ZSTD,
 };
 pub use state::{
-    load_all, save_all, FieldSpec, FieldType, MigratableState, Schema, Section, SectionBuilder,
-    SectionReader, Subsection, SubsectionBuilder, SubsectionReader, SubsectionSpec, Value,
+    check_sections, load_all, save_all, FieldSpec, FieldType, MigratableState, Schema, Section,
+    SectionBuilder, SectionReader, Subsection, SubsectionBuilder, SubsectionReader, SubsectionSpec,
+    Value,
 };
 pub use stream::{PostcopyCommand, Record, StreamReader, StreamWriter, Totals};
 

@@ -204,29 +204,64 @@ pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
     Ok(code)
 }
 
+/// `tern save`: the VM is stopped, its stream written to a temporary file beside the target and
+/// renamed over it only once complete (an existing snapshot survives a failed save). Whatever way
+/// the save fails — the VMM's error, Ctrl-C, this client losing the monitor — a VM that was
+/// running is resumed.
 pub fn save(args: SaveArgs) -> Result<ExitCode> {
     catch_ctrl_c()?;
     let mut qmp = QmpClient::connect(&qmp_path(&args.qmp)?)?;
     let abs = std::path::absolute(&args.file).context("the output file")?;
+    let name = abs
+        .file_name()
+        .with_context(|| format!("{} names no file", abs.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = abs.with_file_name(format!(".{name}.tern-save-{}", std::process::id()));
     let was_running = qmp.execute("query-status", json!({}))?["running"] == json!(true);
     // Stopped first, the guest's RAM is written once (no re-sent pages in the file).
     qmp.execute("stop", json!({}))?;
-    let started = qmp.execute("migrate", json!({"uri": format!("file:{}", abs.display())}));
-    if let Err(e) = started {
+    let outcome = qmp
+        .execute("migrate", json!({"uri": format!("file:{}", tmp.display())}))
+        .context("starting the save")
+        .and_then(|_| follow(&mut qmp, "save"));
+    let outcome = match outcome {
+        Ok(Outcome::Completed(r)) => std::fs::rename(&tmp, &abs)
+            .with_context(|| format!("moving the saved stream to {}", abs.display()))
+            .map(|_| Outcome::Completed(r)),
+        other => other,
+    };
+    if !matches!(outcome, Ok(Outcome::Completed(_))) {
+        if outcome.is_err() {
+            // This client failed mid-way: the save may still run. Stop it and let it end.
+            let _ = qmp.execute("migrate_cancel", json!({}));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                match qmp.execute("query-migrate", json!({})) {
+                    Ok(r)
+                        if !matches!(
+                            r["status"].as_str(),
+                            Some("setup" | "active" | "cancelling")
+                        ) =>
+                    {
+                        break
+                    }
+                    Ok(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                    Err(_) => break,
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&tmp);
         if was_running {
+            // The VM is left as it was. (After a completed save it stays stopped.)
             let _ = qmp.execute("cont", json!({}));
         }
-        return Err(e.context("starting the save"));
     }
-    let outcome = follow(&mut qmp, "save")?;
-    if !matches!(outcome, Outcome::Completed(_)) {
-        // A failed save leaves the VM as it was.
-        if was_running {
-            let _ = qmp.execute("cont", json!({}));
-        }
-        let _ = std::fs::remove_file(&abs);
+    if let Some(dir) = abs.parent() {
+        // The rename itself on disk.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     }
-    let code = exit_for(outcome, "save");
+    let code = exit_for(outcome?, "save");
     if code == ExitCode::SUCCESS {
         let size = std::fs::metadata(&abs).map(|m| m.len()).unwrap_or(0);
         say!(

@@ -3,7 +3,6 @@
 //! same QMP backend, so both monitors behave alike.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,17 +35,18 @@ quit|q -- quit the emulator
 stop|s -- stop emulation
 ";
 
-/// Listens on `path`; each client gets a banner, a prompt per command, and plain-text replies.
-pub fn serve(path: &Path, backend: Arc<RunBackend>) -> std::io::Result<()> {
-    if path.exists() {
-        let _ = std::fs::remove_file(path);
-    }
-    let listener = UnixListener::bind(path)?;
+/// Serves the human monitor on `listener` (bound at `path`); each client gets a banner, a prompt
+/// per command, and plain-text replies.
+pub fn serve(
+    listener: std::os::unix::net::UnixListener,
+    path: &Path,
+    backend: Arc<RunBackend>,
+) -> std::io::Result<()> {
+    let what = format!("HMP on {}", path.display());
     std::thread::Builder::new()
         .name("hmp-accept".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
+            tern_qmp::listen::accept_loop(listener, &what, |stream| {
                 let backend = backend.clone();
                 let _ = std::thread::Builder::new()
                     .name("hmp-client".into())
@@ -55,7 +55,7 @@ pub fn serve(path: &Path, backend: Arc<RunBackend>) -> std::io::Result<()> {
                             tracing::debug!("HMP session ended: {e}");
                         }
                     });
-            }
+            });
         })?;
     Ok(())
 }

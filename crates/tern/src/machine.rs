@@ -43,6 +43,10 @@ pub(crate) struct App {
     machine: MachineSpec,
     /// After a migration into a file or a command, the guest may continue here (`cont`).
     pub(crate) resumable: AtomicBool,
+    /// The monitor sockets, removed when the process ends.
+    pub(crate) sockets: Mutex<Vec<PathBuf>>,
+    /// `quit` was asked for (an incoming migration it stopped is not a failure).
+    pub(crate) quitting: AtomicBool,
 }
 
 /// The target's machine options, if given (the stream must match them).
@@ -77,6 +81,8 @@ impl App {
             incoming_cv: Condvar::new(),
             machine,
             resumable: AtomicBool::new(false),
+            sockets: Mutex::new(Vec::new()),
+            quitting: AtomicBool::new(false),
         })
     }
 
@@ -161,9 +167,7 @@ impl App {
         std::thread::Builder::new()
             .name("migration-in".into())
             .spawn(move || {
-                let result = listener
-                    .accept()
-                    .and_then(|conn| run_incoming(conn, app.factory(), &ctl).map(|_| ()));
+                let result = run_incoming(&listener, app.factory(), &ctl).map(|_| ());
                 app.mig.finish(&ctl, || match result {
                     Ok(()) => {
                         app.emit("RESUME", None);

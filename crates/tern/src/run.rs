@@ -57,6 +57,29 @@ pub struct Consoles {
     /// Human monitor socket (QEMU's HMP commands, for `socat - unix:PATH`): unix:PATH.
     #[arg(long)]
     pub hmp: Option<String>,
+    /// Mode of the QMP and HMP sockets, in octal. They can run shell commands (exec:
+    /// migrations), write files and guest RAM: only their owner may connect unless widened
+    /// here (e.g. 0660 for a group).
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    pub monitor_mode: u32,
+}
+
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("'{s}' is not a file mode in octal (0600, 0660...)"))
+}
+
+/// Removes the monitor sockets when `tern run` ends, however it ends.
+pub(crate) struct SocketFiles(pub(crate) Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput> {
@@ -167,6 +190,19 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         },
     );
 
+    // The monitor sockets first: a path another tern serves is refused before anything starts.
+    // (Clients that connect now get their greeting once the sockets are served, below.)
+    let mode = args.consoles.monitor_mode;
+    let bind = |p: &PathBuf| {
+        tern_qmp::listen::bind_private(p, mode)
+            .with_context(|| format!("cannot listen on {}", p.display()))
+    };
+    let qmp_listener = qmp_path.as_ref().map(bind).transpose()?;
+    let mut sockets = SocketFiles(qmp_path.iter().cloned().collect());
+    let hmp_listener = hmp_path.as_ref().map(bind).transpose()?;
+    sockets.0.extend(hmp_path.iter().cloned());
+    *app.sockets.lock().unwrap_or_else(|e| e.into_inner()) = sockets.0.clone();
+
     if args.incoming.is_none() {
         let kernel = match &args.kernel {
             Some(p) => read_kernel(p)?,
@@ -195,20 +231,26 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     }
 
     let backend = Arc::new(RunBackend::new(app.clone()));
-    if let Some(path) = &qmp_path {
-        let (srv, listener) =
-            Server::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    if let (Some(path), Some(listener)) = (&qmp_path, qmp_listener) {
+        let srv = Server::new(path);
         let _ = app.server.set(srv.clone());
         srv.serve(listener, backend.clone())
             .context("cannot start the QMP server")?;
     }
-    if let Some(path) = &hmp_path {
-        crate::hmp::serve(path, backend.clone())
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
+    if let (Some(path), Some(listener)) = (&hmp_path, hmp_listener) {
+        crate::hmp::serve(listener, path, backend.clone())
+            .with_context(|| format!("cannot serve {}", path.display()))?;
     }
 
     let t0 = std::time::Instant::now();
     if let Err(why) = app.wait_incoming() {
+        if app.quitting.load(std::sync::atomic::Ordering::SeqCst) {
+            app.emit(
+                "SHUTDOWN",
+                Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         bail!("incoming migration failed: {why}");
     }
     if let Some(inc) = args.incoming.as_deref().filter(|i| i.starts_with("file:")) {
@@ -231,6 +273,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 Some(json!({"guest": reason != "host-qmp-quit", "reason": reason})),
             );
             tracing::info!(reason, "VM shut down");
+            drop(sockets);
             Ok(ExitCode::SUCCESS)
         }
         VmExit::Error(msg) => bail!("{msg}"),

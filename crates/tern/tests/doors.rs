@@ -437,15 +437,7 @@ fn ctrl_c_cancels_tern_migrate_and_the_source_runs_on() {
         .spawn()
         .unwrap();
     // Wait until it is under way, then Ctrl-C.
-    let deadline = Instant::now() + LINE;
-    loop {
-        let r = src.q.ok("query-migrate", json!({}));
-        if r["status"] == "active" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(&mut src.q, "active");
     // SAFETY: kill(2) on our own child, which has not been waited for.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();

@@ -21,7 +21,10 @@ pub(crate) enum TargetEvent {
 
 /// The receiving end of the return path.
 pub(crate) struct ReturnPath {
-    events: Receiver<TargetEvent>,
+    events: Receiver<(TargetEvent, Instant)>,
+    /// When the last event taken arrived on the socket (the sender may wake later: the
+    /// switch-over's timings use this).
+    arrived: Option<Instant>,
     thread: Option<JoinHandle<()>>,
     /// Set once `Closed` was taken out of the queue.
     closed: Option<Option<String>>,
@@ -37,7 +40,9 @@ impl ReturnPath {
             .spawn(move || {
                 let mut r = RecordReader::new(conn);
                 loop {
-                    let ev = match r.next_record() {
+                    let record = r.next_record();
+                    let at = Instant::now();
+                    let ev = match record {
                         Ok(None) => TargetEvent::Closed(None),
                         Ok(Some(rec)) if rec.ty != record_type::RETURN_MESSAGE => {
                             TargetEvent::Closed(Some(format!(
@@ -58,7 +63,7 @@ impl ReturnPath {
                         Err(e) => TargetEvent::Closed(Some(e.to_string())),
                     };
                     let last = matches!(ev, TargetEvent::Closed(_));
-                    if tx.send(ev).is_err() || last {
+                    if tx.send((ev, at)).is_err() || last {
                         return;
                     }
                 }
@@ -66,6 +71,7 @@ impl ReturnPath {
             .map_err(MigrateError::io("starting the return-path thread"))?;
         Ok(ReturnPath {
             events: rx,
+            arrived: None,
             thread: Some(thread),
             closed: None,
         })
@@ -78,7 +84,8 @@ impl ReturnPath {
             return Some(TargetEvent::Closed(why.clone()));
         }
         match self.events.recv_timeout(timeout) {
-            Ok(ev) => {
+            Ok((ev, at)) => {
+                self.arrived = Some(at);
                 if let TargetEvent::Closed(why) = &ev {
                     self.closed = Some(why.clone());
                 }
@@ -90,6 +97,11 @@ impl ReturnPath {
                 Some(TargetEvent::Closed(None))
             }
         }
+    }
+
+    /// When the event [`ReturnPath::next`] returned last arrived.
+    pub(crate) fn arrived(&self) -> Option<Instant> {
+        self.arrived
     }
 
     /// Whether the target has closed the return path or said ERROR (looked up without

@@ -109,7 +109,12 @@ pub(super) fn run(
                     totals.records
                 )));
             }
-            let t_loaded = t_pause.elapsed();
+            // As the socket saw them, not when this thread woke up.
+            let since_pause = |r: &super::ReturnPath| {
+                r.arrived()
+                    .map_or_else(|| t_pause.elapsed(), |at| at.duration_since(t_pause))
+            };
+            let t_loaded = since_pause(ret);
             ctl.fault_at(SwitchoverStep::BeforeGo);
             commit(ctl, ret)?;
             go(link)?;
@@ -124,7 +129,7 @@ pub(super) fn run(
             })
             .map_err(|e| MigrateError::InDoubt(format!("RUNNING did not arrive: {e}")))?;
             session.enter(Phase::Done);
-            (t_loaded, t_pause.elapsed())
+            (t_loaded, since_pause(ret))
         }
     };
     tracing::info!(

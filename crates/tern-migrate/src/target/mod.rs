@@ -1,9 +1,13 @@
 //! The target side, as a receive state machine:
 //!
 //! ```text
-//! Hello ─▶ Header ─▶ Receiving ─▶ Ended ─▶ Loaded ─(GO)─▶ Running
-//!   └────────┴──────────┴──────────┴─────────┴─▶ failed: ERROR to the source; the guest never ran
+//! (accept) ─▶ Header ─▶ Receiving ─▶ Ended ─▶ Loaded ─(GO)─▶ Running
+//!                └──────────┴──────────┴─────────┴─▶ failed: ERROR to the source; the guest never ran
 //! ```
+//!
+//! Accepting waits for a connection that opens with a valid CHANNEL_HELLO; any other is dropped
+//! and the next awaited. A source that then stops sending is given up on after
+//! `x-tern-read-timeout`.
 //!
 //! On a two-way channel the guest starts only on the source's GO, and only here
 //! ([`State::Running`] is entered in one place). A one-way stream (a file, a pipe) has nobody to
@@ -22,7 +26,7 @@ use crate::control::MigrationControl;
 use crate::params::SwitchoverStep;
 use crate::participant::{self, LoadParticipant};
 use crate::stats::{MigrationStats, MigrationStatus};
-use crate::transport::{Canceller, Channel, Connection};
+use crate::transport::{Canceller, Channel, Connection, Listener};
 use crate::{MigrateError, Result, TargetFactory, TargetVm};
 
 /// How long a target that sent LOADED waits for GO before it gives up (without running).
@@ -37,8 +41,6 @@ pub struct IncomingOutcome {
 /// Where the receiver is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
-    /// Reading the channel hello (live connections only).
-    Hello,
     /// Reading the stream header.
     Header,
     /// Records, until END.
@@ -51,13 +53,84 @@ enum State {
     Running,
 }
 
-/// Receives a migration on `channel`. On failure the source is told why on the return path
-/// (if the channel has one).
+/// How long a new connection may take to say CHANNEL_HELLO before it is dropped.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits on `listener` for a migration source: a connection that does not open with a valid
+/// CHANNEL_HELLO within [`HELLO_TIMEOUT`] (a port scan, an idle client, a stray peer) is logged
+/// and dropped, and the listener keeps waiting; the source's connection waits in the backlog
+/// meanwhile.
+fn accept_source(listener: &Listener) -> Result<Channel> {
+    loop {
+        let ch = listener.accept()?;
+        if !ch.two_way() {
+            return Ok(ch);
+        }
+        ch.conn
+            .set_read_timeout(Some(HELLO_TIMEOUT))
+            .map_err(MigrateError::io("setting the hello timeout"))?;
+        match read_hello(&ch.conn) {
+            Ok(()) => return Ok(ch),
+            Err(e) if listener.reusable() => {
+                tracing::warn!(
+                    "dropped a connection that is not a tern migration source ({e}); still waiting"
+                )
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A read that hit the socket's timeout, said in words.
+fn timed_out(e: MigrateError, ms: u64) -> MigrateError {
+    match &e {
+        MigrateError::Wire(w)
+            if matches!(&w.kind, tern_wire::ErrorKind::Io(io)
+            if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)) =>
+        {
+            MigrateError::Vm(format!(
+                "the source sent nothing for {ms} ms (x-tern-read-timeout); giving up at byte {}",
+                w.offset
+            ))
+        }
+        _ => e,
+    }
+}
+
+/// The channel hello: this build takes one connection, the main one.
+fn read_hello(conn: &Connection) -> Result<()> {
+    let mut rr = RecordReader::new(conn.clone());
+    let rec = rr
+        .next_record()?
+        .ok_or_else(|| MigrateError::Vm("the connection closed before its hello".into()))?;
+    if rec.ty != record_type::CHANNEL_HELLO {
+        return Err(MigrateError::Vm(format!(
+            "a live migration starts with CHANNEL_HELLO, not {}",
+            record_type::name(rec.ty)
+        )));
+    }
+    let h = ChannelHello::decode(rec.body)
+        .map_err(|k| MigrateError::Vm(format!("bad channel hello: {k}")))?;
+    if h.role != ChannelRole::Main || h.channels != 1 {
+        return Err(MigrateError::Vm(format!(
+            "the source opens {} channels ({:?} #{}); this target takes one",
+            h.channels, h.role, h.index
+        )));
+    }
+    Ok(())
+}
+
+/// Receives a migration on `listener` (see [`accept_source`]). On failure the source is told why
+/// on the return path (if the channel has one).
 pub fn run_incoming(
-    channel: Channel,
+    listener: &Listener,
     factory: TargetFactory<'_>,
     ctl: &MigrationControl,
 ) -> Result<IncomingOutcome> {
+    let channel = accept_source(listener).inspect_err(|e| {
+        ctl.stats().error = Some(e.to_string());
+        ctl.finalize(MigrationStatus::Failed);
+    })?;
     {
         let mut s = ctl.stats();
         *s = MigrationStats {
@@ -70,16 +143,22 @@ pub fn run_incoming(
     let two_way = conn.two_way();
     if two_way {
         ctl.set_conn(Canceller::Socket(conn.clone()));
+        // A source that stops sending is given up on (the switch-over's waits set their own).
+        let t = Duration::from_millis(ctl.params.read_timeout_ms);
+        conn.set_read_timeout(Some(t))
+            .map_err(MigrateError::io("setting the read timeout"))?;
     }
     let mut rx = Receiver {
         conn: conn.clone(),
         two_way,
-        state: State::Hello,
+        state: State::Header,
         vm: None,
         parts: Vec::new(),
         sections: Vec::new(),
     };
-    let result = rx.run(factory, ctl);
+    let result = rx
+        .run(factory, ctl)
+        .map_err(|e| timed_out(e, ctl.params.read_timeout_ms));
     for p in rx.parts.iter_mut() {
         p.cleanup();
     }
@@ -102,7 +181,11 @@ pub fn run_incoming(
                 conn.shutdown();
             }
             ctl.stats().error = Some(e.to_string());
-            ctl.finalize(MigrationStatus::Failed);
+            ctl.finalize(if ctl.is_cancelled() {
+                MigrationStatus::Cancelled
+            } else {
+                MigrationStatus::Failed
+            });
             Err(e)
         }
     }
@@ -133,9 +216,6 @@ impl Receiver {
         factory: TargetFactory<'_>,
         ctl: &MigrationControl,
     ) -> Result<Arc<dyn TargetVm>> {
-        if self.two_way {
-            self.hello()?;
-        }
         self.enter(State::Header);
         // A small buffer: record headers are gathered, but bodies are read in chunks larger than
         // it, which go straight from the socket into the decoder's buffer (a bigger one would
@@ -183,29 +263,6 @@ impl Receiver {
             t.elapsed()
         );
         Ok(vm)
-    }
-
-    /// The channel hello: this build takes one connection, the main one.
-    fn hello(&mut self) -> Result<()> {
-        let mut rr = RecordReader::new(self.conn.clone());
-        let rec = rr
-            .next_record()?
-            .ok_or_else(|| MigrateError::Vm("the connection closed before its hello".into()))?;
-        if rec.ty != record_type::CHANNEL_HELLO {
-            return Err(MigrateError::Vm(format!(
-                "a live migration starts with CHANNEL_HELLO, not {}",
-                record_type::name(rec.ty)
-            )));
-        }
-        let h = ChannelHello::decode(rec.body)
-            .map_err(|k| MigrateError::Vm(format!("bad channel hello: {k}")))?;
-        if h.role != ChannelRole::Main || h.channels != 1 {
-            return Err(MigrateError::Vm(format!(
-                "the source opens {} channels ({:?} #{}); this target takes one",
-                h.channels, h.role, h.index
-            )));
-        }
-        Ok(())
     }
 
     /// Reads records until END. Returns END's record count and whether the source asked for
@@ -264,7 +321,14 @@ impl Receiver {
                 Some(Record::SkippedOptional { ty, .. }) => {
                     tracing::info!("skipped an optional record of unknown type {ty:#x}");
                 }
-                Some(Record::End(t)) => return Ok((t.records, want_digest)),
+                Some(Record::End(t)) => {
+                    // Everything has arrived: helpers (RAM's prefault) stop now rather than
+                    // compete with the switch-over for the CPU.
+                    for p in self.parts.iter_mut() {
+                        p.cleanup();
+                    }
+                    return Ok((t.records, want_digest));
+                }
             }
             if described {
                 let desc = r

@@ -61,13 +61,12 @@ pub fn target_with(
     let (ctl, _) = control(params);
     let c = ctl.clone();
     let h = thread::spawn(move || {
-        let conn = listener.accept().map_err(|e| e.to_string())?;
         let t = target.clone();
         let factory: tern_migrate::TargetFactory<'_> = Box::new(move |_desc| match refuse {
             Some(why) => Err(MigrateError::Mismatch(why.into())),
             None => Ok(t as Arc<dyn TargetVm>),
         });
-        run_incoming(conn, factory, &c)
+        run_incoming(&listener, factory, &c)
             .map(|_| ())
             .map_err(|e| e.to_string())
     });

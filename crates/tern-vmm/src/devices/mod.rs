@@ -206,26 +206,9 @@ impl DeviceManager {
     /// its section, or a section twice fails the load, naming it.
     pub fn load(&self, vm: &Vm, sections: &[Section], ctx: &LoadCtx) -> Result<(), StateError> {
         let key = |s: &Arc<dyn DeviceState>| (s.schema().name, s.instance());
-        for (i, s) in sections.iter().enumerate() {
-            if sections[..i]
-                .iter()
-                .any(|o| o.name == s.name && o.instance == s.instance)
-            {
-                return Err(StateError::DuplicateSection {
-                    section: s.name.clone(),
-                    instance: s.instance,
-                });
-            }
-            if !self
-                .states()
-                .any(|(d, _)| key(d) == (s.name.as_str(), s.instance))
-            {
-                return Err(StateError::UnexpectedSection {
-                    section: s.name.clone(),
-                    instance: s.instance,
-                });
-            }
-        }
+        tern_wire::check_sections(sections, |name, instance| {
+            self.states().any(|(d, _)| key(d) == (name, instance))
+        })?;
         let mut order: Vec<_> = self.states().collect();
         order.sort_by_key(|(_, stage)| *stage);
         for (d, _) in order {

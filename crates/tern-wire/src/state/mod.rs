@@ -21,7 +21,9 @@ use builder::check_fields;
 pub use builder::{SectionBuilder, SubsectionBuilder};
 use codec::{decode_body, encode_body, malformed, put_name, Cursor};
 pub use reader::{SectionReader, SubsectionReader};
-pub use schema::{load_all, save_all, FieldSpec, MigratableState, Schema, SubsectionSpec};
+pub use schema::{
+    check_sections, load_all, save_all, FieldSpec, MigratableState, Schema, SubsectionSpec,
+};
 
 /// A field value.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -96,6 +96,30 @@ pub fn load_all(
     devices: &mut [&mut dyn MigratableState],
     sections: &[Section],
 ) -> Result<(), StateError> {
+    check_sections(sections, |name, instance| {
+        devices
+            .iter()
+            .any(|d| d.schema().name == name && d.instance() == instance)
+    })?;
+    for d in devices.iter_mut() {
+        let s = sections
+            .iter()
+            .find(|s| s.name == d.schema().name && s.instance == d.instance())
+            .ok_or_else(|| StateError::MissingSection {
+                section: d.schema().name.into(),
+                instance: d.instance(),
+            })?;
+        d.load(s)?;
+    }
+    Ok(())
+}
+
+/// Checks a stream's sections before any is loaded: none twice, and each one `known` (a device
+/// of this target takes it); names the first that is not.
+pub fn check_sections(
+    sections: &[Section],
+    known: impl Fn(&str, u32) -> bool,
+) -> Result<(), StateError> {
     for (i, s) in sections.iter().enumerate() {
         if sections[..i]
             .iter()
@@ -106,25 +130,12 @@ pub fn load_all(
                 instance: s.instance,
             });
         }
-        if !devices
-            .iter()
-            .any(|d| d.schema().name == s.name && d.instance() == s.instance)
-        {
+        if !known(&s.name, s.instance) {
             return Err(StateError::UnexpectedSection {
                 section: s.name.clone(),
                 instance: s.instance,
             });
         }
-    }
-    for d in devices.iter_mut() {
-        let s = sections
-            .iter()
-            .find(|s| s.name == d.schema().name && s.instance == d.instance())
-            .ok_or_else(|| StateError::MissingSection {
-                section: d.schema().name.into(),
-                instance: d.instance(),
-            })?;
-        d.load(s)?;
     }
     Ok(())
 }

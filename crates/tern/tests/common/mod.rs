@@ -193,6 +193,19 @@ pub fn wait_migration(q: &mut Qmp, timeout: Duration) -> Value {
     }
 }
 
+/// Polls `query-migrate` until the migration's status is `want` (e.g. under way: "active").
+pub fn wait_status(q: &mut Qmp, want: &str) -> Value {
+    let deadline = Instant::now() + LINE;
+    loop {
+        let r = q.ok("query-migrate", json!({}));
+        if r["status"] == want {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "never {want}: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The last heartbeat number a *paused* process printed: its last lines may still be on their
 /// way through the pipe and the reader thread, so give them a moment first.
 pub fn paused_last_hb(p: &mut Proc) -> u64 {
