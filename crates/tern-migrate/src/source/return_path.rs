@@ -22,6 +22,8 @@ pub(crate) enum TargetEvent {
 /// The receiving end of the return path.
 pub(crate) struct ReturnPath {
     events: Receiver<(TargetEvent, Instant)>,
+    /// How long a wait polls before it sleeps.
+    spin: Duration,
     /// When the last event taken arrived on the socket (the sender may wake later: the
     /// switch-over's timings use this).
     arrived: Option<Instant>,
@@ -71,6 +73,7 @@ impl ReturnPath {
             .map_err(MigrateError::io("starting the return-path thread"))?;
         Ok(ReturnPath {
             events: rx,
+            spin: Duration::ZERO,
             arrived: None,
             thread: Some(thread),
             closed: None,
@@ -83,20 +86,41 @@ impl ReturnPath {
         if let Some(why) = &self.closed {
             return Some(TargetEvent::Closed(why.clone()));
         }
-        match self.events.recv_timeout(timeout) {
-            Ok((ev, at)) => {
-                self.arrived = Some(at);
-                if let TargetEvent::Closed(why) = &ev {
-                    self.closed = Some(why.clone());
+        // In the switch-over the answer comes within a millisecond or two while the guest is
+        // stopped: poll for a short while (yielding the core to anyone runnable) rather than
+        // sleep, since waking a sleeping thread costs about as much as the answer itself here.
+        let spin_until = Instant::now() + self.spin.min(timeout);
+        let timeout = loop {
+            match self.events.try_recv() {
+                Ok(ev) => return Some(self.take(ev)),
+                Err(mpsc::TryRecvError::Disconnected) => break Duration::ZERO,
+                Err(mpsc::TryRecvError::Empty) if Instant::now() < spin_until => {
+                    std::thread::yield_now()
                 }
-                Some(ev)
+                Err(mpsc::TryRecvError::Empty) => break timeout.saturating_sub(self.spin),
             }
+        };
+        match self.events.recv_timeout(timeout) {
+            Ok(ev) => Some(self.take(ev)),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
                 self.closed = Some(None);
                 Some(TargetEvent::Closed(None))
             }
         }
+    }
+
+    fn take(&mut self, (ev, at): (TargetEvent, Instant)) -> TargetEvent {
+        self.arrived = Some(at);
+        if let TargetEvent::Closed(why) = &ev {
+            self.closed = Some(why.clone());
+        }
+        ev
+    }
+
+    /// From now on, waits poll for up to `spin` before they sleep (the switch-over's).
+    pub(crate) fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
     }
 
     /// When the event [`ReturnPath::next`] returned last arrived.

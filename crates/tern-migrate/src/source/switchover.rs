@@ -20,6 +20,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the target may take to load the state after END. Waiting is safe (the target does
 /// not run before GO), so this is generous.
 const LOADED_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the switch-over's waits poll before they sleep (LOADED and RUNNING come within a
+/// few milliseconds; a sleeping thread's wake-up costs about that much on a virtualized host).
+const SWITCHOVER_SPIN: Duration = Duration::from_millis(20);
 /// How long the target may take to start its vCPUs after GO.
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -98,6 +101,7 @@ pub(super) fn run(
         }
         Some(ret) => {
             session.enter(Phase::AwaitLoaded);
+            ret.set_spin(SWITCHOVER_SPIN);
             ctl.fault_at(SwitchoverStep::BeforeLoaded);
             let loaded = ret.expect("LOADED", LOADED_TIMEOUT, |m| match m {
                 ReturnMessage::Loaded { records } => Some(*records),
