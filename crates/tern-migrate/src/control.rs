@@ -218,6 +218,11 @@ impl MigrationControl {
         }
     }
 
+    /// Whether the commit was made (GO may have gone out).
+    pub(crate) fn is_committed(&self) -> bool {
+        *self.commit.lock().unwrap_or_else(|e| e.into_inner()) == Commit::Committed
+    }
+
     /// Whether `migrate_cancel` was taken.
     pub(crate) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
@@ -248,6 +253,7 @@ impl MigrationControl {
         tracing::warn!("x-tern-switchover-fault: {f}");
         match f.action {
             FaultAction::Cut => self.shut_channel(),
+            FaultAction::Panic => panic!("x-tern-switchover-fault: a panic at {}", step.as_str()),
             FaultAction::Hold(ms) => {
                 self.stats().fault_holding = Some(step.as_str());
                 let until = Instant::now() + std::time::Duration::from_millis(ms);

@@ -32,6 +32,18 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
+    /// A panic in a migration thread, as an error (`payload` from `catch_unwind`).
+    pub(crate) fn panicked(payload: Box<dyn std::any::Any + Send>) -> MigrateError {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        MigrateError::Vm(format!(
+            "internal error (a panic in the migration thread: {what})"
+        ))
+    }
+
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
         let what = what.into();
         move |source| MigrateError::Io { what, source }

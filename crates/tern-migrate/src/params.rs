@@ -59,6 +59,9 @@ pub enum FaultAction {
     /// Hold that many milliseconds at that step (a cancel or a kill can be placed meanwhile;
     /// `query-migrate` shows `x-tern-fault-holding` during the hold).
     Hold(u64),
+    /// Panic in the migration thread at that step (the engine must end the migration as a
+    /// failure and, before the commit, resume the source).
+    Panic,
 }
 
 impl SwitchoverFault {
@@ -69,7 +72,7 @@ impl SwitchoverFault {
         }
         let bad = || {
             format!(
-                "Parameter 'x-tern-switchover-fault' expects STEP:cut or STEP:hold:MS with STEP one of before-loaded, before-go, before-running, not '{s}'"
+                "Parameter 'x-tern-switchover-fault' expects STEP:cut, STEP:panic or STEP:hold:MS with STEP one of before-loaded, before-go, before-running, not '{s}'"
             )
         };
         let (step, action) = s.split_once(':').ok_or_else(bad)?;
@@ -81,6 +84,7 @@ impl SwitchoverFault {
         };
         let action = match action.split_once(':') {
             None if action == "cut" => FaultAction::Cut,
+            None if action == "panic" => FaultAction::Panic,
             Some(("hold", ms)) => FaultAction::Hold(
                 ms.parse::<u64>()
                     .ok()
@@ -97,6 +101,7 @@ impl std::fmt::Display for SwitchoverFault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.action {
             FaultAction::Cut => write!(f, "{}:cut", self.step.as_str()),
+            FaultAction::Panic => write!(f, "{}:panic", self.step.as_str()),
             FaultAction::Hold(ms) => write!(f, "{}:hold:{ms}", self.step.as_str()),
         }
     }

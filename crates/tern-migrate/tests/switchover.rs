@@ -237,3 +237,33 @@ fn a_second_participant_migrates_without_engine_changes() {
     assert!(t.join().unwrap().unwrap_err().contains("fake-disk"));
     assert!(src.is_running());
 }
+
+#[test]
+fn a_panic_in_a_migration_thread_ends_the_migration_as_the_protocol_says() {
+    // Before the commit: a failure, the source resumes, the target never runs.
+    let r = start(
+        "panic-loaded",
+        fault("before-loaded:panic"),
+        MigrationParams::default(),
+    );
+    let ctl = r.ctl.clone();
+    source_won(r, MigrationStatus::Failed);
+    let e = ctl.snapshot().error.unwrap();
+    assert!(e.contains("internal error"), "{e}");
+    // After GO: the target runs, the source stays paused and says the outcome is in doubt.
+    let r = start(
+        "panic-running",
+        fault("before-running:panic"),
+        fault("before-running:hold:300"),
+    );
+    let s = target_won(r);
+    assert_eq!(s.status, MigrationStatus::Failed);
+    assert!(s.in_doubt, "{s:?}");
+    // In the target, before LOADED: the source resumes.
+    let r = start(
+        "panic-target",
+        MigrationParams::default(),
+        fault("before-loaded:panic"),
+    );
+    source_won(r, MigrationStatus::Failed);
+}

@@ -112,7 +112,20 @@ pub fn run_outgoing(
         s.total = vm.ram().regions().iter().map(|r| r.size).sum();
     }
     ctl.announce();
-    let result = outgoing(vm, uri, fd, ctl);
+    // A panic is a failed migration, never a status left non-final: unwinding dropped the
+    // Session, which resumed the source unless GO had gone out; the channel is shut so the target
+    // stops waiting; after the commit the outcome is in doubt.
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| outgoing(vm, uri, fd, ctl)))
+            .unwrap_or_else(|p| {
+                ctl.shut_channel();
+                let e = MigrateError::panicked(p);
+                if ctl.is_committed() {
+                    Err(MigrateError::InDoubt(e.to_string()))
+                } else {
+                    Err(e)
+                }
+            });
     let status = match &result {
         Ok(()) => MigrationStatus::Completed,
         Err(MigrateError::Cancelled) => MigrationStatus::Cancelled,

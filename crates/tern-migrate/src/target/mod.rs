@@ -156,8 +156,9 @@ pub fn run_incoming(
         parts: Vec::new(),
         sections: Vec::new(),
     };
-    let result = rx
-        .run(factory, ctl)
+    // A panic is a failed incoming migration (the guest never ran here unless GO came).
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rx.run(factory, ctl)))
+        .unwrap_or_else(|p| Err(MigrateError::panicked(p)))
         .map_err(|e| timed_out(e, ctl.params.read_timeout_ms));
     for p in rx.parts.iter_mut() {
         p.cleanup();
