@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tern_migrate::transport::Uri;
 use tern_qmp::{Backend, Command, QmpError, COMMAND_NAMES};
 use tern_vmm::memory::vm_memory::{Bytes, GuestAddress};
-use tern_vmm::{RunState, Vm, VmExit};
+use tern_vmm::{RunState, Vm};
 
 use crate::machine::{App, Phase};
 
@@ -199,31 +199,6 @@ impl Backend for RunBackend {
     }
 
     fn quit(&self) {
-        if self.phase() == Phase::InMigrate {
-            // An incoming migration stops now, and the source, told so, runs on. (After GO the
-            // guest is ours, the cancel is refused, and it quits with us as any guest would.)
-            self.app.quitting.store(true, Ordering::SeqCst);
-            let _ = self.app.mig.cancel();
-        }
-        match self.app.vm.get() {
-            Some(vm) => vm.request_exit(VmExit::Shutdown("host-qmp-quit")),
-            None => {
-                self.app.emit(
-                    "SHUTDOWN",
-                    Some(json!({"guest": false, "reason": "host-qmp-quit"})),
-                );
-                // No VM yet (an incoming migration pending): the process ends here.
-                for p in self
-                    .app
-                    .sockets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                {
-                    let _ = std::fs::remove_file(p);
-                }
-                std::process::exit(0);
-            }
-        }
+        self.app.shutdown("host-qmp-quit");
     }
 }

@@ -45,8 +45,10 @@ pub(crate) struct App {
     pub(crate) resumable: AtomicBool,
     /// The monitor sockets, removed when the process ends.
     pub(crate) sockets: Mutex<Vec<PathBuf>>,
-    /// `quit` was asked for (an incoming migration it stopped is not a failure).
+    /// `quit` (or a signal) was asked for: an incoming migration it stopped is not a failure.
     pub(crate) quitting: AtomicBool,
+    /// Why: QEMU's SHUTDOWN reason ("host-qmp-quit", "host-signal").
+    quit_reason: Mutex<&'static str>,
 }
 
 /// The target's machine options, if given (the stream must match them).
@@ -83,12 +85,44 @@ impl App {
             resumable: AtomicBool::new(false),
             sockets: Mutex::new(Vec::new()),
             quitting: AtomicBool::new(false),
+            quit_reason: Mutex::new("host-qmp-quit"),
         })
     }
 
     pub(crate) fn emit(&self, event: &str, data: Option<Value>) {
         if let Some(s) = self.server.get() {
             s.emit(event, data);
+        }
+    }
+
+    /// Why the process is quitting.
+    pub(crate) fn quit_reason(&self) -> &'static str {
+        *self.quit_reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the process as QMP `quit` does (`reason`: QEMU's SHUTDOWN reason). A migration in
+    /// progress is cancelled first: an incoming one stops and its source runs on; an outgoing one
+    /// stops and leaves the target nothing to run. (After the commit the cancel is refused and
+    /// the guest is the target's.)
+    pub(crate) fn shutdown(&self, reason: &'static str) {
+        *self.quit_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        self.quitting.store(true, Ordering::SeqCst);
+        let _ = self.mig.cancel();
+        match self.vm.get() {
+            Some(vm) => vm.request_exit(tern_vmm::VmExit::Shutdown(reason)),
+            None => {
+                // No VM yet (an incoming migration pending): the process ends here.
+                self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+                for p in self
+                    .sockets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                {
+                    let _ = std::fs::remove_file(p);
+                }
+                std::process::exit(0);
+            }
         }
     }
 

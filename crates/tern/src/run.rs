@@ -142,7 +142,41 @@ fn read_kernel(path: &PathBuf) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// SIGTERM and SIGINT end `tern run` as `quit` does. They are blocked here, before any thread is
+/// spawned (threads inherit the mask; child processes get a clean one from std), and taken by one
+/// thread with sigwait(2), so no handler runs in a vCPU or at an awkward moment.
+fn block_termination_signals() -> libc::sigset_t {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set we own, sigaddset adds to it, and pthread_sigmask
+    // changes only this thread's mask (which the threads spawned later inherit).
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGTERM);
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut());
+        set.assume_init()
+    }
+}
+
+/// Waits for SIGTERM or SIGINT on its own thread, then shuts the VM down.
+fn on_termination_signal(set: libc::sigset_t, app: Arc<App>) {
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: sigwait reads the set we own and writes the signal's number into `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                tracing::info!(sig, "signal: shutting down");
+                app.shutdown("host-signal");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no signal thread ({e}): SIGTERM and SIGINT are ignored");
+    }
+}
+
 pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let signals = block_termination_signals();
     let memory = args
         .memory
         .as_deref()
@@ -230,6 +264,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         }
     }
 
+    on_termination_signal(signals, app.clone());
     let backend = Arc::new(RunBackend::new(app.clone()));
     if let (Some(path), Some(listener)) = (&qmp_path, qmp_listener) {
         let srv = Server::new(path);
@@ -247,7 +282,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         if app.quitting.load(std::sync::atomic::Ordering::SeqCst) {
             app.emit(
                 "SHUTDOWN",
-                Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+                Some(json!({"guest": false, "reason": app.quit_reason()})),
             );
             return Ok(ExitCode::SUCCESS);
         }
@@ -270,7 +305,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         VmExit::Shutdown(reason) => {
             app.emit(
                 "SHUTDOWN",
-                Some(json!({"guest": reason != "host-qmp-quit", "reason": reason})),
+                Some(json!({"guest": !reason.starts_with("host-"), "reason": reason})),
             );
             tracing::info!(reason, "VM shut down");
             drop(sockets);

@@ -276,3 +276,31 @@ fn a_silent_source_times_out() {
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     drop(s);
 }
+
+/// SIGTERM and SIGINT shut `tern run` down as `quit` does: the SHUTDOWN event (reason
+/// "host-signal", as QEMU), exit status 0, the monitor socket removed.
+#[test]
+fn sigterm_and_sigint_shut_tern_run_down_cleanly() {
+    let _g = exclusive();
+    let d = dir("signals");
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let qmp = d.join(format!("s{sig}.qmp"));
+        let mut p = Proc::tern_run(&[
+            "--memory",
+            "64M",
+            "--cmdline",
+            "tern.wss=8 tern.check=0",
+            "--qmp",
+            &format!("unix:{}", qmp.display()),
+        ]);
+        p.wait_for("ready", BOOT, |l| l == "tern-guest ready");
+        let mut q = Qmp::connect(&qmp, LINE);
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        unsafe { libc::kill(p.child.id() as i32, sig) };
+        let ev = q.wait_event("SHUTDOWN");
+        assert_eq!(ev["data"]["reason"], "host-signal", "{ev}");
+        assert_eq!(ev["data"]["guest"], false, "{ev}");
+        assert_eq!(p.wait_exit(LINE).code(), Some(0), "signal {sig}");
+        assert!(!qmp.exists(), "socket left behind");
+    }
+}
