@@ -21,12 +21,15 @@ fn a_failed_save_keeps_the_old_snapshot_and_the_vm_running() {
     // Slow enough to interrupt: the save of a stopped guest is one rate-limited round.
     src.q
         .ok("migrate-set-parameters", json!({"max-bandwidth": 16 << 20}));
-    let mut child = Command::new(tern_bin())
-        .args(["save", "--qmp"])
-        .arg(format!("unix:{}", d.join("src.qmp").display()))
-        .arg(&file)
-        .spawn()
-        .unwrap();
+    // `tern save` of this VM into `file`.
+    let save = || {
+        let mut c = Command::new(tern_bin());
+        c.args(["save", "--qmp"])
+            .arg(format!("unix:{}", d.join("src.qmp").display()))
+            .arg(&file);
+        c
+    };
+    let mut child = save().spawn().unwrap();
     wait_status(&mut src.q, "active");
     // SAFETY: kill(2) on our own child, which has not been waited for.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -48,12 +51,7 @@ fn a_failed_save_keeps_the_old_snapshot_and_the_vm_running() {
     // A save that completes replaces the old file with a stream that verifies.
     src.q
         .ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
-    let out = Command::new(tern_bin())
-        .args(["save", "--qmp"])
-        .arg(format!("unix:{}", d.join("src.qmp").display()))
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = save().output().unwrap();
     assert!(
         out.status.success(),
         "{}",
