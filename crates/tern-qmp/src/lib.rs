@@ -1,12 +1,15 @@
 //! A QMP-compatible control socket.
 //!
-//! Speaks QEMU's wire protocol: the greeting, capabilities negotiation, one JSON object per line
-//! in each direction (CRLF-terminated, QEMU's spacing), `id` echoed, errors as
-//! `{"error": {"class", "desc"}}`, events with a timestamp. The commands themselves are the
+//! Speaks QEMU's wire protocol: the greeting, capabilities negotiation, JSON objects read as a
+//! stream (several per line or none, see [`json_stream`]) and written one per line
+//! (CRLF-terminated, QEMU's spacing), `id` echoed, errors as `{"error": {"class", "desc"}}`,
+//! events with a timestamp, queued so that no client can hold up the VM. The commands themselves are the
 //! [`Backend`]'s; this crate owns the session rules.
 
+mod client;
 mod commands;
 mod format;
+pub mod json_stream;
 pub mod listen;
 mod server;
 

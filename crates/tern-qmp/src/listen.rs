@@ -6,10 +6,12 @@
 //! widens it; the mode is set on a temporary name before the socket appears at its path, so no
 //! other user can connect in between.
 
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The default mode of a monitor socket.
@@ -54,15 +56,67 @@ pub fn bind_private(path: &Path, mode: u32) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts connections for ever, handing each to `serve`. An accept that fails (out of
-/// descriptors: EMFILE) is retried after a pause instead of at once, so the loop never spins.
-pub fn accept_loop(listener: UnixListener, what: &str, mut serve: impl FnMut(UnixStream)) {
+/// The sessions of one socket, counted against a limit.
+#[derive(Debug, Clone)]
+pub struct Slots {
+    used: Arc<AtomicUsize>,
+    max: usize,
+}
+
+/// One session's place among its socket's [`Slots`], given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Slots {
+    /// At most `max` sessions at once.
+    pub fn new(max: usize) -> Self {
+        Slots {
+            used: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// A place for one more session, if there is one.
+    pub fn take(&self) -> Option<Slot> {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.used.clone()))
+    }
+}
+
+/// Accepts connections for ever, handing each to `serve` with its slot. A connection beyond the
+/// limit of `slots` is sent `refusal` and closed. An accept that fails (out of descriptors:
+/// EMFILE) is retried after a pause instead of at once, so the loop never spins.
+pub fn accept_loop(
+    listener: UnixListener,
+    what: &str,
+    slots: &Slots,
+    refusal: &[u8],
+    mut serve: impl FnMut(UnixStream, Slot),
+) {
     let mut warned = false;
     for stream in listener.incoming() {
         match stream {
             Ok(s) => {
                 warned = false;
-                serve(s);
+                match slots.take() {
+                    Some(slot) => serve(s, slot),
+                    None => {
+                        tracing::warn!("{what}: {} sessions already; one more refused", slots.max);
+                        // A new socket's buffer takes the few bytes at once; never wait here.
+                        let _ = s.set_nonblocking(true);
+                        let _ = (&s).write_all(refusal);
+                    }
+                }
             }
             Err(e) => {
                 if !warned {
@@ -100,5 +154,15 @@ mod tests {
         assert!(bind_private(&f, DEFAULT_MODE).is_err());
         assert_eq!(std::fs::read(&f).unwrap(), b"keep me");
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn slots_count_sessions_up_to_the_limit() {
+        let slots = Slots::new(2);
+        let a = slots.take().unwrap();
+        let _b = slots.take().unwrap();
+        assert!(slots.take().is_none());
+        drop(a);
+        assert!(slots.take().is_some());
     }
 }

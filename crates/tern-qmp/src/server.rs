@@ -1,23 +1,25 @@
 //! The QMP server: sockets, sessions, negotiation, replies and events.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-
-use std::time::{SystemTime, UNIX_EPOCH};
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
+use crate::client::{Client, FdReader};
 use crate::commands::Command;
-use crate::format::to_qemu_json;
+use crate::json_stream::{Piece, Splitter};
+use crate::listen::Slots;
 
-/// Longest accepted input line; a longer one closes the session.
-pub const MAX_LINE: usize = 1 << 20;
+/// QMP sessions served at once; one more is refused with an error.
+pub const MAX_CLIENTS: usize = 32;
+/// Descriptors `getfd` may hold by name at once.
+pub const MAX_NAMED_FDS: usize = 64;
 
 /// A QMP error: QEMU's error class and a human description.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,50 +55,6 @@ pub trait Backend: Send + Sync + 'static {
     fn quit(&self);
 }
 
-struct Client {
-    out: Mutex<UnixStream>,
-    negotiated: Mutex<bool>,
-    /// Descriptors that came with the input (SCM_RIGHTS), for the next `getfd`.
-    received: Arc<Mutex<Vec<File>>>,
-}
-
-/// Reads a QMP session's bytes and keeps any descriptor passed along with them.
-struct FdReader {
-    stream: UnixStream,
-    received: Arc<Mutex<Vec<File>>>,
-}
-
-/// At most this many passed descriptors wait for a `getfd`; more are closed.
-const MAX_PENDING_FDS: usize = 16;
-
-impl Read for FdReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let (n, fd) = self
-            .stream
-            .recv_with_fd(buf)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-        if let Some(f) = fd {
-            // recvmsg gave it without close-on-exec; a duplicate has it (F_DUPFD_CLOEXEC), so
-            // that a later `exec:` migration's command does not inherit the descriptor.
-            let f = f.try_clone()?;
-            let mut r = self.received.lock().unwrap_or_else(|e| e.into_inner());
-            if r.len() < MAX_PENDING_FDS {
-                r.push(f);
-            }
-        }
-        Ok(n)
-    }
-}
-
-impl Client {
-    fn send(&self, v: &Value) -> io::Result<()> {
-        let mut line = to_qemu_json(v);
-        line.push_str("\r\n");
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        out.write_all(line.as_bytes())
-    }
-}
-
 /// A listening QMP socket and its sessions.
 pub struct Server {
     path: PathBuf,
@@ -129,17 +87,28 @@ impl Server {
             .name("qmp-accept".into())
             .spawn(move || {
                 let what = format!("QMP on {}", server.path.display());
-                crate::listen::accept_loop(listener, &what, |stream| {
-                    let (server, backend) = (server.clone(), backend.clone());
-                    let _ =
-                        std::thread::Builder::new()
-                            .name("qmp-client".into())
-                            .spawn(move || {
+                let refusal = format!(
+                    "{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"too many QMP \
+                     clients (at most {MAX_CLIENTS})\"}}}}\r\n"
+                );
+                let slots = Slots::new(MAX_CLIENTS);
+                crate::listen::accept_loop(
+                    listener,
+                    &what,
+                    &slots,
+                    refusal.as_bytes(),
+                    |stream, slot| {
+                        let (server, backend) = (server.clone(), backend.clone());
+                        let _ = std::thread::Builder::new().name("qmp-client".into()).spawn(
+                            move || {
                                 if let Err(e) = server.session(stream, &*backend) {
                                     tracing::debug!("QMP session ended: {e}");
                                 }
-                            });
-                });
+                                drop(slot);
+                            },
+                        );
+                    },
+                );
             })?;
         Ok(())
     }
@@ -162,22 +131,32 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         for c in clients {
-            if *c.negotiated.lock().unwrap_or_else(|e| e.into_inner()) {
-                let _ = c.send(&v);
+            if c.negotiated.load(Ordering::SeqCst) {
+                c.send(&v);
             }
         }
     }
 
+    /// Waits (up to `timeout`) until every client has been sent what is queued for it: before
+    /// the process exits, so that the last reply and SHUTDOWN reach their readers.
+    pub fn flush(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for c in clients {
+            c.flush(deadline);
+        }
+    }
+
     fn session(&self, stream: UnixStream, backend: &dyn Backend) -> io::Result<()> {
-        let client = Arc::new(Client {
-            out: Mutex::new(stream.try_clone()?),
-            negotiated: Mutex::new(false),
-            received: Arc::new(Mutex::new(Vec::new())),
-        });
+        let client = Client::start(&stream)?;
         let (major, minor, micro) = self.version;
         client.send(&json!({"QMP": {
             "version": {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": ""},
-            "capabilities": ["oob"]}}))?;
+            "capabilities": ["oob"]}}));
         self.clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -187,6 +166,10 @@ impl Server {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|c| !Arc::ptr_eq(c, &client));
+        // The replies already queued still go out (bounded: the writer gives up on a dropped
+        // client); then the writer thread ends.
+        client.flush(Instant::now() + Duration::from_secs(1));
+        client.close();
         result
     }
 
@@ -196,37 +179,40 @@ impl Server {
         client: &Client,
         backend: &dyn Backend,
     ) -> io::Result<()> {
-        let mut reader = BufReader::new(FdReader {
+        let mut reader = FdReader {
             stream,
             received: client.received.clone(),
-        });
-        let mut line = Vec::new();
+        };
+        let mut splitter = Splitter::default();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut pieces = Vec::new();
         loop {
-            line.clear();
-            let n = (&mut reader)
-                .take(MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut line)?;
-            if n == 0 {
+            let n = reader.read(&mut buf)?;
+            if n == 0 || client.is_closed() {
                 return Ok(());
             }
-            if line.len() > MAX_LINE {
-                client.send(&json!({"error": {"class": "GenericError",
-                    "desc": format!("QMP input exceeds {MAX_LINE} bytes")}}))?;
-                return Ok(());
-            }
-            let text = String::from_utf8_lossy(&line);
-            if text.trim().is_empty() {
-                continue;
-            }
-            let (reply, quit) = self.handle(text.trim(), client, backend);
-            client.send(&reply)?;
-            if quit {
-                backend.quit();
+            splitter.feed(&buf[..n], &mut |p| pieces.push(p));
+            for piece in pieces.drain(..) {
+                let (reply, quit) = match piece {
+                    Piece::Message(m) => match std::str::from_utf8(&m) {
+                        Ok(text) => self.handle(text, client, backend),
+                        Err(_) => (
+                            error_reply(None, QmpError::generic("JSON parse error, invalid UTF-8")),
+                            false,
+                        ),
+                    },
+                    Piece::Error(e) => (error_reply(None, QmpError::generic(e)), false),
+                };
+                client.send(&reply);
+                if quit {
+                    client.flush(Instant::now() + Duration::from_secs(1));
+                    backend.quit();
+                }
             }
         }
     }
 
-    /// Handles one input line; returns the reply and whether it was a successful `quit`.
+    /// Handles one message; returns the reply and whether it was a successful `quit`.
     fn handle(&self, text: &str, client: &Client, backend: &dyn Backend) -> (Value, bool) {
         let input: Value = match serde_json::from_str(text) {
             Ok(v) => v,
@@ -299,9 +285,8 @@ impl Server {
                 )
             }
         };
-        let mut negotiated = client.negotiated.lock().unwrap_or_else(|e| e.into_inner());
         if cmd == "qmp_capabilities" {
-            if *negotiated {
+            if client.negotiated.load(Ordering::SeqCst) {
                 return (
                     error_reply(
                         id,
@@ -328,10 +313,10 @@ impl Server {
                     );
                 }
             }
-            *negotiated = true;
+            client.negotiated.store(true, Ordering::SeqCst);
             return (ok_reply(id, json!({})), false);
         }
-        if !*negotiated {
+        if !client.negotiated.load(Ordering::SeqCst) {
             return (
                 error_reply(
                     id,
@@ -343,7 +328,6 @@ impl Server {
                 false,
             );
         }
-        drop(negotiated);
         let result = match cmd.as_str() {
             "getfd" => self.getfd(args, client),
             "closefd" => self.closefd(args),
@@ -384,16 +368,19 @@ impl Server {
             }
             _ => return Err(QmpError::generic("Parameter 'fdname' is missing")),
         };
+        let mut fds = self.fds.lock().unwrap_or_else(|e| e.into_inner());
+        if fds.len() >= MAX_NAMED_FDS && !fds.contains_key(&name) {
+            return Err(QmpError::generic(format!(
+                "getfd already holds {MAX_NAMED_FDS} descriptors: closefd one first"
+            )));
+        }
         let f = client
             .received
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop()
             .ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))?;
-        self.fds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name, OwnedFd::from(f));
+        fds.insert(name, OwnedFd::from(f));
         Ok(json!({}))
     }
 
@@ -427,7 +414,7 @@ fn error_reply(id: Option<Value>, e: QmpError) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
+    use std::fs::File;
 
     struct Echo;
     impl Backend for Echo {
@@ -441,7 +428,7 @@ mod tests {
         fn quit(&self) {}
     }
 
-    fn session() -> (Server, Client, UnixStream) {
+    fn session() -> (Server, Arc<Client>, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         let server = Server {
             path: PathBuf::new(),
@@ -449,11 +436,7 @@ mod tests {
             version: (10, 0, 0),
             fds: Mutex::new(HashMap::new()),
         };
-        let client = Client {
-            out: Mutex::new(a),
-            negotiated: Mutex::new(false),
-            received: Arc::new(Mutex::new(Vec::new())),
-        };
+        let client = Client::start(&a).unwrap();
         (server, client, b)
     }
 
@@ -487,7 +470,7 @@ mod tests {
     #[test]
     fn malformed_input_gets_generic_errors() {
         let (s, c, _peer) = session();
-        *c.negotiated.lock().unwrap() = true;
+        c.negotiated.store(true, Ordering::SeqCst);
         for bad in [
             "{",
             "[1]",
@@ -553,17 +536,54 @@ mod tests {
     }
 
     #[test]
-    fn descriptors_sent_with_a_command_are_received() {
-        let (a, b) = UnixStream::pair().unwrap();
+    fn getfd_holds_a_bounded_number_of_descriptors() {
+        let (s, c, _peer) = session();
+        c.negotiated.store(true, Ordering::SeqCst);
         let (x, _y) = UnixStream::pair().unwrap();
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let mut r = FdReader {
-            stream: a,
-            received: received.clone(),
+        let give = || {
+            let f = File::from(OwnedFd::from(x.try_clone().unwrap()));
+            c.received.lock().unwrap().push(f);
         };
-        b.send_with_fd(&b"{}\n"[..], x.as_raw_fd()).unwrap();
-        let mut buf = [0u8; 16];
-        assert_eq!(r.read(&mut buf).unwrap(), 3);
-        assert_eq!(received.lock().unwrap().len(), 1);
+        for i in 0..MAX_NAMED_FDS {
+            give();
+            let (r, _) = s.handle(
+                &format!(r#"{{"execute":"getfd","arguments":{{"fdname":"f{i}"}}}}"#),
+                &c,
+                &Echo,
+            );
+            assert_eq!(r, json!({"return": {}}));
+        }
+        give();
+        let (r, _) = s.handle(
+            r#"{"execute":"getfd","arguments":{"fdname":"one-more"}}"#,
+            &c,
+            &Echo,
+        );
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("closefd one first"),
+            "{r}"
+        );
+        // Replacing a held name is allowed; after a closefd a new name fits.
+        let (r, _) = s.handle(
+            r#"{"execute":"getfd","arguments":{"fdname":"f0"}}"#,
+            &c,
+            &Echo,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        s.handle(
+            r#"{"execute":"closefd","arguments":{"fdname":"f1"}}"#,
+            &c,
+            &Echo,
+        );
+        give();
+        let (r, _) = s.handle(
+            r#"{"execute":"getfd","arguments":{"fdname":"one-more"}}"#,
+            &c,
+            &Echo,
+        );
+        assert_eq!(r, json!({"return": {}}));
     }
 }

@@ -15,6 +15,8 @@ use crate::size::parse_size;
 
 /// Longest accepted command line.
 const MAX_LINE: u64 = 64 << 10;
+/// Human monitor sessions served at once; one more is refused.
+const MAX_CLIENTS: usize = 32;
 
 const PROMPT: &str = "(qemu) ";
 
@@ -46,16 +48,26 @@ pub fn serve(
     std::thread::Builder::new()
         .name("hmp-accept".into())
         .spawn(move || {
-            tern_qmp::listen::accept_loop(listener, &what, |stream| {
-                let backend = backend.clone();
-                let _ = std::thread::Builder::new()
-                    .name("hmp-client".into())
-                    .spawn(move || {
-                        if let Err(e) = session(stream, &backend) {
-                            tracing::debug!("HMP session ended: {e}");
-                        }
-                    });
-            });
+            let slots = tern_qmp::listen::Slots::new(MAX_CLIENTS);
+            let refusal = format!("Error: too many monitor clients (at most {MAX_CLIENTS})\r\n");
+            tern_qmp::listen::accept_loop(
+                listener,
+                &what,
+                &slots,
+                refusal.as_bytes(),
+                |stream, slot| {
+                    let backend = backend.clone();
+                    let _ =
+                        std::thread::Builder::new()
+                            .name("hmp-client".into())
+                            .spawn(move || {
+                                if let Err(e) = session(stream, &backend) {
+                                    tracing::debug!("HMP session ended: {e}");
+                                }
+                                drop(slot);
+                            });
+                },
+            );
         })?;
     Ok(())
 }
@@ -78,11 +90,14 @@ fn session(stream: std::os::unix::net::UnixStream, backend: &RunBackend) -> std:
             return Ok(());
         }
         if line.len() as u64 > MAX_LINE {
+            // The rest of that line goes unread into nothing: memory stays bounded and the
+            // session carries on with the next line.
+            skip_line(&mut reader)?;
             write!(
                 out,
-                "Error: the command line is longer than {MAX_LINE} bytes\r\n"
+                "Error: the command line is longer than {MAX_LINE} bytes\r\n{PROMPT}"
             )?;
-            return Ok(());
+            continue;
         }
         let text = String::from_utf8_lossy(&line);
         let (reply, quit) = execute(backend, text.trim());
@@ -95,6 +110,26 @@ fn session(stream: std::os::unix::net::UnixStream, backend: &RunBackend) -> std:
             return Ok(());
         }
         write!(out, "{PROMPT}")?;
+    }
+}
+
+/// Consumes input up to and including the next newline (or the end), keeping none of it.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
     }
 }
 

@@ -95,6 +95,15 @@ impl App {
         }
     }
 
+    /// Sends SHUTDOWN and waits (briefly) until the monitor clients have been sent it: the
+    /// process exits next.
+    pub(crate) fn emit_shutdown(&self, guest: bool, reason: &str) {
+        if let Some(s) = self.server.get() {
+            s.emit("SHUTDOWN", Some(json!({"guest": guest, "reason": reason})));
+            s.flush(std::time::Duration::from_secs(1));
+        }
+    }
+
     /// Why the process is quitting.
     pub(crate) fn quit_reason(&self) -> &'static str {
         *self.quit_reason.lock().unwrap_or_else(|e| e.into_inner())
@@ -112,7 +121,7 @@ impl App {
             Some(vm) => vm.request_exit(tern_vmm::VmExit::Shutdown(reason)),
             None => {
                 // No VM yet (an incoming migration pending): the process ends here.
-                self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+                self.emit_shutdown(false, reason);
                 for p in self
                     .sockets
                     .lock()

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde_json::json;
 
 use tern_migrate::transport::Uri;
 use tern_qmp::Server;
@@ -280,10 +279,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let t0 = std::time::Instant::now();
     if let Err(why) = app.wait_incoming() {
         if app.quitting.load(std::sync::atomic::Ordering::SeqCst) {
-            app.emit(
-                "SHUTDOWN",
-                Some(json!({"guest": false, "reason": app.quit_reason()})),
-            );
+            app.emit_shutdown(false, app.quit_reason());
             return Ok(ExitCode::SUCCESS);
         }
         bail!("incoming migration failed: {why}");
@@ -303,10 +299,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .context("no VM after the incoming migration")?;
     match vm.wait_exit() {
         VmExit::Shutdown(reason) => {
-            app.emit(
-                "SHUTDOWN",
-                Some(json!({"guest": !reason.starts_with("host-"), "reason": reason})),
-            );
+            app.emit_shutdown(!reason.starts_with("host-"), reason);
             tracing::info!(reason, "VM shut down");
             drop(sockets);
             Ok(ExitCode::SUCCESS)

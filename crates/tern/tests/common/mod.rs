@@ -364,9 +364,14 @@ pub fn free_tcp_uri() -> String {
 }
 
 pub fn source(d: &Path, tag: &str, memory: &str, cmdline: &str) -> Vmm {
+    source_with(d, tag, memory, cmdline, &[])
+}
+
+/// [`source`] with more `tern run` arguments.
+pub fn source_with(d: &Path, tag: &str, memory: &str, cmdline: &str, extra: &[&str]) -> Vmm {
     let sock = d.join(format!("{tag}.qmp"));
     let qmp = format!("unix:{}", sock.display());
-    let mut p = Proc::tern_run(&[
+    let mut args = vec![
         "--memory",
         memory,
         "--vcpus",
@@ -375,7 +380,9 @@ pub fn source(d: &Path, tag: &str, memory: &str, cmdline: &str) -> Vmm {
         cmdline,
         "--qmp",
         &qmp,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::tern_run(&args);
     p.wait_for("ready", BOOT, |l| l == "tern-guest ready");
     p.wait_for("a heartbeat", LINE, is_hb);
     let q = Qmp::connect(&sock, LINE);
