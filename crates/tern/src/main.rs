@@ -34,11 +34,15 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = cli::Cli::parse();
-    match cli::dispatch(cli) {
+    let code = match cli::dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tern: error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The guest's last console lines are still on their way out (the vCPUs never wait for the
+    // console): give them a moment.
+    tern_vmm::serial::drain_consoles(std::time::Duration::from_secs(2));
+    code
 }
