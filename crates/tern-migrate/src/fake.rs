@@ -245,6 +245,10 @@ impl SourceVm for FakeVm {
 }
 
 impl TargetRam for FakeVm {
+    fn regions(&self) -> Vec<RegionInfo> {
+        GuestRam::regions(self)
+    }
+
     fn prefault(&self, _region: u32, _first_page: u64, _count: u64) {}
 
     fn write_pages(&self, region: u32, first_page: u64, data: &[u8]) -> Result<()> {
@@ -270,6 +274,9 @@ impl TargetRam for FakeVm {
 impl TargetVm for FakeVm {
     fn ram(&self) -> &dyn TargetRam {
         self
+    }
+    fn state_schemas(&self) -> Vec<SectionDesc> {
+        SourceVm::state_schemas(self)
     }
     fn load_state(&self, sections: &[Section]) -> Result<()> {
         let s = sections

@@ -106,6 +106,9 @@ pub trait SourceVm: Send + Sync {
 
 /// Guest RAM on the target.
 pub trait TargetRam: Send + Sync {
+    /// The RAM regions, as the source's [`GuestRam::regions`] describes its own: a stream whose
+    /// regions differ is refused before a page is written.
+    fn regions(&self) -> Vec<RegionInfo>;
     /// Allocates pages that are about to be written, without changing them (best effort; runs
     /// on a helper thread while the stream is loaded, so that the loader does not pay for first
     /// touches).
@@ -122,6 +125,9 @@ pub trait TargetVm: Send + Sync {
     fn ram(&self) -> &dyn TargetRam;
     /// Loads CPU and device state (all sections of the stream).
     fn load_state(&self, sections: &[Section]) -> Result<()>;
+    /// The sections [`TargetVm::load_state`] takes: a stream that declares any other, or lacks
+    /// one, is refused as soon as its description arrives.
+    fn state_schemas(&self) -> Vec<SectionDesc>;
     /// The counterparts of the source's participants (RAM: [`RamLoader`]).
     fn load_participants(self: Arc<Self>) -> Vec<Box<dyn LoadParticipant>>;
     /// Starts the guest (once: only on the source's GO, or at the end of a one-way stream).

@@ -145,6 +145,22 @@ fn a_refusing_target_fails_the_migration_with_its_reason() {
 }
 
 #[test]
+fn a_stream_whose_ram_is_not_the_targets_is_refused_before_any_page() {
+    let u = uri("regions");
+    let src = FakeVm::new(&[4 * MIB]);
+    fill(&src, 512);
+    let dst = FakeVm::new_target(&[8 * MIB]);
+    let (_tctl, t) = target(&u, dst.clone(), None);
+    let (ctl, _) = control(MigrationParams::default());
+    let err = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl).unwrap_err();
+    assert!(err.to_string().contains("RAM regions"), "{err}");
+    let why = t.join().unwrap().unwrap_err();
+    assert!(why.contains("are not this VM's"), "{why}");
+    assert_eq!(dst.writes(), 0, "not a page written");
+    assert!(src.is_running());
+}
+
+#[test]
 fn a_target_that_dies_mid_way_fails_the_migration_and_the_source_runs_on() {
     let u = uri("dies");
     let src = FakeVm::new(&[64 * MIB]);

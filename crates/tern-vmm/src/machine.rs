@@ -50,6 +50,8 @@ pub struct Requested {
 pub struct HostInfo {
     /// Total RAM (MemTotal), if known.
     pub memory: Option<u64>,
+    /// RAM the host can give now without swapping (MemAvailable), if known.
+    pub available: Option<u64>,
     /// The TSC frequency a vCPU gets here, if known.
     pub tsc_khz: Option<u32>,
     /// KVM's supported CPUID.
@@ -68,6 +70,7 @@ impl HostInfo {
             .to_vec();
         Ok(HostInfo {
             memory: host_memory(),
+            available: meminfo("MemAvailable:"),
             tsc_khz: probe_tsc_khz(&kvm),
             cpuid,
         })
@@ -82,10 +85,15 @@ fn probe_tsc_khz(kvm: &Kvm) -> Option<u32> {
 
 /// Total RAM of the host, from /proc/meminfo.
 pub fn host_memory() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+/// A /proc/meminfo value in bytes.
+fn meminfo(key: &str) -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let line = info.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    kb.checked_mul(1024)
 }
 
 /// Sizes as `tern` prints them (1.0G, 512M).
@@ -157,6 +165,18 @@ impl MachineDescription {
                 human(self.memory),
                 human(hostmem)
             ));
+        } else if let Some(free) = host.available.filter(|&a| self.memory > a) {
+            // The size comes from the peer: no more than the host can give now, unless the
+            // operator asked for it on the target's own command line.
+            if want.memory.is_none() {
+                out.push(format!(
+                    "the stream needs {} of RAM, this host has {} available (give --memory {}M \
+                     on the target to take it anyway)",
+                    human(self.memory),
+                    human(free),
+                    self.memory >> 20
+                ));
+            }
         }
         if self.vcpus == 0 || self.vcpus > crate::MAX_VCPUS {
             out.push(format!(
@@ -218,6 +238,7 @@ mod tests {
     fn host() -> HostInfo {
         HostInfo {
             memory: Some(8 << 30),
+            available: Some(4 << 30),
             tsc_khz: Some(2_000_000),
             cpuid: vec![kvm_cpuid_entry2 {
                 function: 7,
@@ -280,5 +301,23 @@ mod tests {
         assert!(all.contains("2100000 kHz"), "{all}");
         assert!(all.contains("CPUID.0x7.0:EBX[bit 2]"), "{all}");
         assert_eq!(got.len(), 5, "{all}");
+    }
+
+    #[test]
+    fn a_stream_alone_cannot_take_more_than_is_available() {
+        let mut m = machine();
+        m.memory = 6 << 30;
+        let got = m.mismatches(&host(), &Requested::default()).join("\n");
+        assert!(
+            got.contains("needs 6.0G of RAM, this host has 4.0G available"),
+            "{got}"
+        );
+        assert!(got.contains("--memory 6144M"), "{got}");
+        // The operator's own --memory takes it (MemTotal still bounds it).
+        let want = Requested {
+            memory: Some(6 << 30),
+            vcpus: None,
+        };
+        assert!(m.mismatches(&host(), &want).is_empty());
     }
 }

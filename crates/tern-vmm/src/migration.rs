@@ -289,6 +289,10 @@ impl SourceVm for Vm {
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 impl TargetRam for Vm {
+    fn regions(&self) -> Vec<RegionInfo> {
+        GuestRam::regions(self)
+    }
+
     fn prefault(&self, region: u32, first_page: u64, count: u64) {
         let Some(bytes) = count.checked_mul(PAGE) else {
             return;
@@ -360,6 +364,10 @@ impl TargetVm for Vm {
                 now_ns: crate::devices::realtime_ns(),
             },
         )?)
+    }
+
+    fn state_schemas(&self) -> Vec<SectionDesc> {
+        self.devices.manager.schemas()
     }
 
     fn load_participants(self: Arc<Self>) -> Vec<Box<dyn LoadParticipant>> {

@@ -88,7 +88,7 @@ impl ReturnMessage {
         let d = &body[4..];
         let u64_at = |at: usize| u64::from_le_bytes(d[at..at + 8].try_into().expect("8"));
         match u16::from_le_bytes([body[0], body[1]]) {
-            1 if d.len() == 24 => Ok(ReturnMessage::PageRequest {
+            1 if d.len() == 24 && d[4..8] == [0; 4] => Ok(ReturnMessage::PageRequest {
                 region: u32::from_le_bytes(d[0..4].try_into().expect("4")),
                 first_page: u64_at(8),
                 count: u64_at(16),

@@ -31,6 +31,8 @@ pub struct Analysis {
     pub description: Option<crate::VmDescription>,
     pub source_info: Option<Json>,
     pub skipped: Vec<(u64, u16)>,
+    /// All skipped optional records (only the first ones are listed in `skipped`).
+    pub skipped_total: u64,
     pub postcopy_commands: u64,
     pub totals: Option<Totals>,
     pub bytes: u64,
@@ -57,6 +59,7 @@ pub fn analyze<R: Read>(input: R) -> Result<Analysis, Box<AnalyzeError>> {
             Ok(None) => break,
             Err(error) => {
                 a.skipped = r.skipped().to_vec();
+                a.skipped_total = r.skipped_total();
                 a.bytes = r.offset();
                 return Err(Box::new(AnalyzeError { partial: a, error }));
             }
@@ -71,8 +74,8 @@ pub fn analyze<R: Read>(input: R) -> Result<Analysis, Box<AnalyzeError>> {
             Record::Ram(ram) => {
                 let s = a.regions.entry(ram.region).or_default();
                 s.records += 1;
-                s.raw_pages += ram.raw_pages();
-                s.zero_pages += ram.zero_pages();
+                s.raw_pages = s.raw_pages.saturating_add(ram.raw_pages());
+                s.zero_pages = s.zero_pages.saturating_add(ram.zero_pages());
                 ram_region = Some(ram.region);
                 ("RAM_PAGES", None)
             }
@@ -103,6 +106,7 @@ pub fn analyze<R: Read>(input: R) -> Result<Analysis, Box<AnalyzeError>> {
     }
     a.description = r.description().cloned();
     a.skipped = r.skipped().to_vec();
+    a.skipped_total = r.skipped_total();
     a.bytes = r.offset();
     Ok(a)
 }
@@ -128,6 +132,10 @@ impl Analysis {
             s.push_str("skipped optional records of unknown type:\n");
             for (at, ty) in &self.skipped {
                 s.push_str(&format!("  type {ty:#06x} at byte {at}\n"));
+            }
+            let more = self.skipped_total.saturating_sub(self.skipped.len() as u64);
+            if more > 0 {
+                s.push_str(&format!("  ... and {more} more\n"));
             }
         }
         s.push_str("RAM:\n");
@@ -196,6 +204,7 @@ impl Analysis {
                 j
             }).collect::<Vec<_>>(),
             "skipped": self.skipped.iter().map(|(at, ty)| json!({"offset": at, "type": ty})).collect::<Vec<_>>(),
+            "skipped_total": self.skipped_total,
             "end": self.totals.map(|t| json!({
                 "records": t.records, "raw_pages": t.raw_pages, "zero_pages": t.zero_pages, "digest": t.digest,
             })),

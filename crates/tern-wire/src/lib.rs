@@ -29,7 +29,7 @@ pub use state::{
     SectionBuilder, SectionReader, Subsection, SubsectionBuilder, SubsectionReader, SubsectionSpec,
     Value,
 };
-pub use stream::{PostcopyCommand, Record, StreamReader, StreamWriter, Totals};
+pub use stream::{PostcopyCommand, Record, StreamReader, StreamWriter, Totals, MAX_SKIPPED_KEPT};
 
 /// Stream magic.
 pub const MAGIC: [u8; 8] = *b"TERNSTRM";

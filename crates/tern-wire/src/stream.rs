@@ -306,8 +306,13 @@ pub struct StreamReader<R: Read> {
     totals: Totals,
     ended: bool,
     skipped: Vec<(u64, u16)>,
+    skipped_total: u64,
     check_trailing: bool,
 }
+
+/// Skipped OPTIONAL records whose place is kept (the rest are only counted): any stream decodes
+/// in bounded memory.
+pub const MAX_SKIPPED_KEPT: usize = 64;
 
 impl<R: Read> StreamReader<R> {
     /// Reads and checks the stream header.
@@ -323,6 +328,7 @@ impl<R: Read> StreamReader<R> {
             totals: Totals::default(),
             ended: false,
             skipped: Vec::new(),
+            skipped_total: 0,
             check_trailing: true,
         })
     }
@@ -339,9 +345,15 @@ impl<R: Read> StreamReader<R> {
         self.desc.as_ref()
     }
 
-    /// OPTIONAL records of unknown types that were skipped: (offset, type).
+    /// The first [`MAX_SKIPPED_KEPT`] OPTIONAL records of unknown types that were skipped:
+    /// (offset, type).
     pub fn skipped(&self) -> &[(u64, u16)] {
         &self.skipped
+    }
+
+    /// How many OPTIONAL records of unknown types were skipped in all.
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped_total
     }
 
     /// Bytes consumed so far.
@@ -416,7 +428,10 @@ impl<R: Read> StreamReader<R> {
             if flags & FLAG_OPTIONAL == 0 {
                 return Err(err(ErrorKind::UnknownRecordType(ty)));
             }
-            self.skipped.push((at, ty));
+            if self.skipped.len() < MAX_SKIPPED_KEPT {
+                self.skipped.push((at, ty));
+            }
+            self.skipped_total += 1;
             self.totals.records += 1;
             return Ok(Some(Record::SkippedOptional {
                 ty,
@@ -488,8 +503,15 @@ impl<R: Read> StreamReader<R> {
                         }));
                     }
                 }
-                self.totals.raw_pages += rec.raw_pages();
-                self.totals.zero_pages += rec.zero_pages();
+                // The same pages may come again and again: a hostile stream could overflow a
+                // plain sum.
+                let overflow = || err(ErrorKind::Totals("the page count overflows".into()));
+                self.totals.raw_pages = (self.totals.raw_pages)
+                    .checked_add(rec.raw_pages())
+                    .ok_or_else(overflow)?;
+                self.totals.zero_pages = (self.totals.zero_pages)
+                    .checked_add(rec.zero_pages())
+                    .ok_or_else(overflow)?;
                 self.totals.digest = crc32c::crc32c_append(self.totals.digest, &crc.to_le_bytes());
                 Record::Ram(rec)
             }

@@ -474,48 +474,6 @@ fn mutation_fuzz_never_panics() {
     assert!(execs > 1000);
 }
 
-#[test]
-fn bounded_memory_on_a_long_stream() {
-    // 256 MiB of pages through a pipe: the reader never holds more than one record.
-    let (reader, writer) = std::io::pipe().unwrap();
-    let producer = std::thread::spawn(move || {
-        let data = vec![0x5au8; 1024 * PAGE_SIZE];
-        let mut w = StreamWriter::new(std::io::BufWriter::new(writer)).unwrap();
-        let d = VmDescription {
-            ram: vec![RamRegionDesc {
-                id: 0,
-                name: "ram".into(),
-                gpa: 0,
-                size: 1 << 30,
-            }],
-            ..Default::default()
-        };
-        w.description(&d).unwrap();
-        for i in 0..64u64 {
-            w.ram_pages(
-                0,
-                &[RamRun {
-                    first_page: (i % 256) * 1024,
-                    data: RunData::Raw(&data),
-                }],
-            )
-            .unwrap();
-        }
-        w.finish().unwrap().1
-    });
-    let mut r = StreamReader::new(std::io::BufReader::new(reader)).unwrap();
-    let mut pages = 0;
-    while let Some(rec) = r.next_record().unwrap() {
-        if let Record::Ram(ram) = rec {
-            pages += ram.raw_pages();
-        }
-        assert!(r.buffer_capacity() <= limits::MAX_RECORD + 16);
-    }
-    let totals = producer.join().unwrap();
-    assert_eq!(pages, 64 * 1024);
-    assert_eq!(totals.raw_pages, pages);
-}
-
 fn arb_value() -> impl Strategy<Value = Value> {
     prop_oneof![
         any::<bool>().prop_map(Value::Bool),

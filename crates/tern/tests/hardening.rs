@@ -216,6 +216,79 @@ fn cancel_or_quit_on_the_target_stops_the_load_and_the_source_runs_on() {
     }
 }
 
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        >> 10
+}
+
+/// A peer that announces a big guest and then sends one page and idles cannot make the target
+/// fill host memory: its prefault helper stays within 256 MiB of the data received. (Before,
+/// it populated all of the announced RAM at once.)
+#[test]
+fn a_peer_that_announces_much_and_sends_little_cannot_fill_the_target() {
+    use std::io::Write;
+    use tern_wire::{RamRun, RecordWriter, RunData, StreamReader, StreamWriter};
+    let _g = exclusive();
+    let d = dir("announce");
+    // A valid description of a 4 GiB guest, from a real save.
+    let mut src = source(&d, "src", "4G", "tern.wss=8 tern.check=1");
+    let file = d.join("4g.tern");
+    src.q.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", file.display())}),
+    );
+    assert_eq!(wait_migration(&mut src.q, LINE)["status"], "completed");
+    quit(src);
+    let mut r = StreamReader::new(std::fs::File::open(&file).unwrap()).unwrap();
+    while r.description().is_none() {
+        r.next_record().unwrap();
+    }
+    let desc = r.description().unwrap().clone();
+
+    let uri = format!("unix:{}", d.join("announce.sock").display());
+    let mut dst = target(&d, "dst", &uri, &[]);
+    let mut s = connect_unix(&d.join("announce.sock"), LINE);
+    let hello = tern_wire::ChannelHello {
+        session: [2; 16],
+        role: tern_wire::ChannelRole::Main,
+        index: 0,
+        channels: 1,
+    };
+    RecordWriter::new(&mut s)
+        .write(tern_wire::record_type::CHANNEL_HELLO, 0, &hello.encode())
+        .unwrap();
+    {
+        let mut w = StreamWriter::new(&mut s).unwrap();
+        w.description(&desc).unwrap();
+        let page = vec![0x42u8; 4096];
+        w.ram_pages(
+            0,
+            &[RamRun {
+                first_page: 256,
+                data: RunData::Raw(&page),
+            }],
+        )
+        .unwrap();
+    }
+    s.flush().unwrap();
+    wait_status(&mut dst.q, "active");
+    let mut peak = 0;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(rss_mib(dst.p.child.id()));
+    }
+    eprintln!("target RSS peak {peak} MiB after one page of a 4 GiB guest");
+    assert!(peak < 768, "target RSS {peak} MiB after one page");
+    drop(s);
+    assert_ne!(dst.p.wait_exit(LINE).code(), Some(0));
+}
+
 /// A port scan or an idle client does not take the source's place: the target drops a
 /// connection that does not open with a valid hello (after 10 s for one that says nothing) and
 /// keeps listening; the real source then migrates. (Before, the first connection was the only

@@ -27,7 +27,7 @@ use crate::params::SwitchoverStep;
 use crate::participant::{self, LoadParticipant};
 use crate::stats::{MigrationStats, MigrationStatus};
 use crate::transport::{Canceller, Channel, Connection, Listener};
-use crate::{MigrateError, Result, TargetFactory, TargetVm};
+use crate::{MigrateError, Result, SectionDesc, TargetFactory, TargetVm, VmDescription};
 
 /// How long a target that sent LOADED waits for GO before it gives up (without running).
 const GO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,6 +155,7 @@ pub fn run_incoming(
         vm: None,
         parts: Vec::new(),
         sections: Vec::new(),
+        section_bytes: 0,
     };
     // A panic is a failed incoming migration (the guest never ran here unless GO came).
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rx.run(factory, ctl)))
@@ -204,6 +205,41 @@ struct Receiver {
     vm: Option<Arc<dyn TargetVm>>,
     parts: Vec<Box<dyn LoadParticipant>>,
     sections: Vec<Section>,
+    /// Stream bytes of the sections kept until END.
+    section_bytes: u64,
+}
+
+/// Device state a target keeps until END, at most (all of it is a few KiB today).
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// The sections a stream declares must be exactly the ones this target loads: one it does not
+/// have, or one it lacks, fails the migration now, before any page is received.
+fn check_declared_sections(desc: &VmDescription, mine: &[SectionDesc]) -> Result<()> {
+    let key = |name: &str, instance: u32| (name.to_owned(), instance);
+    for s in &desc.sections {
+        if !mine
+            .iter()
+            .any(|m| key(&m.name, m.instance) == key(&s.name, s.instance))
+        {
+            return Err(MigrateError::Mismatch(format!(
+                "the stream carries state of '{}' (instance {}), which this target does not have",
+                s.name, s.instance
+            )));
+        }
+    }
+    for m in mine {
+        if !desc
+            .sections
+            .iter()
+            .any(|s| key(&m.name, m.instance) == key(&s.name, s.instance))
+        {
+            return Err(MigrateError::Mismatch(format!(
+                "this target's '{}' (instance {}) has no state in the stream",
+                m.name, m.instance
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Receiver {
@@ -278,6 +314,7 @@ impl Receiver {
         let mut want_digest = false;
         loop {
             let mut described = false;
+            let at = r.offset();
             match r.next_record()? {
                 None => return Err(MigrateError::Vm("the stream ended without END".into())),
                 Some(Record::Description) => described = true,
@@ -301,7 +338,19 @@ impl Receiver {
                         }));
                     }
                 }
-                Some(Record::Section(s)) => self.sections.push(s),
+                Some(Record::Section(s)) => {
+                    // Declared in the description (the reader checked), so known here (checked
+                    // when it arrived) and not seen before: at most one of each of this
+                    // target's sections is kept, and no more than MAX_STATE_BYTES in all.
+                    self.section_bytes += r.offset().saturating_sub(at);
+                    if self.section_bytes > MAX_STATE_BYTES {
+                        return Err(MigrateError::Vm(format!(
+                            "the stream's device state exceeds {} MiB",
+                            MAX_STATE_BYTES >> 20
+                        )));
+                    }
+                    self.sections.push(s)
+                }
                 Some(Record::Ping(sequence)) => {
                     // One-way (a file, a pipe): nobody to answer.
                     if self.two_way {
@@ -340,11 +389,12 @@ impl Receiver {
                     .take()
                     .ok_or_else(|| MigrateError::Vm("second VM description".into()))?;
                 let vm = make(&desc)?;
+                check_declared_sections(&desc, &vm.state_schemas())?;
                 self.parts = vm.clone().load_participants();
                 for p in self.parts.iter_mut() {
                     p.load_setup(&desc)?;
                 }
-                ctl.stats().total = desc.ram.iter().map(|x| x.size).sum();
+                ctl.stats().total = desc.ram.iter().fold(0, |a, x| a.saturating_add(x.size));
                 self.vm = Some(vm);
             }
             let p = participant::total(self.parts.iter(), |p| p.progress());
@@ -376,5 +426,45 @@ impl Receiver {
                 "the source closed the connection before GO; the guest was not started here".into(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd(name: &str, instance: u32) -> SectionDesc {
+        SectionDesc {
+            name: name.into(),
+            instance,
+            version: 1,
+            min_version: 1,
+            fields: vec![],
+            subsections: vec![],
+        }
+    }
+
+    #[test]
+    fn declared_sections_must_be_exactly_the_targets() {
+        let mine = [sd("cpu", 0), sd("cpu", 1), sd("serial-16550", 0)];
+        let mut desc = VmDescription {
+            sections: mine.to_vec(),
+            ..Default::default()
+        };
+        assert!(check_declared_sections(&desc, &mine).is_ok());
+        desc.sections.push(sd("virtio-gpu", 0));
+        let e = check_declared_sections(&desc, &mine)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'virtio-gpu' (instance 0)") && e.contains("does not have"),
+            "{e}"
+        );
+        desc.sections.pop();
+        desc.sections.remove(1);
+        let e = check_declared_sections(&desc, &mine)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'cpu' (instance 1) has no state"), "{e}");
     }
 }

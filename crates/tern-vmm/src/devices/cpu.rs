@@ -261,17 +261,22 @@ fn load_vcpu(vm: &Vm, s: &Section, vcpu: &VcpuFd, now_ns: u64) -> Result<(), Sta
     let tsc_khz = u64::from(vm.tsc_khz.unwrap_or(0));
     let mut entries: Vec<kvm_msr_entry> = pairs
         .chunks(2)
-        .map(|p| kvm_msr_entry {
-            index: p[0] as u32,
-            data: p[1],
-            ..Default::default()
+        .map(|p| {
+            Ok(kvm_msr_entry {
+                index: u32::try_from(p[0]).map_err(|_| StateError::Invalid {
+                    section: sec.into(),
+                    reason: format!("MSR index {:#x} is not 32-bit", p[0]),
+                })?,
+                data: p[1],
+                ..Default::default()
+            })
         })
-        .collect();
+        .collect::<Result<_, StateError>>()?;
+    // The TSC kept counting while the guest was away (in u128: hours at GHz overflow u64).
+    let advance = u128::from(elapsed_ns) * u128::from(tsc_khz) / 1_000_000;
+    let advance = u64::try_from(advance).unwrap_or(u64::MAX);
     for e in entries.iter_mut().filter(|e| e.index == MSR_IA32_TSC) {
-        // The TSC kept counting while the guest was away.
-        e.data = e
-            .data
-            .wrapping_add(elapsed_ns.saturating_mul(tsc_khz) / 1_000_000);
+        e.data = e.data.wrapping_add(advance);
     }
     let msrs = Msrs::from_entries(&entries).map_err(|e| StateError::Invalid {
         section: sec.into(),
