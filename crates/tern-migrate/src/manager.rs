@@ -177,6 +177,14 @@ impl MigrationManager {
         after();
     }
 
+    /// The migration `begin` gave could not start (its thread could not be spawned): it is
+    /// failed with `why`, and another may begin.
+    pub fn abandon(&self, ctl: &Arc<MigrationControl>, why: &str) {
+        ctl.stats().error = Some(why.to_owned());
+        ctl.finalize(crate::MigrationStatus::Failed);
+        self.finish(ctl, || {});
+    }
+
     /// `migrate_cancel`: cancels the migration in progress (nothing to do if none).
     pub fn cancel(&self) -> Result<(), CancelRefused> {
         match self.active() {
@@ -225,5 +233,17 @@ mod tests {
             assert!(m.begin(|| Err("migrated away".into()), quiet).is_err());
             assert!(m.begin(|| Ok(()), quiet).is_ok());
         }
+    }
+
+    #[test]
+    fn a_migration_that_never_started_is_failed_and_frees_the_manager() {
+        let m = MigrationManager::default();
+        let c = m.begin(|| Ok(()), quiet).unwrap();
+        m.abandon(&c, "cannot start the migration thread: EAGAIN");
+        let s = c.snapshot();
+        assert_eq!(s.status, crate::MigrationStatus::Failed);
+        assert!(s.error.unwrap().contains("EAGAIN"));
+        assert!(m.active().is_none());
+        assert!(m.begin(|| Ok(()), quiet).is_ok());
     }
 }

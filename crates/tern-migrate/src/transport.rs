@@ -9,13 +9,12 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::{MigrateError, Result};
@@ -192,7 +191,7 @@ impl Write for Connection {
 /// What must happen after the stream's last byte: a command to wait for, a file to sync.
 #[derive(Debug, Default)]
 pub struct ChannelEnd {
-    child: Option<(Child, String, Arc<AtomicBool>)>,
+    child: Option<(Child, String, Arc<Mutex<bool>>)>,
     sync: Option<File>,
     /// One-way into something that may run the guest as soon as it has read END (a command, a
     /// pipe), rather than into a file (a snapshot).
@@ -214,10 +213,8 @@ impl ChannelEnd {
                 .map_err(MigrateError::io("syncing the saved file"))?;
         }
         if let Some((mut child, cmd, reaped)) = self.child {
-            let status = child
-                .wait()
+            let status = reap(&mut child, &reaped)
                 .map_err(MigrateError::io(format!("waiting for '{cmd}'")))?;
-            reaped.store(true, Ordering::SeqCst);
             if !status.success() {
                 return Err(MigrateError::Vm(format!(
                     "the command '{cmd}' failed: {status}"
@@ -232,22 +229,37 @@ impl ChannelEnd {
         if let Some((mut child, cmd, reaped)) = self.child {
             let _ = std::thread::Builder::new()
                 .name("exec-reaper".into())
-                .spawn(move || {
-                    match child.wait() {
-                        Ok(s) if !s.success() => tracing::warn!("'{cmd}' exited with {s}"),
-                        _ => {}
-                    }
-                    reaped.store(true, Ordering::SeqCst);
+                .spawn(move || match reap(&mut child, &reaped) {
+                    Ok(s) if !s.success() => tracing::warn!("'{cmd}' exited with {s}"),
+                    _ => {}
                 });
         }
     }
+}
+
+/// Waits for `child` to exit and reaps it, marking it `reaped` (under its lock) between the two:
+/// waiting without reaping first (WNOWAIT) keeps its pid, and so its process group id, from
+/// being reused until the mark is set, so a [`Canceller`] never signals a stranger's group.
+fn reap(child: &mut Child, reaped: &Mutex<bool>) -> std::io::Result<std::process::ExitStatus> {
+    let pid = child.id();
+    loop {
+        // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only `info`; WNOWAIT leaves the child to be reaped below.
+        let r = unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            break; // exited (or an error, which wait() below reports)
+        }
+    }
+    *reaped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    child.wait()
 }
 
 /// Stops a channel from another thread: shuts a socket down or kills a command.
 #[derive(Debug)]
 pub enum Canceller {
     Socket(Connection),
-    Command(u32, Arc<AtomicBool>),
+    Command(u32, Arc<Mutex<bool>>),
     Nothing,
 }
 
@@ -256,10 +268,13 @@ impl Canceller {
         match self {
             Canceller::Socket(c) => c.shutdown(),
             Canceller::Command(pid, reaped) => {
-                if !reaped.load(Ordering::SeqCst) {
+                // Under the lock `reap` takes before reaping: the child is alive or a zombie
+                // while we signal, so its process group id cannot have been reused.
+                let reaped = reaped.lock().unwrap_or_else(|e| e.into_inner());
+                if !*reaped {
                     if let Ok(pid) = libc::pid_t::try_from(*pid) {
                         // SAFETY: kill(2) has no memory effects; the child leads its own process
-                        // group and was not reaped yet, so that group is still ours.
+                        // group and is not reaped (checked under the lock), so it is ours.
                         unsafe { libc::kill(-pid, libc::SIGTERM) };
                     }
                 }
@@ -310,7 +325,7 @@ impl Channel {
         Ok(Channel {
             conn: Connection::file(File::from(pipe)),
             end: ChannelEnd {
-                child: Some((child, cmd.to_string(), Arc::new(AtomicBool::new(false)))),
+                child: Some((child, cmd.to_string(), Arc::new(Mutex::new(false)))),
                 sync: None,
                 live_reader: outgoing,
             },
@@ -427,6 +442,37 @@ impl Listener {
     /// already open descriptor, file or command).
     pub fn reusable(&self) -> bool {
         !matches!(self, Listener::Open(_))
+    }
+
+    /// Waits for the source, or until `cancelled()` says to stop (checked every 100 ms: a
+    /// `migrate_cancel` or `quit` on a target that is still waiting for its source).
+    pub fn accept_unless(&self, cancelled: &dyn Fn() -> bool) -> Result<Channel> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Open(_) => return self.accept(),
+        };
+        loop {
+            if cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call; the listener outlives it.
+            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if n > 0 {
+                return self.accept();
+            }
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(MigrateError::io("waiting for the migration")(e));
+                }
+            }
+        }
     }
 
     /// Waits for the source.

@@ -206,7 +206,7 @@ impl App {
                 *app.phase() = Phase::Live;
             }
         });
-        let app = self.clone();
+        let (app, keep) = (self.clone(), ctl.clone());
         std::thread::Builder::new()
             .name("migration-in".into())
             .spawn(move || {
@@ -219,7 +219,12 @@ impl App {
                     Err(e) => app.set_incoming(IncomingState::Failed(e.to_string())),
                 });
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                let why = format!("cannot start the migration thread: {e}");
+                self.mig.abandon(&keep, &why);
+                self.set_incoming(IncomingState::Failed(why.clone()));
+                why
+            })?;
         Ok(())
     }
 
@@ -265,7 +270,7 @@ impl App {
                 *app.phase() = Phase::InDoubt;
             }
         });
-        let app = self.clone();
+        let (app, keep) = (self.clone(), ctl.clone());
         let was_running = vm.state() == RunState::Running;
         std::thread::Builder::new()
             .name("migration-out".into())
@@ -280,7 +285,11 @@ impl App {
                     Err(e) => tracing::warn!("migration to {uri} failed: {e}"),
                 });
             })
-            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+            .map_err(|e| {
+                let why = format!("cannot start the migration thread: {e}");
+                self.mig.abandon(&keep, &why);
+                why
+            })?;
         Ok(())
     }
 

@@ -289,6 +289,21 @@ fn a_peer_that_announces_much_and_sends_little_cannot_fill_the_target() {
     assert_ne!(dst.p.wait_exit(LINE).code(), Some(0));
 }
 
+/// `migrate_cancel` on a target still waiting for its source stops the wait at once (before, it
+/// said "cancelling" and the accept went on for ever).
+#[test]
+fn cancel_on_a_target_still_waiting_for_its_source_stops_the_wait() {
+    let _g = exclusive();
+    let d = dir("wait-cancel");
+    let mut dst = target(&d, "dst", &free_tcp_uri(), &[]);
+    let r = dst.q.execute("migrate_cancel", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let t0 = Instant::now();
+    let st = dst.p.wait_exit(LINE);
+    assert_ne!(st.code(), Some(0), "a cancelled incoming migration fails");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
 /// A port scan or an idle client does not take the source's place: the target drops a
 /// connection that does not open with a valid hello (after 10 s for one that says nothing) and
 /// keeps listening; the real source then migrates. (Before, the first connection was the only

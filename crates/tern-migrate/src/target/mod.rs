@@ -60,9 +60,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// CHANNEL_HELLO within [`HELLO_TIMEOUT`] (a port scan, an idle client, a stray peer) is logged
 /// and dropped, and the listener keeps waiting; the source's connection waits in the backlog
 /// meanwhile.
-fn accept_source(listener: &Listener) -> Result<Channel> {
+fn accept_source(listener: &Listener, cancelled: &dyn Fn() -> bool) -> Result<Channel> {
     loop {
-        let ch = listener.accept()?;
+        let ch = listener.accept_unless(cancelled)?;
         if !ch.two_way() {
             return Ok(ch);
         }
@@ -127,9 +127,13 @@ pub fn run_incoming(
     factory: TargetFactory<'_>,
     ctl: &MigrationControl,
 ) -> Result<IncomingOutcome> {
-    let channel = accept_source(listener).inspect_err(|e| {
+    let channel = accept_source(listener, &|| ctl.is_cancelled()).inspect_err(|e| {
         ctl.stats().error = Some(e.to_string());
-        ctl.finalize(MigrationStatus::Failed);
+        ctl.finalize(if ctl.is_cancelled() {
+            MigrationStatus::Cancelled
+        } else {
+            MigrationStatus::Failed
+        });
     })?;
     {
         let mut s = ctl.stats();
