@@ -178,6 +178,8 @@ pub struct RecordReader<R: Read> {
     r: R,
     offset: u64,
     buf: Vec<u8>,
+    /// Largest body accepted (at most [`limits::MAX_RECORD`]).
+    max_len: usize,
 }
 
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
@@ -200,7 +202,15 @@ impl<R: Read> RecordReader<R> {
             r,
             offset: 0,
             buf: Vec::new(),
+            max_len: limits::MAX_RECORD,
         }
+    }
+
+    /// Refuses bodies longer than `max` (below [`limits::MAX_RECORD`]) from their header, before
+    /// reading them: for channels whose records are all small (the return path).
+    pub fn with_max_body(mut self, max: usize) -> Self {
+        self.max_len = max.min(limits::MAX_RECORD);
+        self
     }
 
     /// Reads and checks the stream header.
@@ -250,13 +260,13 @@ impl<R: Read> RecordReader<R> {
         let ty = u16::from_le_bytes([head[0], head[1]]);
         let flags = u16::from_le_bytes([head[2], head[3]]);
         let len = u32_at(&head, 4) as usize;
-        if len > limits::MAX_RECORD {
+        if len > self.max_len {
             return Err(WireError::at(
                 at,
                 ErrorKind::TooLarge {
                     what: "record body",
                     len: len as u64,
-                    max: limits::MAX_RECORD as u64,
+                    max: self.max_len as u64,
                 },
             ));
         }

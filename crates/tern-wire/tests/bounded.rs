@@ -168,3 +168,18 @@ fn ten_thousand_large_sections_are_refused_early() {
     };
     assert!(e.to_string().contains("dev0"), "{e}");
 }
+
+#[test]
+fn a_reader_for_small_records_refuses_a_large_one_from_its_header() {
+    let mut w = RecordWriter::new(Vec::new());
+    w.write(record_type::RETURN_MESSAGE, 0, &vec![0u8; 100 << 10])
+        .unwrap();
+    let bytes = w.into_inner();
+    // Only the header is there: the refusal cannot have needed the body.
+    let mut r = tern_wire::RecordReader::new(&bytes[..16]).with_max_body(64 << 10);
+    let e = r.next_record().unwrap_err();
+    assert!(
+        matches!(e.kind, ErrorKind::TooLarge { max, .. } if max == 64 << 10),
+        "{e}"
+    );
+}

@@ -40,7 +40,8 @@ impl ReturnPath {
         let thread = std::thread::Builder::new()
             .name("migration-ret".into())
             .spawn(move || {
-                let mut r = RecordReader::new(conn);
+                // A longer message is refused from its header, never read into memory.
+                let mut r = RecordReader::new(conn).with_max_body(MAX_RETURN_MESSAGE);
                 loop {
                     let record = r.next_record();
                     let at = Instant::now();
