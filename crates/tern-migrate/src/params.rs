@@ -140,6 +140,8 @@ pub struct MigrationParams {
     /// The target gives up on a source that sends nothing for this long, in milliseconds
     /// (`x-tern-read-timeout`; a source never pauses its stream for long: 60 s is generous).
     pub read_timeout_ms: u64,
+    /// Data channels with the `multifd` capability (QEMU's `multifd-channels`, default 2).
+    pub multifd_channels: u8,
 }
 
 impl Default for MigrationParams {
@@ -157,13 +159,13 @@ impl Default for MigrationParams {
             limit_action: LimitAction::Fail,
             switchover_fault: None,
             read_timeout_ms: 60_000,
+            multifd_channels: 2,
         }
     }
 }
 
 /// Parameters QEMU has that tern does not implement yet (refused by name).
 const NOT_YET: &[&str] = &[
-    "multifd-channels",
     "xbzrle-cache-size",
     "max-postcopy-bandwidth",
     "multifd-compression",
@@ -200,6 +202,7 @@ impl MigrationParams {
             "x-tern-limit-action": self.limit_action.as_str(),
             "x-tern-switchover-fault": self.switchover_fault.map(|f| f.to_string()).unwrap_or_default(),
             "x-tern-read-timeout": self.read_timeout_ms,
+            "multifd-channels": self.multifd_channels,
         })
     }
 
@@ -231,6 +234,7 @@ impl MigrationParams {
                     }
                 }
                 "x-tern-read-timeout" => p.read_timeout_ms = int_in(k, v, 100, 86_400_000)?,
+                "multifd-channels" => p.multifd_channels = int_in(k, v, 1, 255)? as u8,
                 "x-tern-switchover-fault" => {
                     p.switchover_fault = SwitchoverFault::parse(
                         v.as_str()
@@ -261,6 +265,8 @@ pub struct Capabilities {
     /// Test aid (`x-tern-ram-digest`): both sides digest all guest RAM at the switch-over, the
     /// source while paused, the target after loading; `query-migrate` shows each.
     pub ram_digest: bool,
+    /// RAM on parallel data channels (QEMU's `multifd`; `multifd-channels` of them).
+    pub multifd: bool,
 }
 
 impl Capabilities {
@@ -270,6 +276,7 @@ impl Capabilities {
             ("events", self.events),
             ("auto-converge", self.auto_converge),
             ("x-tern-ram-digest", self.ram_digest),
+            ("multifd", self.multifd),
         ]
     }
 
@@ -279,8 +286,8 @@ impl Capabilities {
             "events" => self.events = on,
             "auto-converge" => self.auto_converge = on,
             "x-tern-ram-digest" => self.ram_digest = on,
+            "multifd" => self.multifd = on,
             "postcopy-ram"
-            | "multifd"
             | "xbzrle"
             | "return-path"
             | "pause-before-switchover"
@@ -340,7 +347,8 @@ mod tests {
             json!({"x-tern-limit-action": "maybe"}),
             json!({"downtime-limit": -1}),
             json!({"cpu-throttle-tailslow": 1}),
-            json!({"multifd-channels": 4}),
+            json!({"multifd-channels": 0}),
+            json!({"multifd-compression": "zstd"}),
             json!({"nonsense": 4}),
             json!({"x-tern-switchover-fault": "before-go:explode"}),
             json!({"x-tern-switchover-fault": "later:cut"}),

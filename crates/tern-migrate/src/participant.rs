@@ -34,6 +34,14 @@ pub trait SaveParticipant: Send {
     /// Before the first round: starts tracking changes, marks everything to send, and may write
     /// what it knows already (RAM sends its never-written ranges as zeros).
     fn save_setup(&mut self, out: &mut Out<'_>) -> Result<()>;
+    /// The migration has parallel data channels: a participant that can send through them
+    /// keeps `channels` and says so (RAM); the others stay on the main stream.
+    fn use_channels(
+        &mut self,
+        _channels: &std::sync::Arc<crate::source::multifd::DataChannels>,
+    ) -> bool {
+        false
+    }
     /// Starts a round: collects what changed since the last one. Returns the bytes newly found
     /// dirty.
     fn sync(&mut self) -> Result<u64>;

@@ -14,6 +14,8 @@ pub struct RateLimited<W> {
     pub accepted: Arc<AtomicU64>,
     slice_start: Instant,
     slice_bytes: u64,
+    /// How many writers share the limit (parallel channels): each gets this fraction.
+    share: u64,
 }
 
 const SLICE: Duration = Duration::from_millis(20);
@@ -26,11 +28,25 @@ impl<W: Write> RateLimited<W> {
             accepted,
             slice_start: Instant::now(),
             slice_bytes: 0,
+            share: 1,
+        }
+    }
+
+    /// One of `n` writers that share the limit.
+    pub fn shared_by(mut self, n: u64) -> Self {
+        self.share = n.max(1);
+        self
+    }
+
+    fn limit(&self) -> u64 {
+        match self.limit.load(Ordering::Relaxed) {
+            0 => 0,
+            l => (l / self.share).max(1),
         }
     }
 
     fn throttle(&mut self) {
-        let limit = self.limit.load(Ordering::Relaxed);
+        let limit = self.limit();
         if limit == 0 {
             return;
         }
@@ -50,7 +66,7 @@ impl<W: Write> RateLimited<W> {
 impl<W: Write> Write for RateLimited<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.throttle();
-        let limit = self.limit.load(Ordering::Relaxed);
+        let limit = self.limit();
         // Never hand the socket more than one slice's worth while limited.
         let max = if limit == 0 {
             buf.len()

@@ -85,6 +85,8 @@ pub struct MigrationStats {
     pub in_doubt: bool,
     /// Test aid: the switch-over step where `x-tern-switchover-fault` holds now.
     pub fault_holding: Option<&'static str>,
+    /// Stream bytes of each parallel data channel (`multifd`), in index order.
+    pub multifd_channel_bytes: Vec<u64>,
 }
 
 /// One precopy round as measured by the source. Times are seconds since the migration began;
@@ -162,6 +164,7 @@ impl Default for MigrationStats {
             stop_reason: None,
             in_doubt: false,
             fault_holding: None,
+            multifd_channel_bytes: Vec::new(),
         }
     }
 }
@@ -195,7 +198,7 @@ impl MigrationStats {
                 "dirty-sync-count": self.dirty_sync_count,
                 "postcopy-requests": 0,
                 "page-size": 4096,
-                "multifd-bytes": 0,
+                "multifd-bytes": self.multifd_channel_bytes.iter().sum::<u64>(),
                 "pages-per-second": self.pages_per_second,
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,

@@ -260,6 +260,8 @@ fn reap(child: &mut Child, reaped: &Mutex<bool>) -> std::io::Result<std::process
 pub enum Canceller {
     Socket(Connection),
     Command(u32, Arc<Mutex<bool>>),
+    /// Every connection of a migration with parallel channels.
+    Many(Vec<Canceller>),
     Nothing,
 }
 
@@ -279,6 +281,7 @@ impl Canceller {
                     }
                 }
             }
+            Canceller::Many(all) => all.iter().for_each(Canceller::cancel),
             Canceller::Nothing => {}
         }
     }

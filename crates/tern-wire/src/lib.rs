@@ -52,6 +52,7 @@ pub mod record_type {
     pub const GO: u16 = 0x0008;
     pub const CHANNEL_HELLO: u16 = 0x0009;
     pub const PARTICIPANT_DATA: u16 = 0x000a;
+    pub const SYNC: u16 = 0x000b;
     pub const END: u16 = 0x00ff;
 
     /// A human name for a record type.
@@ -67,6 +68,7 @@ pub mod record_type {
             GO => "GO",
             CHANNEL_HELLO => "CHANNEL_HELLO",
             PARTICIPANT_DATA => "PARTICIPANT_DATA",
+            SYNC => "SYNC",
             END => "END",
             _ => "unknown",
         }

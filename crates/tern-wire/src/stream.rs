@@ -219,6 +219,11 @@ impl<W: Write> StreamWriter<W> {
             .map(drop)
     }
 
+    /// SYNC: every page of `round` on this (data) channel came before it.
+    pub fn sync(&mut self, round: u64) -> Result<(), WireError> {
+        self.record(rt::SYNC, 0, &[&round.to_le_bytes()]).map(drop)
+    }
+
     /// A postcopy command.
     pub fn postcopy(&mut self, c: &PostcopyCommand) -> Result<(), WireError> {
         self.record(rt::POSTCOPY_COMMAND, 0, &[&c.encode()])
@@ -288,6 +293,8 @@ pub enum Record<'a> {
         name: &'a str,
         data: &'a [u8],
     },
+    /// The end of a round on a data channel (rounds strictly increase).
+    Sync(u64),
     /// An OPTIONAL record of a type this build does not know, skipped.
     SkippedOptional {
         ty: u16,
@@ -307,6 +314,7 @@ pub struct StreamReader<R: Read> {
     ended: bool,
     skipped: Vec<(u64, u16)>,
     skipped_total: u64,
+    last_sync: Option<u64>,
     check_trailing: bool,
 }
 
@@ -329,6 +337,7 @@ impl<R: Read> StreamReader<R> {
             ended: false,
             skipped: Vec::new(),
             skipped_total: 0,
+            last_sync: None,
             check_trailing: true,
         })
     }
@@ -422,6 +431,7 @@ impl<R: Read> StreamReader<R> {
                 | rt::SOURCE_INFO
                 | rt::PING
                 | rt::PARTICIPANT_DATA
+                | rt::SYNC
                 | rt::END
         );
         if !known {
@@ -543,6 +553,23 @@ impl<R: Read> StreamReader<R> {
                     })
                 })?;
                 Record::Ping(u64::from_le_bytes(seq))
+            }
+            rt::SYNC => {
+                let round: [u8; 8] = body.try_into().map_err(|_| {
+                    err(ErrorKind::Malformed {
+                        record: "SYNC",
+                        reason: format!("body is {} bytes, not 8", body.len()),
+                    })
+                })?;
+                let round = u64::from_le_bytes(round);
+                if self.last_sync.is_some_and(|last| round <= last) {
+                    return Err(err(ErrorKind::Order(format!(
+                        "SYNC of round {round} after round {}",
+                        self.last_sync.unwrap_or(0)
+                    ))));
+                }
+                self.last_sync = Some(round);
+                Record::Sync(round)
             }
             rt::PARTICIPANT_DATA => {
                 let bad = |reason: &str| {

@@ -10,6 +10,7 @@
 //! whether the point of no return was passed. Each phase is a function in `precopy` or
 //! `switchover`; a return-path thread turns what the target says into typed events.
 
+pub(crate) mod multifd;
 mod precopy;
 mod return_path;
 mod switchover;
@@ -25,7 +26,7 @@ use crate::control::MigrationControl;
 use crate::participant::{self, Out, SaveParticipant};
 use crate::rate::RateLimited;
 use crate::stats::{MigrationStats, MigrationStatus};
-use crate::transport::{Channel, ChannelEnd, Connection, Uri};
+use crate::transport::{Canceller, Channel, ChannelEnd, Connection, Uri};
 use crate::{MigrateError, Result, SourceVm};
 
 pub(crate) use return_path::ReturnPath;
@@ -94,6 +95,9 @@ pub(crate) struct Link {
     /// Two-way channels: for GO, written after END. (A one-way channel keeps no second handle:
     /// a command must see end of input once the stream's writer is dropped.)
     pub(crate) conn: Option<Connection>,
+    /// Parallel channels: their connections until setup starts them, then the channels.
+    pub(crate) data_conns: Vec<Connection>,
+    pub(crate) data: Option<Arc<multifd::DataChannels>>,
 }
 
 /// Runs a migration to `uri` on the calling thread until it completes, fails or is cancelled.
@@ -176,12 +180,26 @@ fn outgoing(
     fd: Option<OwnedFd>,
     ctl: &MigrationControl,
 ) -> Result<()> {
+    if ctl.caps().multifd && !matches!(uri, Uri::Tcp(..) | Uri::Unix(_)) {
+        return Err(MigrateError::Vm(format!(
+            "multifd needs a tcp: or unix: URI (the target accepts several connections), not {uri}"
+        )));
+    }
     let channel = Channel::connect(uri, fd)?;
     // (A cancel that came while connecting applies now.)
     ctl.set_conn(channel.canceller());
+    let data = match data_channels(uri, ctl) {
+        Ok(d) => d,
+        Err(e) => {
+            ctl.shut_channel();
+            channel.end.detach();
+            ctl.clear_conn();
+            return Err(e);
+        }
+    };
     let Channel { conn, end } = channel;
     let mut end = Some(end);
-    let result = transfer(vm, ctl, conn, &mut end);
+    let result = transfer(vm, ctl, conn, data, &mut end);
     if result.is_err() {
         // Stop the other end: a socket is shut down, a command is killed.
         ctl.shut_channel();
@@ -194,18 +212,45 @@ fn outgoing(
     result
 }
 
+/// With the `multifd` capability: connects `multifd-channels` data channels to `uri` (a `tcp:`
+/// or `unix:` one, checked before: the target must be able to accept several connections).
+fn data_channels(uri: &Uri, ctl: &MigrationControl) -> Result<Vec<Connection>> {
+    if !ctl.caps().multifd {
+        return Ok(Vec::new());
+    }
+    (0..ctl.params.multifd_channels)
+        .map(|_| {
+            ctl.check_cancel()?;
+            Ok(Channel::connect(uri, None)?.conn)
+        })
+        .collect()
+}
+
 /// Everything between the connection and its teardown. `end` is taken while the stream runs and
 /// given back unless it was completed.
 fn transfer(
     vm: Arc<dyn SourceVm>,
     ctl: &MigrationControl,
     conn: Connection,
+    data: Vec<Connection>,
     end: &mut Option<ChannelEnd>,
 ) -> Result<()> {
     ctl.check_cancel()?;
     let two_way = conn.two_way().then(|| conn.clone());
     if let Some(c) = &two_way {
-        hello(c)?;
+        let session = session_id();
+        let channels = 1 + data.len() as u16;
+        hello(c, session, ChannelRole::Main, 0, channels)?;
+        for (i, d) in data.iter().enumerate() {
+            hello(d, session, ChannelRole::Data, i as u16, channels)?;
+        }
+        if !data.is_empty() {
+            let all = std::iter::once(c)
+                .chain(&data)
+                .map(|c| Canceller::Socket(c.clone()))
+                .collect();
+            ctl.set_conn(Canceller::Many(all));
+        }
     }
     let writer: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(
         256 << 10,
@@ -222,6 +267,8 @@ fn transfer(
         ret,
         end: end.take(),
         conn: two_way,
+        data_conns: data,
+        data: None,
     };
     let mut session = Session {
         vm: vm.clone(),
@@ -253,6 +300,10 @@ fn transfer(
     if result.is_err() {
         ctl.shut_channel();
     }
+    if let Some(d) = link.data.take() {
+        // Done, or their connections were just shut: the threads end.
+        d.stop();
+    }
     if let Some(c) = &link.conn {
         c.shutdown();
     }
@@ -265,12 +316,18 @@ fn transfer(
 }
 
 /// The first record on a live connection (`docs/stream-format.md`, CHANNEL_HELLO).
-fn hello(conn: &Connection) -> Result<()> {
+fn hello(
+    conn: &Connection,
+    session: [u8; 16],
+    role: ChannelRole,
+    index: u16,
+    channels: u16,
+) -> Result<()> {
     let h = ChannelHello {
-        session: session_id(),
-        role: ChannelRole::Main,
-        index: 0,
-        channels: 1,
+        session,
+        role,
+        index,
+        channels,
     };
     let mut w = RecordWriter::new(conn.clone());
     w.write(record_type::CHANNEL_HELLO, 0, &h.encode())?;

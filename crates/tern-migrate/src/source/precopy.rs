@@ -6,6 +6,7 @@ use std::time::Instant;
 use serde_json::json;
 use tern_wire::{RamRegionDesc, VmDescription};
 
+use super::multifd::DataChannels;
 use super::{update_counters, Link, Session};
 use crate::control::MigrationControl;
 use crate::convergence::{self, Measured, Throttle};
@@ -48,8 +49,29 @@ pub(super) fn setup(
         "x-tern-ram-digest": ctl.caps().ram_digest,
     }))?;
     out.description(&desc)?;
+    if !link.data_conns.is_empty() {
+        // The target starts reading its data channels once the main channel described the VM:
+        // the description must not wait in our buffer while the data channels fill theirs.
+        out.flush()?;
+        let conns = std::mem::take(&mut link.data_conns);
+        let d = DataChannels::start(
+            vm.clone(),
+            conns,
+            &desc,
+            ctl.bandwidth_limit.clone(),
+            ctl.accepted_counter(),
+        )?;
+        for p in session.parts.iter_mut() {
+            p.use_channels(&d);
+        }
+        link.data = Some(d);
+    }
     for p in session.parts.iter_mut() {
         p.save_setup(out)?;
+    }
+    if let Some(d) = &link.data {
+        // Round 0: the never-written ranges.
+        d.sync(0, &|| ctl.is_cancelled())?;
     }
     let mut s = ctl.stats();
     s.setup_time_ms = started.elapsed().as_millis() as u64;
@@ -92,6 +114,9 @@ pub(super) fn rounds(
                 }
             }
         }
+        if let Some(d) = &link.data {
+            d.sync(round, &|| ctl.is_cancelled())?;
+        }
         out.flush()?;
         ctl.check_cancel()?;
         let dt = t0.elapsed().as_secs_f64();
@@ -133,6 +158,9 @@ pub(super) fn rounds(
             s.dirty_pages_rate = (dirty_rate / 4096.0) as u64;
             s.pages_per_second = ((pages + zeros) as f64 / dt.max(1e-6)) as u64;
             s.expected_downtime_ms = (expected * 1000.0).min(u64::MAX as f64) as u64;
+            if let Some(d) = &link.data {
+                s.multifd_channel_bytes = d.bytes();
+            }
             s.rounds.push(RoundRecord {
                 round,
                 start: secs(t0),

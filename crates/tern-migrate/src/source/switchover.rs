@@ -54,6 +54,11 @@ pub(super) fn run(
     for p in session.parts.iter_mut() {
         p.complete_precopy(out)?;
     }
+    if let Some(d) = &link.data {
+        // The last round, then END on every data channel, before the main channel's END.
+        d.finish(rounds + 1, &|| ctl.is_cancelled())?;
+        ctl.stats().multifd_channel_bytes = d.bytes();
+    }
     out.flush()?;
     let t_pages = t_pause.elapsed();
     let b_pages = ctl.accepted();

@@ -13,6 +13,8 @@
 //! ([`State::Running`] is entered in one place). A one-way stream (a file, a pipe) has nobody to
 //! commit: its reader runs the guest once END was checked and the state loaded.
 
+mod data;
+
 use std::io::BufReader;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,17 +62,28 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// CHANNEL_HELLO within [`HELLO_TIMEOUT`] (a port scan, an idle client, a stray peer) is logged
 /// and dropped, and the listener keeps waiting; the source's connection waits in the backlog
 /// meanwhile.
-fn accept_source(listener: &Listener, cancelled: &dyn Fn() -> bool) -> Result<Channel> {
+fn accept_source(
+    listener: &Listener,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(Channel, Option<ChannelHello>)> {
     loop {
         let ch = listener.accept_unless(cancelled)?;
         if !ch.two_way() {
-            return Ok(ch);
+            return Ok((ch, None));
         }
         ch.conn
             .set_read_timeout(Some(HELLO_TIMEOUT))
             .map_err(MigrateError::io("setting the hello timeout"))?;
-        match read_hello(&ch.conn) {
-            Ok(()) => return Ok(ch),
+        match read_hello(&ch.conn).and_then(|h| {
+            if h.role != ChannelRole::Main || h.index != 0 {
+                return Err(MigrateError::Vm(format!(
+                    "a migration starts with its main channel, not {:?} #{}",
+                    h.role, h.index
+                )));
+            }
+            Ok(h)
+        }) {
+            Ok(h) => return Ok((ch, Some(h))),
             Err(e) if listener.reusable() => {
                 tracing::warn!(
                     "dropped a connection that is not a tern migration source ({e}); still waiting"
@@ -97,8 +110,59 @@ fn timed_out(e: MigrateError, ms: u64) -> MigrateError {
     }
 }
 
-/// The channel hello: this build takes one connection, the main one.
-fn read_hello(conn: &Connection) -> Result<()> {
+/// How long the data channels of a migration may take to connect after its main channel.
+const DATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After the main channel: its `channels - 1` data channels, matched by session id and index;
+/// other connections are logged and dropped.
+fn accept_data(
+    listener: &Listener,
+    main: &ChannelHello,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Vec<Connection>> {
+    let n = usize::from(main.channels - 1);
+    let mut slots: Vec<Option<Connection>> = vec![None; n];
+    let deadline = Instant::now() + DATA_TIMEOUT;
+    while slots.iter().any(Option::is_none) {
+        let late = || Instant::now() > deadline;
+        let ch = match listener.accept_unless(&|| cancelled() || late()) {
+            Err(MigrateError::Cancelled) if late() && !cancelled() => {
+                return Err(MigrateError::Vm(format!(
+                    "only {} of {n} data channels connected within {} s",
+                    slots.iter().flatten().count(),
+                    DATA_TIMEOUT.as_secs()
+                )))
+            }
+            other => other?,
+        };
+        ch.conn
+            .set_read_timeout(Some(HELLO_TIMEOUT))
+            .map_err(MigrateError::io("setting the hello timeout"))?;
+        let fits = read_hello(&ch.conn).and_then(|h| {
+            let i = usize::from(h.index);
+            if h.session != main.session
+                || h.role != ChannelRole::Data
+                || h.channels != main.channels
+                || i >= n
+                || slots[i].is_some()
+            {
+                return Err(MigrateError::Vm(format!(
+                    "{:?} #{} of {} channels is not one this migration waits for",
+                    h.role, h.index, h.channels
+                )));
+            }
+            Ok(i)
+        });
+        match fits {
+            Ok(i) => slots[i] = Some(ch.conn),
+            Err(e) => tracing::warn!("dropped a connection ({e}); still waiting for data channels"),
+        }
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// A connection's channel hello.
+fn read_hello(conn: &Connection) -> Result<ChannelHello> {
     let mut rr = RecordReader::new(conn.clone());
     let rec = rr
         .next_record()?
@@ -111,13 +175,12 @@ fn read_hello(conn: &Connection) -> Result<()> {
     }
     let h = ChannelHello::decode(rec.body)
         .map_err(|k| MigrateError::Vm(format!("bad channel hello: {k}")))?;
-    if h.role != ChannelRole::Main || h.channels != 1 {
-        return Err(MigrateError::Vm(format!(
-            "the source opens {} channels ({:?} #{}); this target takes one",
-            h.channels, h.role, h.index
-        )));
+    if h.role == ChannelRole::PostcopyUrgent {
+        return Err(MigrateError::Vm(
+            "a postcopy channel: this target does not do postcopy".into(),
+        ));
     }
-    Ok(())
+    Ok(h)
 }
 
 /// Receives a migration on `listener` (see [`accept_source`]). On failure the source is told why
@@ -127,7 +190,15 @@ pub fn run_incoming(
     factory: TargetFactory<'_>,
     ctl: &MigrationControl,
 ) -> Result<IncomingOutcome> {
-    let channel = accept_source(listener, &|| ctl.is_cancelled()).inspect_err(|e| {
+    let cancelled = || ctl.is_cancelled();
+    let accepted = accept_source(listener, &cancelled).and_then(|(ch, hello)| {
+        let data = match &hello {
+            Some(h) if h.channels > 1 => accept_data(listener, h, &cancelled)?,
+            _ => Vec::new(),
+        };
+        Ok((ch, data))
+    });
+    let (channel, data) = accepted.inspect_err(|e| {
         ctl.stats().error = Some(e.to_string());
         ctl.finalize(if ctl.is_cancelled() {
             MigrationStatus::Cancelled
@@ -146,11 +217,17 @@ pub fn run_incoming(
     let Channel { conn, end } = channel;
     let two_way = conn.two_way();
     if two_way {
-        ctl.set_conn(Canceller::Socket(conn.clone()));
+        let all = std::iter::once(&conn)
+            .chain(&data)
+            .map(|c| Canceller::Socket(c.clone()))
+            .collect();
+        ctl.set_conn(Canceller::Many(all));
         // A source that stops sending is given up on (the switch-over's waits set their own).
         let t = Duration::from_millis(ctl.params.read_timeout_ms);
-        conn.set_read_timeout(Some(t))
-            .map_err(MigrateError::io("setting the read timeout"))?;
+        for c in std::iter::once(&conn).chain(&data) {
+            c.set_read_timeout(Some(t))
+                .map_err(MigrateError::io("setting the read timeout"))?;
+        }
     }
     let mut rx = Receiver {
         conn: conn.clone(),
@@ -160,6 +237,8 @@ pub fn run_incoming(
         parts: Vec::new(),
         sections: Vec::new(),
         section_bytes: 0,
+        data_conns: data,
+        data: None,
     };
     // A panic is a failed incoming migration (the guest never ran here unless GO came).
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rx.run(factory, ctl)))
@@ -211,6 +290,9 @@ struct Receiver {
     sections: Vec<Section>,
     /// Stream bytes of the sections kept until END.
     section_bytes: u64,
+    /// Parallel channels: their connections until the VM exists, then their readers.
+    data_conns: Vec<Connection>,
+    data: Option<data::DataReceivers>,
 }
 
 /// Device state a target keeps until END, at most (all of it is a few KiB today).
@@ -319,9 +401,24 @@ impl Receiver {
         loop {
             let mut described = false;
             let at = r.offset();
-            match r.next_record()? {
+            let next = r.next_record().map_err(|e| {
+                // A data channel that failed shut this one: its reason is the one to give.
+                match self.data.as_ref().and_then(|d| d.failure()) {
+                    Some(why) => MigrateError::Vm(why),
+                    None => e.into(),
+                }
+            })?;
+            match next {
                 None => return Err(MigrateError::Vm("the stream ended without END".into())),
                 Some(Record::Description) => described = true,
+                Some(Record::Ram(_)) if self.data.is_some() => {
+                    return Err(MigrateError::Vm(
+                        "RAM pages on the main channel of a migration with data channels".into(),
+                    ))
+                }
+                Some(Record::Sync(_)) => {
+                    return Err(MigrateError::Vm("SYNC on the main channel".into()))
+                }
                 Some(rec @ (Record::Ram(_) | Record::Participant { .. })) => {
                     if self.vm.is_none() {
                         return Err(MigrateError::Vm("data before the VM description".into()));
@@ -376,6 +473,15 @@ impl Receiver {
                     tracing::info!("skipped an optional record of unknown type {ty:#x}");
                 }
                 Some(Record::End(t)) => {
+                    // The main channel's END counts once every data channel reached its own.
+                    if let Some(d) = self.data.take() {
+                        let shared = d.shared.clone();
+                        d.finish()?;
+                        let p = participant::total(self.parts.iter(), |p| p.progress());
+                        let mut s = ctl.stats();
+                        s.normal = p.data_pages + shared.progress().data_pages;
+                        s.duplicate = p.zero_pages + shared.progress().zero_pages;
+                    }
                     // Everything has arrived: helpers (RAM's prefault) stop now rather than
                     // compete with the switch-over for the CPU.
                     for p in self.parts.iter_mut() {
@@ -398,10 +504,22 @@ impl Receiver {
                 for p in self.parts.iter_mut() {
                     p.load_setup(&desc)?;
                 }
+                if !self.data_conns.is_empty() {
+                    let conns = std::mem::take(&mut self.data_conns);
+                    self.data = Some(data::DataReceivers::start(
+                        conns,
+                        vm.clone(),
+                        &desc,
+                        self.conn.clone(),
+                    )?);
+                }
                 ctl.stats().total = desc.ram.iter().fold(0, |a, x| a.saturating_add(x.size));
                 self.vm = Some(vm);
             }
-            let p = participant::total(self.parts.iter(), |p| p.progress());
+            let mut p = participant::total(self.parts.iter(), |p| p.progress());
+            if let Some(d) = &self.data {
+                p += d.shared.progress();
+            }
             let mut s = ctl.stats();
             s.transferred = r.offset();
             s.normal = p.data_pages;

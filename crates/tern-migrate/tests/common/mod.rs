@@ -22,13 +22,23 @@ pub fn uri(name: &str) -> Uri {
 pub fn control(
     params: MigrationParams,
 ) -> (Arc<MigrationControl>, Arc<Mutex<Vec<MigrationEvent>>>) {
+    control_with(
+        params,
+        Capabilities {
+            events: true,
+            ram_digest: true,
+            ..Default::default()
+        },
+    )
+}
+
+/// [`control`] with these capabilities.
+pub fn control_with(
+    params: MigrationParams,
+    caps: Capabilities,
+) -> (Arc<MigrationControl>, Arc<Mutex<Vec<MigrationEvent>>>) {
     let events = Arc::new(Mutex::new(Vec::new()));
     let e = events.clone();
-    let caps = Capabilities {
-        events: true,
-        ram_digest: true,
-        ..Default::default()
-    };
     (
         MigrationControl::new(params, caps, Box::new(move |ev| e.lock().unwrap().push(ev))),
         events,

@@ -1,0 +1,288 @@
+//! Parallel data channels on the source (`docs/stream-format.md`, *Parallel channels*).
+//!
+//! The RAM participant hands batches of dirty pages to [`DataChannels`]; each channel's thread
+//! reads the pages out of guest memory, finds the zero ones and writes RAM_PAGES records on its
+//! own connection. A batch goes to the channel with the shortest queue. At the end of every round
+//! the engine calls [`DataChannels::sync`], which puts SYNC(round) behind every channel's pages and
+//! waits until each channel has written it: the target applies no page of the next round before
+//! every channel reached that SYNC, so an older copy of a page never lands after a newer one.
+
+use std::collections::VecDeque;
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tern_wire::{RamRun, RunData, StreamWriter, VmDescription, PAGE_SIZE};
+
+use crate::rate::RateLimited;
+use crate::transport::Connection;
+use crate::{MigrateError, Result, SourceVm};
+
+/// Batches a channel may have queued before the RAM participant waits.
+const QUEUE: usize = 4;
+
+/// Work for one data channel.
+pub(crate) enum Job {
+    /// Dirty pages of `region` as (first page, count) runs: read, checked for zeros, sent.
+    Pages { region: u32, runs: Vec<(u64, u64)> },
+    /// Ranges known to be zero (never written), sent as they are.
+    Zero { region: u32, runs: Vec<(u64, u32)> },
+    /// The end of a round.
+    Sync(u64),
+    /// The end of the channel's stream.
+    End,
+}
+
+#[derive(Default)]
+struct State {
+    queues: Vec<VecDeque<Job>>,
+    /// The last round each channel has written SYNC for.
+    synced: Vec<Option<u64>>,
+    ended: Vec<bool>,
+    failed: Option<String>,
+    /// Where the search for the least busy channel starts next.
+    next: usize,
+}
+
+/// What every channel adds up to.
+#[derive(Default)]
+pub(crate) struct Counters {
+    /// Pages sent with data, and as zero ranges.
+    pub(crate) normal: AtomicU64,
+    pub(crate) zero: AtomicU64,
+    /// Stream bytes per channel.
+    pub(crate) bytes: Vec<AtomicU64>,
+}
+
+/// The data channels of one outgoing migration.
+pub struct DataChannels {
+    state: Mutex<State>,
+    changed: Condvar,
+    pub(crate) counters: Counters,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl DataChannels {
+    /// Starts a thread per connection; each first writes its stream header and `desc`.
+    pub(crate) fn start(
+        vm: Arc<dyn SourceVm>,
+        conns: Vec<Connection>,
+        desc: &VmDescription,
+        limit: Arc<AtomicU64>,
+        accepted: Arc<AtomicU64>,
+    ) -> Result<Arc<DataChannels>> {
+        let n = conns.len();
+        let channels = Arc::new(DataChannels {
+            state: Mutex::new(State {
+                queues: (0..n).map(|_| VecDeque::new()).collect(),
+                synced: vec![None; n],
+                ended: vec![false; n],
+                failed: None,
+                next: 0,
+            }),
+            changed: Condvar::new(),
+            counters: Counters {
+                bytes: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                ..Counters::default()
+            },
+            threads: Mutex::new(Vec::new()),
+        });
+        for (i, conn) in conns.into_iter().enumerate() {
+            let writer: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(
+                256 << 10,
+                // max-bandwidth is for the whole migration: each channel gets its share.
+                RateLimited::new(conn, limit.clone(), accepted.clone()).shared_by(n as u64),
+            ));
+            let out = StreamWriter::new(writer)?;
+            let (c, vm, desc) = (channels.clone(), vm.clone(), desc.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("multifd-{i}"))
+                .spawn(move || {
+                    if let Err(e) = c.run(i, out, &*vm, &desc) {
+                        c.fail(format!("data channel {i}: {e}"));
+                    }
+                })
+                .map_err(MigrateError::io("starting a data channel thread"))?;
+            channels
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(t);
+        }
+        Ok(channels)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, why: String) {
+        let mut s = self.lock();
+        if s.failed.is_none() {
+            tracing::warn!("{why}");
+            s.failed = Some(why);
+        }
+        self.changed.notify_all();
+    }
+
+    fn failure(s: &State) -> Result<()> {
+        match &s.failed {
+            Some(why) => Err(MigrateError::Vm(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues pages on the least busy channel (waits while every queue is full). A cancel
+    /// shuts the connections down, which fails the channels and ends the wait.
+    pub(crate) fn send(&self, job: Job) -> Result<()> {
+        let mut s = self.lock();
+        loop {
+            Self::failure(&s)?;
+            // The shortest queue; among equals, the one after the last chosen, so that even
+            // small rounds spread over every channel.
+            let n = s.queues.len();
+            let start = s.next;
+            let (i, len) = (0..n)
+                .map(|k| (start + k) % n)
+                .map(|i| (i, s.queues[i].len()))
+                .min_by_key(|&(_, len)| len)
+                .expect("at least one data channel");
+            if len < QUEUE {
+                s.next = (i + 1) % n;
+                s.queues[i].push_back(job);
+                self.changed.notify_all();
+                return Ok(());
+            }
+            s = self.wait(s);
+        }
+    }
+
+    fn wait<'a>(&self, s: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        // Timed: a cancel is noticed even if no channel moves.
+        self.changed
+            .wait_timeout(s, Duration::from_millis(100))
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
+    /// Ends `round` on every channel and waits until each has written its SYNC.
+    pub(crate) fn sync(&self, round: u64, cancelled: &dyn Fn() -> bool) -> Result<()> {
+        let mut s = self.lock();
+        for q in s.queues.iter_mut() {
+            q.push_back(Job::Sync(round));
+        }
+        self.changed.notify_all();
+        while !s.synced.iter().all(|r| r.is_some_and(|r| r >= round)) {
+            Self::failure(&s)?;
+            if cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
+            s = self.wait(s);
+        }
+        Self::failure(&s)
+    }
+
+    /// The last round: SYNC, then END on every channel; waits until all are written.
+    pub(crate) fn finish(&self, round: u64, cancelled: &dyn Fn() -> bool) -> Result<()> {
+        self.sync(round, cancelled)?;
+        let mut s = self.lock();
+        for q in s.queues.iter_mut() {
+            q.push_back(Job::End);
+        }
+        self.changed.notify_all();
+        while !s.ended.iter().all(|&e| e) {
+            Self::failure(&s)?;
+            if cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
+            s = self.wait(s);
+        }
+        Ok(())
+    }
+
+    /// Stream bytes of each channel so far.
+    pub(crate) fn bytes(&self) -> Vec<u64> {
+        self.counters
+            .bytes
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Stops every channel thread (after success or failure) and waits for them.
+    pub(crate) fn stop(&self) {
+        {
+            let mut s = self.lock();
+            if s.failed.is_none() {
+                s.failed = Some("data channels stopped".into());
+            }
+        }
+        self.changed.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// One channel's thread: takes its jobs in order until END or a failure.
+    fn run(
+        &self,
+        i: usize,
+        mut out: StreamWriter<Box<dyn Write + Send>>,
+        vm: &dyn SourceVm,
+        desc: &VmDescription,
+    ) -> Result<()> {
+        out.description(desc)?;
+        let mut buf = vec![0u8; crate::ram::BATCH_PAGES * PAGE_SIZE];
+        loop {
+            let job = {
+                let mut s = self.lock();
+                loop {
+                    if s.failed.is_some() {
+                        return Ok(());
+                    }
+                    if let Some(j) = s.queues[i].pop_front() {
+                        self.changed.notify_all();
+                        break j;
+                    }
+                    s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            match job {
+                Job::Pages { region, runs } => {
+                    let (normal, zero) =
+                        crate::ram::send_pages(vm, &mut out, region, &runs, &mut buf)?;
+                    self.counters.normal.fetch_add(normal, Ordering::Relaxed);
+                    self.counters.zero.fetch_add(zero, Ordering::Relaxed);
+                }
+                Job::Zero { region, runs } => {
+                    let wire: Vec<RamRun<'_>> = runs
+                        .iter()
+                        .map(|&(first_page, n)| RamRun {
+                            first_page,
+                            data: RunData::Zero(n),
+                        })
+                        .collect();
+                    out.ram_pages(region, &wire)?;
+                    let pages: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+                    self.counters.zero.fetch_add(pages, Ordering::Relaxed);
+                }
+                Job::Sync(round) => {
+                    out.sync(round)?;
+                    out.flush()?;
+                    self.lock().synced[i] = Some(round);
+                    self.changed.notify_all();
+                }
+                Job::End => {
+                    out.finish()?;
+                    self.lock().ended[i] = true;
+                    self.changed.notify_all();
+                    return Ok(());
+                }
+            }
+            self.counters.bytes[i].store(out.bytes_written(), Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Parallel data channels (`multifd`) between two tern processes, through real KVM: the guest
+//! dirties its memory with each pattern while 1, 2 or 8 channels carry it over tcp and unix.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const MIGRATE: Duration = Duration::from_secs(180);
+
+#[test]
+fn one_two_and_eight_channels_over_tcp_and_unix_with_each_pattern() {
+    let _g = exclusive();
+    let d = dir("multifd");
+    for (i, (transport, channels, pattern)) in [
+        ("unix", 1, "seq"),
+        ("tcp", 2, "random"),
+        ("unix", 8, "hot"),
+        ("tcp", 8, "seq"),
+        ("unix", 2, "random"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let what = format!("{channels} channels over {transport}, pattern {pattern}");
+        let cmdline = format!("tern.wss=256 tern.rate=64 tern.pattern={pattern} tern.check=1");
+        let mut src = source(&d, &format!("src{i}"), "512M", &cmdline);
+        let uri = match transport {
+            "unix" => format!("unix:{}", d.join(format!("mig{i}.sock")).display()),
+            _ => free_tcp_uri(),
+        };
+        let mut dst = target(&d, &format!("dst{i}"), &uri, &[]);
+        src.q.ok(
+            "migrate-set-capabilities",
+            json!({"capabilities": [
+                {"capability": "multifd", "state": true},
+                {"capability": "x-tern-ram-digest", "state": true}]}),
+        );
+        let timeline = d.join(format!("timeline{i}.json"));
+        src.q.ok(
+            "migrate-set-parameters",
+            json!({"multifd-channels": channels, "x-tern-timeline": timeline.to_str().unwrap()}),
+        );
+        src.q.ok("migrate", json!({"uri": uri}));
+        let r = wait_migration(&mut src.q, MIGRATE);
+        assert_eq!(r["status"], "completed", "{what}: {r}");
+        let n = paused_last_hb(&mut src.p);
+        continues_on(&mut dst.p, n);
+        let rd = dst.q.ok("query-migrate", json!({}));
+        assert_eq!(rd["status"], "completed", "{what}: {rd}");
+        assert!(r["x-tern-ram-digest"].is_string(), "{what}: {r}");
+        assert_eq!(
+            r["x-tern-ram-digest"], rd["x-tern-ram-digest"],
+            "{what}: RAM at the switch-over differs"
+        );
+        assert!(
+            r["ram"]["multifd-bytes"].as_u64().unwrap_or(0) > 0,
+            "{what}: {r}"
+        );
+        let t: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&timeline).unwrap()).unwrap();
+        eprintln!(
+            "{what}: {} ms total, {} ms downtime {}, {} MiB",
+            r["total-time"],
+            r["downtime"],
+            t["switchover"]["downtime"],
+            r["ram"]["transferred"].as_u64().unwrap_or(0) >> 20
+        );
+        quit(src);
+        quit(dst);
+    }
+}
