@@ -52,6 +52,10 @@ pub struct FakeVm {
     pub unmigratable: AtomicBool,
     /// The fake disk: blocks of one page, and which were written since the last sync.
     disk: Mutex<(Vec<u8>, Vec<bool>)>,
+    /// Held by every guest write from its check of `paused` to its end, and by `pause`: once
+    /// `pause` returns no write is in flight (as vCPUs parked by KVM), so nothing changes RAM
+    /// after the engine's last sync.
+    vcpus: Mutex<()>,
 }
 
 impl FakeVm {
@@ -74,6 +78,7 @@ impl FakeVm {
                 .collect(),
             logging: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            vcpus: Mutex::new(()),
             running: AtomicBool::new(true),
             writes: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
@@ -92,6 +97,7 @@ impl FakeVm {
 
     /// A guest write of `byte` over disk block `block`; refused while paused.
     pub fn disk_write(&self, block: usize, byte: u8) -> bool {
+        let _vcpu = self.vcpus.lock().unwrap();
         if !self.is_running() {
             return false;
         }
@@ -112,6 +118,7 @@ impl FakeVm {
 
     /// A guest write of `byte` over page `page` of `region`; refused while paused.
     pub fn guest_write(&self, region: u32, page: u64, byte: u8) -> bool {
+        let _vcpu = self.vcpus.lock().unwrap();
         if self.paused.load(Ordering::SeqCst) || !self.running.load(Ordering::SeqCst) {
             return false;
         }
@@ -196,6 +203,7 @@ impl SourceVm for FakeVm {
         vec![FAKE_CPU.describe(0)]
     }
     fn pause(&self) -> Result<()> {
+        let _vcpus = self.vcpus.lock().unwrap();
         self.paused.store(true, Ordering::SeqCst);
         self.pauses.fetch_add(1, Ordering::SeqCst);
         Ok(())
