@@ -12,13 +12,16 @@ line. Per point (guest RAM, dirty rate): working set half the RAM, heartbeat eve
 (the guest runs its work on the boot CPU under QEMU, which starts no APs for it). Each run boots a
 fresh source and target of every VMM, in an order that rotates per run so that machine noise
 hits all alike; QEMU gets max-bandwidth unlimited and downtime-limit 300 ms, once single stream
-and once with multifd and 4 channels; tern gets the same limit. A migration that has not
+and once with multifd and 4 channels; tern gets the same limit, single stream and with 2 and 4
+channels (`tern-multifd2`, `tern-multifd4`). A migration that has not
 converged after --timeout seconds (120) is cancelled and shown as such, with why (the dirty rate
 and bandwidth last reported). Downtime is reported both as each VMM measures it and as the guest
 felt it (the longest stall its heartbeat saw around the switch-over). A plain loopback socket copy
 of the same number of bytes (`tern x-socket-copy`) gives the machine's limit; tern's throughput on
 non-zero pages (bytes sent during precopy rounds / round time, from its timeline) is shown as a
-fraction of it. Every tern run keeps its timeline (JSON and SVG) in --out.
+fraction of it. CPU seconds per GiB moved: the source's and the target's CPU time during the
+migration, all threads but the vCPUs, per GiB sent. Every tern run keeps its timeline (JSON and
+SVG) in --out.
 
 Prints a table (tern vs QEMU's best, with ratios and the goals) and writes results.json in --out.
 """
@@ -26,7 +29,33 @@ import argparse, json, os, socket, statistics, subprocess, sys, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERN = os.path.join(ROOT, "target", "release", "tern")
-VMMS = ("tern", "qemu", "qemu-multifd")
+VMMS = ("tern", "tern-multifd2", "tern-multifd4", "qemu", "qemu-multifd")
+TERNS = ("tern", "tern-multifd2", "tern-multifd4")
+QEMUS = ("qemu", "qemu-multifd")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(stat):
+    f = stat[stat.rindex(")") + 2:].split()
+    return int(f[11]) + int(f[12])
+
+
+def cpu_seconds(pid):
+    """CPU time of a VMM process except its vCPU threads (the guest's own work): what the
+    migration costs the host. The process's total counts threads that have exited too."""
+    try:
+        total = _ticks(open("/proc/%d/stat" % pid).read())
+        for t in os.listdir("/proc/%d/task" % pid):
+            try:
+                stat = open("/proc/%d/task/%s/stat" % (pid, t)).read()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            if (comm.startswith("vcpu") and comm[4:].isdigit()) or (comm.startswith("CPU ") and comm.endswith("/KVM")):
+                total -= _ticks(stat)
+    except OSError:
+        return 0
+    return total / CLK_TCK
 
 
 def free_port():
@@ -104,7 +133,7 @@ def run_one(vmm, elf, mem, rate, d, tag, timeout):
     cmdline = "tern.wss=%d tern.rate=%d tern.hb=10 tern.check=%d" % (wss, rate, check)
     sq, dq = os.path.join(d, "s.qmp"), os.path.join(d, "d.qmp")
     uri = "tcp:127.0.0.1:%d" % free_port()
-    if vmm == "tern":
+    if vmm.startswith("tern"):
         src = Proc([TERN, "run", "--memory", mem, "--vcpus", "1", "--cmdline", cmdline, "--qmp", "unix:" + sq])
         dst = Proc([TERN, "run", "--incoming", uri, "--qmp", "unix:" + dq])
     else:
@@ -119,10 +148,13 @@ def run_one(vmm, elf, mem, rate, d, tag, timeout):
         time.sleep(3)  # dirtying at a steady state
         s, t = Qmp(sq), Qmp(dq)
         timeline = None
-        if vmm == "tern":
-            timeline = os.path.join(d, "timeline-%s.json" % tag)
+        if vmm.startswith("tern"):
+            timeline = os.path.join(d, "timeline-%s-%s.json" % (vmm, tag))
             s.ex("migrate-set-parameters", {"downtime-limit": 300, "max-bandwidth": 0,
                                             "x-tern-timeline": timeline})
+            if vmm.startswith("tern-multifd"):
+                s.ex("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
+                s.ex("migrate-set-parameters", {"multifd-channels": int(vmm[len("tern-multifd"):])})
         else:
             caps = [{"capability": "events", "state": True}]
             if vmm == "qemu-multifd":
@@ -135,12 +167,14 @@ def run_one(vmm, elf, mem, rate, d, tag, timeout):
             s.ex("migrate-set-parameters", {"max-bandwidth": 1 << 40, "downtime-limit": 300})
             t.ex("migrate-incoming", {"uri": uri})
         n_src_lines = len(src.lines)
+        cpu0 = cpu_seconds(src.p.pid) + cpu_seconds(dst.p.pid)
         t0 = time.monotonic()
         s.ex("migrate", {"uri": uri})
         last = {}
         while True:
             r = s.ex("query-migrate")
             if r.get("status") in ("completed", "failed", "cancelled"):
+                cpu = cpu_seconds(src.p.pid) + cpu_seconds(dst.p.pid) - cpu0
                 break
             if r.get("status") == "active":
                 last = r
@@ -158,6 +192,9 @@ def run_one(vmm, elf, mem, rate, d, tag, timeout):
                     "total_ms": r.get("total-time"), "downtime_ms": r.get("downtime"),
                     "transferred": ram.get("transferred"), "rounds": ram.get("dirty-sync-count"),
                     "normal_pages": ram.get("normal")})
+        if r.get("status") == "completed" and ram.get("transferred"):
+            res["cpu_s"] = round(cpu, 2)
+            res["cpu_s_per_gib"] = round(cpu / (ram["transferred"] / 2**30), 2)
         if r.get("status") == "completed":
             hbs = [hb(l)[0] for l in src.lines if hb(l)]
             last_src = max(hbs) if hbs else 0
@@ -273,8 +310,8 @@ def report(a, results, mems, rates, vmms):
     p = lambda s="": (print(s), lines.append(s))
     p()
     p("tern vs QEMU 10 precopy over tcp on loopback; median (min-max) of %d run(s); downtime-limit 300 ms" % a.runs)
-    p("%-4s %5s %-13s %-9s %-19s %-19s %-19s %-15s %-9s" % ("RAM", "MiB/s", "vmm", "converged", "total ms",
-      "downtime ms", "guest felt ms", "MB sent", "rounds"))
+    p("%-4s %5s %-13s %-9s %-19s %-19s %-19s %-15s %-9s %-17s" % ("RAM", "MiB/s", "vmm", "converged", "total ms",
+      "downtime ms", "guest felt ms", "MB sent", "rounds", "CPU s/GiB"))
     summary = []
     for mem in mems:
         for rate in rates:
@@ -283,30 +320,36 @@ def report(a, results, mems, rates, vmms):
                 rs = [r for r in results if (r["vmm"], r["mem"], r["rate"]) == (v, mem, rate)]
                 ok = [r for r in rs if r["status"] == "completed"]
                 by[v] = ok
-                p("%-4s %5d %-13s %-9s %-19s %-19s %-19s %-15s %-9s" % (
+                p("%-4s %5d %-13s %-9s %-19s %-19s %-19s %-15s %-9s %-17s" % (
                     mem, rate, v, "%d/%d" % (len(ok), len(rs)), spread(ok, "total_ms"), spread(ok, "downtime_ms"),
                     spread(ok, "guest_gap_ms", "%.1f"), spread([dict(x, mb=x["transferred"] / 1e6) for x in ok], "mb"),
-                    spread(ok, "rounds")))
+                    spread(ok, "rounds"), spread(ok, "cpu_s_per_gib", "%.2f")))
                 for r in rs:
                     if r["status"] != "completed":
                         p("     %s run %d: %s: %s" % (v, r["run"], r["status"], r.get("why")))
             # QEMU's best: the better of single stream and multifd, per metric, among what converged.
-            q = [v for v in ("qemu", "qemu-multifd") if by.get(v)]
+            # Each side's best configuration, per metric, among what converged.
+            q = [v for v in QEMUS if by.get(v)]
+            tv = [v for v in TERNS if by.get(v)]
             row = {"mem": mem, "rate": rate}
-            if by.get("tern") and q:
-                for k in ("total_ms", "downtime_ms", "guest_gap_ms"):
-                    best = min(med(by[v], k) for v in q if med(by[v], k) is not None)
-                    row[k + "_ratio"] = med(by["tern"], k) / best if best else None
-                p("     tern / QEMU best: total %.2fx (goal <= 0.5), downtime %.2fx (goal <= 0.5), guest-felt %.2fx" % (
-                    row["total_ms_ratio"], row["downtime_ms_ratio"] or 0, row["guest_gap_ms_ratio"] or 0))
-            if q and not by.get("tern"):
+            best = lambda vs, k: min([m for m in (med(by[v], k) for v in vs) if m is not None], default=None)
+            if tv and q:
+                for k in ("total_ms", "downtime_ms", "guest_gap_ms", "cpu_s_per_gib"):
+                    qb, tb = best(q, k), best(tv, k)
+                    row[k + "_ratio"] = tb / qb if qb and tb is not None else None
+                f = lambda x: "%.2fx" % x if x is not None else "-"
+                p("     tern best / QEMU best: total %s (goal <= 0.5), downtime %s, guest-felt %s, CPU per GiB %s (goal <= 0.5)" % (
+                    f(row["total_ms_ratio"]), f(row["downtime_ms_ratio"]), f(row["guest_gap_ms_ratio"]),
+                    f(row["cpu_s_per_gib_ratio"])))
+            if q and not tv:
                 p("     GOAL MISSED: QEMU converged here and tern did not")
             summary.append(row)
     for mem in mems:
-        nz = [r["nonzero_Bps"] for r in results if r["mem"] == mem and r.get("nonzero_Bps")]
-        if nz and mem in copy:
-            p("%s: plain loopback socket copy %.2f GB/s; tern on non-zero pages %.2f GB/s median = %.0f%% of it (goal >= 90%%)" % (
-                mem, copy[mem] / 1e9, statistics.median(nz) / 1e9, 100 * statistics.median(nz) / copy[mem]))
+        for v in TERNS:
+            nz = [r["nonzero_Bps"] for r in results if r["mem"] == mem and r["vmm"] == v and r.get("nonzero_Bps")]
+            if nz and mem in copy:
+                p("%s: plain loopback socket copy %.2f GB/s; %s on non-zero pages %.2f GB/s median = %.0f%% of it (goal >= 90%%)" % (
+                    mem, copy[mem] / 1e9, v, statistics.median(nz) / 1e9, 100 * statistics.median(nz) / copy[mem]))
     out = os.path.join(a.out, "results.json")
     json.dump({"args": vars(a), "results": results, "socket_copy_Bps": copy, "summary": summary},
               open(out, "w"), indent=1)
