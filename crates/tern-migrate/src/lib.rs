@@ -41,6 +41,7 @@ pub use params::{
 };
 pub use participant::{LoadParticipant, Progress, SaveParticipant};
 pub use ram::{RamLoader, RamSaver};
+pub use source::precopy::describe;
 pub use source::run_outgoing;
 pub use stats::{MigrationStats, MigrationStatus};
 pub use target::{run_incoming, IncomingOutcome};

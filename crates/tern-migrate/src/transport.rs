@@ -138,6 +138,16 @@ impl Connection {
         };
     }
 
+    /// Stops reads only (a blocked read returns end of input); writes, such as the reason for
+    /// a failure, still go out.
+    pub fn shutdown_read(&self) {
+        let _ = match &*self.0 {
+            Endpoint::Tcp(s) => s.shutdown(Shutdown::Read),
+            Endpoint::Unix(s) => s.shutdown(Shutdown::Read),
+            Endpoint::File(_) => Ok(()),
+        };
+    }
+
     /// Limits how long a read may block (every handle shares the setting).
     pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         match &*self.0 {

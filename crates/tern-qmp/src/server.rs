@@ -125,12 +125,7 @@ impl Server {
         if let Some(d) = data {
             v["data"] = d;
         }
-        let clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for c in clients {
+        for c in self.clients() {
             if c.negotiated.load(Ordering::SeqCst) {
                 c.send(&v);
             }
@@ -141,14 +136,17 @@ impl Server {
     /// the process exits, so that the last reply and SHUTDOWN reach their readers.
     pub fn flush(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for c in clients {
+        for c in self.clients() {
             c.flush(deadline);
         }
+    }
+
+    /// The sessions now (a copy: nothing is sent under the list's lock).
+    fn clients(&self) -> Vec<Arc<Client>> {
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn session(&self, stream: UnixStream, backend: &dyn Backend) -> io::Result<()> {

@@ -82,6 +82,7 @@ pub fn analyze<R: Read>(input: R) -> Result<Analysis, Box<AnalyzeError>> {
             Record::Section(sec) => ("DEVICE_STATE", Some(sec)),
             Record::Ping(_) => ("PING", None),
             Record::Sync(_) => ("SYNC", None),
+            Record::Nop => ("NOP", None),
             Record::Participant { .. } => ("PARTICIPANT_DATA", None),
             Record::Postcopy(_) => {
                 a.postcopy_commands += 1;

@@ -53,6 +53,7 @@ pub mod record_type {
     pub const CHANNEL_HELLO: u16 = 0x0009;
     pub const PARTICIPANT_DATA: u16 = 0x000a;
     pub const SYNC: u16 = 0x000b;
+    pub const NOP: u16 = 0x000c;
     pub const END: u16 = 0x00ff;
 
     /// A human name for a record type.
@@ -69,6 +70,7 @@ pub mod record_type {
             CHANNEL_HELLO => "CHANNEL_HELLO",
             PARTICIPANT_DATA => "PARTICIPANT_DATA",
             SYNC => "SYNC",
+            NOP => "NOP",
             END => "END",
             _ => "unknown",
         }

@@ -224,6 +224,11 @@ impl<W: Write> StreamWriter<W> {
         self.record(rt::SYNC, 0, &[&round.to_le_bytes()]).map(drop)
     }
 
+    /// NOP: nothing, OPTIONAL (a keepalive on a channel that has nothing else to say).
+    pub fn nop(&mut self) -> Result<(), WireError> {
+        self.record(rt::NOP, FLAG_OPTIONAL, &[]).map(drop)
+    }
+
     /// A postcopy command.
     pub fn postcopy(&mut self, c: &PostcopyCommand) -> Result<(), WireError> {
         self.record(rt::POSTCOPY_COMMAND, 0, &[&c.encode()])
@@ -295,6 +300,8 @@ pub enum Record<'a> {
     },
     /// The end of a round on a data channel (rounds strictly increase).
     Sync(u64),
+    /// A keepalive.
+    Nop,
     /// An OPTIONAL record of a type this build does not know, skipped.
     SkippedOptional {
         ty: u16,
@@ -432,6 +439,7 @@ impl<R: Read> StreamReader<R> {
                 | rt::PING
                 | rt::PARTICIPANT_DATA
                 | rt::SYNC
+                | rt::NOP
                 | rt::END
         );
         if !known {
@@ -553,6 +561,13 @@ impl<R: Read> StreamReader<R> {
                     })
                 })?;
                 Record::Ping(u64::from_le_bytes(seq))
+            }
+            rt::NOP if body.is_empty() => Record::Nop,
+            rt::NOP => {
+                return Err(err(ErrorKind::Malformed {
+                    record: "NOP",
+                    reason: format!("body is {} bytes, not 0", body.len()),
+                }))
             }
             rt::SYNC => {
                 let round: [u8; 8] = body.try_into().map_err(|_| {

@@ -81,6 +81,18 @@ impl Drop for SocketFiles {
     }
 }
 
+/// Whatever way `tern run` ends, the monitor's clients are first sent what is queued for them
+/// (the reply to the command that ended it, SHUTDOWN): replies go out on their own threads.
+struct FlushMonitor(Arc<App>);
+
+impl Drop for FlushMonitor {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.server.get() {
+            s.flush(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
 fn parse_serial(s: &str) -> Result<SerialOutput> {
     Ok(match s.split_once(':') {
         None if s == "stdio" => SerialOutput::Stdio,
@@ -235,6 +247,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let hmp_listener = hmp_path.as_ref().map(bind).transpose()?;
     sockets.0.extend(hmp_path.iter().cloned());
     *app.sockets.lock().unwrap_or_else(|e| e.into_inner()) = sockets.0.clone();
+    let _flush = FlushMonitor(app.clone());
 
     if args.incoming.is_none() {
         let kernel = match &args.kernel {

@@ -11,7 +11,7 @@
 //! `switchover`; a return-path thread turns what the target says into typed events.
 
 pub(crate) mod multifd;
-mod precopy;
+pub(crate) mod precopy;
 mod return_path;
 mod switchover;
 
@@ -98,6 +98,15 @@ pub(crate) struct Link {
     /// Parallel channels: their connections until setup starts them, then the channels.
     pub(crate) data_conns: Vec<Connection>,
     pub(crate) data: Option<Arc<multifd::DataChannels>>,
+}
+
+impl Drop for Link {
+    /// Whatever way the migration ends (a panic included), the data channel threads end.
+    fn drop(&mut self) {
+        if let Some(d) = self.data.take() {
+            d.stop();
+        }
+    }
 }
 
 /// Runs a migration to `uri` on the calling thread until it completes, fails or is cancelled.
@@ -188,7 +197,10 @@ fn outgoing(
     let channel = Channel::connect(uri, fd)?;
     // (A cancel that came while connecting applies now.)
     ctl.set_conn(channel.canceller());
-    let data = match data_channels(uri, ctl) {
+    // Each connection says hello as soon as it is open, the main one first: the target reads the
+    // main hello before it accepts the data channels.
+    let session = session_id();
+    let data = match data_channels(&channel.conn, uri, session, ctl) {
         Ok(d) => d,
         Err(e) => {
             ctl.shut_channel();
@@ -212,16 +224,29 @@ fn outgoing(
     result
 }
 
-/// With the `multifd` capability: connects `multifd-channels` data channels to `uri` (a `tcp:`
-/// or `unix:` one, checked before: the target must be able to accept several connections).
-fn data_channels(uri: &Uri, ctl: &MigrationControl) -> Result<Vec<Connection>> {
-    if !ctl.caps().multifd {
-        return Ok(Vec::new());
+/// Says the main channel's hello and, with the `multifd` capability, connects and greets
+/// `multifd-channels` data channels to `uri` (a `tcp:` or `unix:` one, checked before: the target
+/// must be able to accept several connections).
+fn data_channels(
+    main: &Connection,
+    uri: &Uri,
+    session: [u8; 16],
+    ctl: &MigrationControl,
+) -> Result<Vec<Connection>> {
+    let n = if ctl.caps().multifd {
+        u16::from(ctl.params.multifd_channels)
+    } else {
+        0
+    };
+    if main.two_way() {
+        hello(main, session, ChannelRole::Main, 0, 1 + n)?;
     }
-    (0..ctl.params.multifd_channels)
-        .map(|_| {
+    (0..n)
+        .map(|i| {
             ctl.check_cancel()?;
-            Ok(Channel::connect(uri, None)?.conn)
+            let c = Channel::connect(uri, None)?.conn;
+            hello(&c, session, ChannelRole::Data, i, 1 + n)?;
+            Ok(c)
         })
         .collect()
 }
@@ -237,20 +262,12 @@ fn transfer(
 ) -> Result<()> {
     ctl.check_cancel()?;
     let two_way = conn.two_way().then(|| conn.clone());
-    if let Some(c) = &two_way {
-        let session = session_id();
-        let channels = 1 + data.len() as u16;
-        hello(c, session, ChannelRole::Main, 0, channels)?;
-        for (i, d) in data.iter().enumerate() {
-            hello(d, session, ChannelRole::Data, i as u16, channels)?;
-        }
-        if !data.is_empty() {
-            let all = std::iter::once(c)
-                .chain(&data)
-                .map(|c| Canceller::Socket(c.clone()))
-                .collect();
-            ctl.set_conn(Canceller::Many(all));
-        }
+    if let (Some(c), false) = (&two_way, data.is_empty()) {
+        let all = std::iter::once(c)
+            .chain(&data)
+            .map(|c| Canceller::Socket(c.clone()))
+            .collect();
+        ctl.set_conn(Canceller::Many(all));
     }
     let writer: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(
         256 << 10,
@@ -280,6 +297,14 @@ fn transfer(
     // The guest first: a source this migration paused runs again now unless GO (or, one-way,
     // END to a live reader) went out.
     drop(session);
+    let had_data = link.data.is_some();
+    if result.is_err() {
+        // The data channels stop at once (their connections shut), the return path stays open
+        // for the target's reason.
+        if let Some(d) = link.data.take() {
+            d.stop();
+        }
+    }
     let result = match result {
         // A write failed: the target may have said why before closing.
         Err(MigrateError::Wire(e)) if matches!(e.kind, tern_wire::ErrorKind::Io(_)) => {
@@ -292,6 +317,15 @@ fn transfer(
                 None => ctl.check_cancel().and(Err(MigrateError::Wire(e))),
             }
         }
+        // A data channel failed: the target may have said why on the main channel.
+        Err(e @ MigrateError::Vm(_)) if had_data => match link
+            .ret
+            .as_mut()
+            .and_then(|r| r.reason(Duration::from_secs(2)))
+        {
+            Some(reason) => Err(MigrateError::TargetRefused(reason)),
+            None => ctl.check_cancel().and(Err(e)),
+        },
         other => other,
     };
     // The channel is done: a target still waiting sees it close (before GO that means it must
@@ -307,7 +341,11 @@ fn transfer(
     if let Some(c) = &link.conn {
         c.shutdown();
     }
-    drop(link.out);
+    // The stream's writer goes (a command sees end of input); `link` itself lives on for its
+    // guard of the data channels.
+    if let Ok(blank) = StreamWriter::new(Box::new(std::io::sink()) as Box<dyn Write + Send>) {
+        drop(std::mem::replace(&mut link.out, blank));
+    }
     if let Some(r) = link.ret.take() {
         r.join();
     }

@@ -62,6 +62,8 @@ pub struct DataChannels {
     changed: Condvar,
     pub(crate) counters: Counters,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The connections, to shut down when the channels stop (a thread may be blocked writing).
+    conns: Vec<Connection>,
 }
 
 impl DataChannels {
@@ -88,6 +90,7 @@ impl DataChannels {
                 ..Counters::default()
             },
             threads: Mutex::new(Vec::new()),
+            conns: conns.clone(),
         });
         for (i, conn) in conns.into_iter().enumerate() {
             let writer: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(
@@ -95,21 +98,30 @@ impl DataChannels {
                 // max-bandwidth is for the whole migration: each channel gets its share.
                 RateLimited::new(conn, limit.clone(), accepted.clone()).shared_by(n as u64),
             ));
-            let out = StreamWriter::new(writer)?;
             let (c, vm, desc) = (channels.clone(), vm.clone(), desc.clone());
-            let t = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("multifd-{i}"))
                 .spawn(move || {
-                    if let Err(e) = c.run(i, out, &*vm, &desc) {
+                    // A panic is a failed channel like any other (the migration fails).
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        c.run(i, StreamWriter::new(writer)?, &*vm, &desc)
+                    }))
+                    .unwrap_or_else(|p| Err(MigrateError::panicked(p)));
+                    if let Err(e) = r {
                         c.fail(format!("data channel {i}: {e}"));
                     }
-                })
-                .map_err(MigrateError::io("starting a data channel thread"))?;
-            channels
-                .threads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(t);
+                });
+            match spawned {
+                Ok(t) => channels
+                    .threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(t),
+                Err(e) => {
+                    channels.stop();
+                    return Err(MigrateError::io("starting a data channel thread")(e));
+                }
+            }
         }
         Ok(channels)
     }
@@ -167,39 +179,51 @@ impl DataChannels {
             .0
     }
 
-    /// Ends `round` on every channel and waits until each has written its SYNC.
-    pub(crate) fn sync(&self, round: u64, cancelled: &dyn Fn() -> bool) -> Result<()> {
-        let mut s = self.lock();
-        for q in s.queues.iter_mut() {
-            q.push_back(Job::Sync(round));
+    /// Ends `round` on every channel and waits until each has written its SYNC. `tick` runs at
+    /// least every 100 ms meanwhile (a cancel check, the main channel's keepalive); an error
+    /// from it ends the wait.
+    pub(crate) fn sync(&self, round: u64, tick: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        {
+            let mut s = self.lock();
+            for q in s.queues.iter_mut() {
+                q.push_back(Job::Sync(round));
+            }
         }
         self.changed.notify_all();
-        while !s.synced.iter().all(|r| r.is_some_and(|r| r >= round)) {
-            Self::failure(&s)?;
-            if cancelled() {
-                return Err(MigrateError::Cancelled);
-            }
-            s = self.wait(s);
-        }
-        Self::failure(&s)
+        self.wait_until(tick, |s| {
+            s.synced.iter().all(|r| r.is_some_and(|r| r >= round))
+        })
     }
 
     /// The last round: SYNC, then END on every channel; waits until all are written.
-    pub(crate) fn finish(&self, round: u64, cancelled: &dyn Fn() -> bool) -> Result<()> {
-        self.sync(round, cancelled)?;
-        let mut s = self.lock();
-        for q in s.queues.iter_mut() {
-            q.push_back(Job::End);
+    pub(crate) fn finish(&self, round: u64, tick: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.sync(round, tick)?;
+        {
+            let mut s = self.lock();
+            for q in s.queues.iter_mut() {
+                q.push_back(Job::End);
+            }
         }
         self.changed.notify_all();
-        while !s.ended.iter().all(|&e| e) {
-            Self::failure(&s)?;
-            if cancelled() {
-                return Err(MigrateError::Cancelled);
+        self.wait_until(tick, |s| s.ended.iter().all(|&e| e))
+    }
+
+    fn wait_until(
+        &self,
+        tick: &mut dyn FnMut() -> Result<()>,
+        done: impl Fn(&State) -> bool,
+    ) -> Result<()> {
+        loop {
+            {
+                let s = self.lock();
+                Self::failure(&s)?;
+                if done(&s) {
+                    return Ok(());
+                }
+                drop(self.wait(s));
             }
-            s = self.wait(s);
+            tick()?;
         }
-        Ok(())
     }
 
     /// Stream bytes of each channel so far.
@@ -211,7 +235,8 @@ impl DataChannels {
             .collect()
     }
 
-    /// Stops every channel thread (after success or failure) and waits for them.
+    /// Stops every channel thread (after success or failure: their connections are shut down,
+    /// so none stays blocked in a write) and waits for them.
     pub(crate) fn stop(&self) {
         {
             let mut s = self.lock();
@@ -220,6 +245,9 @@ impl DataChannels {
             }
         }
         self.changed.notify_all();
+        for c in &self.conns {
+            c.shutdown();
+        }
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
@@ -272,6 +300,7 @@ impl DataChannels {
                 Job::Sync(round) => {
                     out.sync(round)?;
                     out.flush()?;
+                    self.counters.bytes[i].store(out.bytes_written(), Ordering::Relaxed);
                     self.lock().synced[i] = Some(round);
                     self.changed.notify_all();
                 }

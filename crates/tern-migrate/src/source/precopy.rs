@@ -12,7 +12,7 @@ use crate::control::MigrationControl;
 use crate::convergence::{self, Measured, Throttle};
 use crate::params::LimitAction;
 use crate::stats::RoundRecord;
-use crate::{MigrateError, Result};
+use crate::{MigrateError, Result, SourceVm};
 
 /// Bytes per second assumed before a round was large enough to measure the link.
 const UNMEASURED_BANDWIDTH: f64 = 100e6;
@@ -20,15 +20,9 @@ const UNMEASURED_BANDWIDTH: f64 = 100e6;
 /// Fixed costs of a switch-over, in seconds, before anything was measured.
 const SWITCHOVER_OVERHEAD: f64 = 0.005;
 
-/// Describes the VM and lets every participant start tracking and mark what it will send.
-pub(super) fn setup(
-    ctl: &MigrationControl,
-    session: &mut Session,
-    link: &mut Link,
-    started: Instant,
-) -> Result<()> {
-    let vm = &session.vm;
-    let desc = VmDescription {
+/// The VM description a source sends: its machine, RAM regions and device sections.
+pub fn describe(vm: &dyn SourceVm) -> VmDescription {
+    VmDescription {
         machine: vm.machine(),
         ram: vm
             .ram()
@@ -42,7 +36,31 @@ pub(super) fn setup(
             })
             .collect(),
         sections: vm.state_schemas(),
-    };
+    }
+}
+
+/// With data channels the main channel has nothing to say during the rounds: a NOP at least every
+/// [`KEEPALIVE`] keeps the target's read timeout measuring the source.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn keepalive(out: &mut crate::participant::Out<'static>, last: &mut Instant) -> Result<()> {
+    if last.elapsed() >= KEEPALIVE {
+        out.nop()?;
+        out.flush()?;
+        *last = Instant::now();
+    }
+    Ok(())
+}
+
+/// Describes the VM and lets every participant start tracking and mark what it will send.
+pub(super) fn setup(
+    ctl: &MigrationControl,
+    session: &mut Session,
+    link: &mut Link,
+    started: Instant,
+) -> Result<()> {
+    let vm = &session.vm;
+    let desc = describe(&**vm);
     let out = &mut link.out;
     out.source_info(&json!({
         "tern": env!("CARGO_PKG_VERSION"),
@@ -71,7 +89,7 @@ pub(super) fn setup(
     }
     if let Some(d) = &link.data {
         // Round 0: the never-written ranges.
-        d.sync(0, &|| ctl.is_cancelled())?;
+        d.sync(0, &mut || ctl.check_cancel())?;
     }
     let mut s = ctl.stats();
     s.setup_time_ms = started.elapsed().as_millis() as u64;
@@ -95,7 +113,8 @@ pub(super) fn rounds(
     let mut last_sync = Instant::now();
     let mut throttle = Throttle::default();
     let secs = |t: Instant| t.duration_since(started).as_secs_f64();
-    let out = &mut link.out;
+    let (out, data) = (&mut link.out, &link.data);
+    let mut alive = Instant::now();
     loop {
         ctl.pass(round);
         ctl.stats().dirty_sync_count = round;
@@ -108,14 +127,20 @@ pub(super) fn rounds(
                 batches += 1;
                 if batches.is_multiple_of(16) {
                     ctl.check_cancel()?;
+                    if data.is_some() {
+                        keepalive(out, &mut alive)?;
+                    }
                     let mut s = ctl.stats();
                     update_counters(&mut s, session, ctl.accepted());
                     s.precopy_bytes = s.transferred;
                 }
             }
         }
-        if let Some(d) = &link.data {
-            d.sync(round, &|| ctl.is_cancelled())?;
+        if let Some(d) = data {
+            d.sync(round, &mut || {
+                ctl.check_cancel()?;
+                keepalive(out, &mut alive)
+            })?;
         }
         out.flush()?;
         ctl.check_cancel()?;
@@ -158,7 +183,7 @@ pub(super) fn rounds(
             s.dirty_pages_rate = (dirty_rate / 4096.0) as u64;
             s.pages_per_second = ((pages + zeros) as f64 / dt.max(1e-6)) as u64;
             s.expected_downtime_ms = (expected * 1000.0).min(u64::MAX as f64) as u64;
-            if let Some(d) = &link.data {
+            if let Some(d) = data {
                 s.multifd_channel_bytes = d.bytes();
             }
             s.rounds.push(RoundRecord {

@@ -56,7 +56,7 @@ pub(super) fn run(
     }
     if let Some(d) = &link.data {
         // The last round, then END on every data channel, before the main channel's END.
-        d.finish(rounds + 1, &|| ctl.is_cancelled())?;
+        d.finish(rounds + 1, &mut || ctl.check_cancel())?;
         ctl.stats().multifd_channel_bytes = d.bytes();
     }
     out.flush()?;

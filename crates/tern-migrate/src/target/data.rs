@@ -28,6 +28,8 @@ pub(super) struct Shared {
     changed: Condvar,
     pub(super) data_pages: AtomicU64,
     pub(super) zero_pages: AtomicU64,
+    /// Stream bytes read on each channel.
+    bytes: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -43,20 +45,45 @@ impl Shared {
         self.changed.notify_all();
     }
 
-    /// Channel `i` reached SYNC(round): waits until every channel has (the rule).
+    /// Channel `i` reached SYNC(round): waits until every channel has (the rule). Rounds come
+    /// in order from 0, none skipped; a channel that ended short of `round` fails the wait.
     fn arrive(&self, i: usize, round: u64) -> Result<()> {
         let mut r = self.lock();
+        let due = r.reached[i].map_or(0, |x| x + 1);
+        if round != due {
+            return Err(MigrateError::Vm(format!(
+                "SYNC of round {round} where round {due} was due"
+            )));
+        }
         r.reached[i] = Some(round);
         self.changed.notify_all();
+        drop(r);
+        self.wait_reached(round)
+    }
+
+    /// Waits until every channel has reached SYNC(round) (or failed, or ended short of it).
+    pub(super) fn wait_reached(&self, round: u64) -> Result<()> {
+        let mut r = self.lock();
         loop {
             if let Some(why) = &r.failed {
                 return Err(MigrateError::Vm(why.clone()));
             }
-            if r.reached.iter().all(|x| x.is_some_and(|x| x >= round)) {
+            let short = |j: usize| r.reached[j].is_none_or(|x| x < round);
+            if let Some(j) = (0..r.reached.len()).find(|&j| r.ended[j] && short(j)) {
+                return Err(MigrateError::Vm(format!(
+                    "data channel {j} ended before round {round}"
+                )));
+            }
+            if (0..r.reached.len()).all(|j| !short(j)) {
                 return Ok(());
             }
             r = self.changed.wait(r).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Stream bytes read on every data channel.
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     pub(super) fn progress(&self) -> Progress {
@@ -75,8 +102,8 @@ pub(super) struct DataReceivers {
 }
 
 impl DataReceivers {
-    /// Starts a reader per connection, writing into `vm`; `main` is shut down if one fails, so
-    /// that the main thread stops waiting on its own stream at once.
+    /// Starts a reader per connection, writing into `vm`; if one fails, `main` stops reading
+    /// (its reads end at once; the reason can still be written to the source).
     pub(super) fn start(
         conns: Vec<Connection>,
         vm: Arc<dyn TargetVm>,
@@ -90,36 +117,35 @@ impl DataReceivers {
                 ended: vec![false; n],
                 failed: None,
             }),
+            bytes: (0..n).map(|_| AtomicU64::new(0)).collect(),
             ..Shared::default()
         });
-        let mut threads = Vec::new();
-        for (i, conn) in conns.iter().enumerate() {
-            let (s, vm, desc, conn, main) = (
-                shared.clone(),
-                vm.clone(),
-                desc.clone(),
-                conn.clone(),
-                main.clone(),
-            );
+        // Built first, so that a failure to start a thread stops the ones already started.
+        let mut this = DataReceivers {
+            shared: shared.clone(),
+            threads: Vec::new(),
+            conns: conns.clone(),
+        };
+        for (i, conn) in conns.into_iter().enumerate() {
+            let (s, vm, desc, main) = (shared.clone(), vm.clone(), desc.clone(), main.clone());
             let t = std::thread::Builder::new()
                 .name(format!("multifd-in-{i}"))
                 .spawn(move || {
-                    let r = receive(i, conn.clone(), &*vm, &desc, &s);
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        receive(i, conn.clone(), &*vm, &desc, &s)
+                    }))
+                    .unwrap_or_else(|p| Err(MigrateError::panicked(p)));
                     if let Err(e) = &r {
                         s.fail(format!("data channel {i}: {e}"));
                         conn.shutdown();
-                        main.shutdown();
+                        main.shutdown_read();
                     }
                     r
                 })
                 .map_err(MigrateError::io("starting a data channel thread"))?;
-            threads.push(t);
+            this.threads.push(t);
         }
-        Ok(DataReceivers {
-            shared,
-            threads,
-            conns,
-        })
+        Ok(this)
     }
 
     /// The first failure of any channel, if one failed.
@@ -127,16 +153,30 @@ impl DataReceivers {
         self.shared.lock().failed.clone()
     }
 
-    /// Waits until every channel has read its END (the main channel's END was read).
+    /// Waits until every channel has read its END (the main channel's END was read), all at
+    /// the same last round. The first failure stops the other channels at once.
     pub(super) fn finish(mut self) -> Result<()> {
         let mut first = Ok(());
-        for t in self.threads.drain(..) {
+        for t in std::mem::take(&mut self.threads) {
             let r = t.join().unwrap_or_else(|p| Err(MigrateError::panicked(p)));
-            if first.is_ok() {
+            if first.is_ok() && r.is_err() {
+                self.shared.fail("another data channel failed".into());
+                for c in &self.conns {
+                    c.shutdown();
+                }
                 first = r;
             }
         }
-        first
+        first?;
+        let r = self.shared.lock();
+        let last = r.reached.first().copied().flatten();
+        if r.reached.iter().any(|&x| x != last) {
+            return Err(MigrateError::Vm(format!(
+                "the data channels ended at different rounds: {:?}",
+                r.reached
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -207,7 +247,7 @@ fn receive(
                 s.changed.notify_all();
                 return Ok(());
             }
-            Some(Record::SkippedOptional { .. }) => {}
+            Some(Record::SkippedOptional { .. } | Record::Nop) => {}
             Some(other) => {
                 return Err(MigrateError::Vm(format!(
                     "{} on a data channel",
@@ -215,6 +255,7 @@ fn receive(
                 )))
             }
         }
+        s.bytes[i].store(r.offset(), Ordering::Relaxed);
     }
 }
 

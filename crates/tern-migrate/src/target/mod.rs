@@ -81,6 +81,12 @@ fn accept_source(
                     h.role, h.index
                 )));
             }
+            if h.channels > MAX_CHANNELS {
+                return Err(MigrateError::Vm(format!(
+                    "the source opens {} channels; this target takes at most {MAX_CHANNELS}",
+                    h.channels
+                )));
+            }
             Ok(h)
         }) {
             Ok(h) => return Ok((ch, Some(h))),
@@ -109,6 +115,9 @@ fn timed_out(e: MigrateError, ms: u64) -> MigrateError {
         _ => e,
     }
 }
+
+/// Connections one migration may open (the main one and 255 data channels).
+const MAX_CHANNELS: u16 = 256;
 
 /// How long the data channels of a migration may take to connect after its main channel.
 const DATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -248,6 +257,8 @@ pub fn run_incoming(
         p.cleanup();
     }
     end.detach();
+    // The connections are no longer this migration's to cancel.
+    ctl.clear_conn();
     match result {
         Ok(vm) => {
             ctl.finalize(MigrationStatus::Completed);
@@ -452,7 +463,13 @@ impl Receiver {
                     }
                     self.sections.push(s)
                 }
+                Some(Record::Nop) => {}
                 Some(Record::Ping(sequence)) => {
+                    // With data channels: caught up means on every channel too (the source
+                    // pings with the round it has just synced).
+                    if let Some(d) = &self.data {
+                        d.shared.wait_reached(sequence)?;
+                    }
                     // One-way (a file, a pipe): nobody to answer.
                     if self.two_way {
                         send(&self.conn, &ReturnMessage::Ack { sequence })?;
@@ -521,7 +538,7 @@ impl Receiver {
                 p += d.shared.progress();
             }
             let mut s = ctl.stats();
-            s.transferred = r.offset();
+            s.transferred = r.offset() + self.data.as_ref().map_or(0, |d| d.shared.bytes());
             s.normal = p.data_pages;
             s.duplicate = p.zero_pages;
         }
