@@ -306,3 +306,36 @@ fn a_data_channel_that_skips_a_round_or_ends_early_is_refused() {
         assert!(!dst.is_running());
     }
 }
+
+/// While the data channels carry a long round the main channel has nothing to say: its NOP
+/// keepalive (every 5 s) keeps a target with a 6 s read timeout from giving up on it.
+#[test]
+fn a_long_round_does_not_trip_the_targets_read_timeout_on_the_main_channel() {
+    let u = uri("multifd-keepalive");
+    let src = FakeVm::new(&[64 * MIB]);
+    fill(&src, 16384);
+    let dst = FakeVm::new_target(&[64 * MIB]);
+    let (_tctl, t) = target_with(
+        &u,
+        dst.clone(),
+        None,
+        MigrationParams {
+            read_timeout_ms: 6000,
+            ..Default::default()
+        },
+    );
+    let (ctl, _) = control_with(
+        MigrationParams {
+            // About 43 MiB of data at 5 MiB/s: a first round of some 8 s.
+            max_bandwidth: 5 * MIB,
+            multifd_channels: 2,
+            ..Default::default()
+        },
+        multifd(),
+    );
+    let t0 = std::time::Instant::now();
+    run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl).unwrap();
+    assert!(t0.elapsed() > Duration::from_secs(7), "{:?}", t0.elapsed());
+    t.join().unwrap().unwrap();
+    assert_eq!(src.contents(), dst.contents());
+}
