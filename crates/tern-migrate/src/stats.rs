@@ -294,6 +294,7 @@ impl MigrationStats {
             "stop-reason": self.stop_reason,
             "error": self.error,
             "in-doubt": self.in_doubt,
+            "multifd-channel-bytes": self.multifd_channel_bytes,
             "rounds": rounds,
             "switchover": sw,
         })

@@ -32,6 +32,9 @@ pub struct MigrateArgs {
     /// Throttle the vCPUs of a guest that dirties memory faster than the link carries it.
     #[arg(long)]
     pub auto_converge: bool,
+    /// Send RAM over N parallel data channels (QEMU's multifd; tcp: and unix: only).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    pub multifd_channels: Option<u8>,
     /// Write the migration's timeline (every round, the downtime split) as JSON to FILE.
     #[arg(long)]
     pub timeline: Option<PathBuf>,
@@ -179,6 +182,9 @@ pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
         let bytes = parse_size(b).map_err(|e| anyhow::anyhow!("--max-bandwidth {e}"))?;
         params.insert("max-bandwidth".into(), json!(bytes));
     }
+    if let Some(n) = args.multifd_channels {
+        params.insert("multifd-channels".into(), json!(n));
+    }
     if let Some(t) = &args.timeline {
         let abs = std::path::absolute(t).context("--timeline")?;
         params.insert("x-tern-timeline".into(), json!(abs.display().to_string()));
@@ -187,12 +193,16 @@ pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
         qmp.execute("migrate-set-parameters", Value::Object(params))
             .context("setting the migration parameters")?;
     }
+    let mut caps = Vec::new();
     if args.auto_converge {
-        qmp.execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
-        )
-        .context("enabling auto-converge")?;
+        caps.push(json!({"capability": "auto-converge", "state": true}));
+    }
+    if args.multifd_channels.is_some() {
+        caps.push(json!({"capability": "multifd", "state": true}));
+    }
+    if !caps.is_empty() {
+        qmp.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
+            .context("setting the migration capabilities")?;
     }
     qmp.execute("migrate", json!({"uri": args.uri}))
         .context("starting the migration")?;

@@ -86,6 +86,21 @@ pub fn render(t: &Value) -> Result<String> {
         (Some(r), None) => format!("; precopy stopped: {}", esc(r)),
         _ => String::new(),
     };
+    // Parallel channels: how the data channels shared the stream.
+    let channels: Vec<f64> = t["multifd-channel-bytes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    let why = if channels.is_empty() {
+        why
+    } else {
+        let each: Vec<String> = channels.iter().map(|b| format!("{:.0}", b / MIB)).collect();
+        format!(
+            "{why}; {} data channels, MiB each: {}",
+            channels.len(),
+            each.join(" / ")
+        )
+    };
     let _ = writeln!(
         s,
         r##"<text x="{PLOT_X}" y="42" fill="#333">{:.0} ms total, downtime {downtime}, {:.1} MiB sent, {} rounds{why}</text>"##,

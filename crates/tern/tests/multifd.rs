@@ -61,6 +61,20 @@ fn one_two_and_eight_channels_over_tcp_and_unix_with_each_pattern() {
         );
         let t: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&timeline).unwrap()).unwrap();
+        // The timeline has each channel's share, and they add up to multifd-bytes.
+        let per: Vec<u64> = t["multifd-channel-bytes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        assert_eq!(per.len(), channels as usize, "{what}: {per:?}");
+        assert!(
+            per.iter().all(|&b| b > 0),
+            "{what}: every channel carried data: {per:?}"
+        );
+        assert_eq!(
+            Some(per.iter().sum::<u64>()),
+            r["ram"]["multifd-bytes"].as_u64()
+        );
         eprintln!(
             "{what}: {} ms total, {} ms downtime {}, {} MiB",
             r["total-time"],
