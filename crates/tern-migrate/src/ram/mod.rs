@@ -180,6 +180,24 @@ impl RamSaver {
     }
 }
 
+/// Writes `runs` of `region` (first page, count) as known-zero ranges in one RAM_PAGES record;
+/// returns the pages they cover.
+pub(crate) fn send_zero_runs<W: Write>(
+    out: &mut StreamWriter<W>,
+    region: u32,
+    runs: &[(u64, u32)],
+) -> Result<u64> {
+    let wire: Vec<RamRun<'_>> = runs
+        .iter()
+        .map(|&(first_page, n)| RamRun {
+            first_page,
+            data: RunData::Zero(n),
+        })
+        .collect();
+    out.ram_pages(region, &wire)?;
+    Ok(runs.iter().map(|r| u64::from(r.1)).sum())
+}
+
 /// Reads `runs` of `region` into `buf` (at least BATCH_PAGES pages) and writes them as one
 /// RAM_PAGES record, zero pages as ranges. Returns the pages sent with data and as zeros.
 pub(crate) fn send_pages<W: Write>(
@@ -336,17 +354,7 @@ fn send_holes(
                     region: info.id,
                     runs,
                 })?,
-                None => {
-                    let wire: Vec<RamRun<'_>> = runs
-                        .iter()
-                        .map(|&(first_page, c)| RamRun {
-                            first_page,
-                            data: RunData::Zero(c),
-                        })
-                        .collect();
-                    out.ram_pages(info.id, &wire)?;
-                    total += runs.iter().map(|r| u64::from(r.1)).sum::<u64>();
-                }
+                None => total += send_zero_runs(out, info.id, &runs)?,
             }
         }
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tern_wire::{RamRun, RunData, StreamWriter, VmDescription, PAGE_SIZE};
+use tern_wire::{StreamWriter, VmDescription, PAGE_SIZE};
 
 use crate::rate::RateLimited;
 use crate::transport::Connection;
@@ -286,15 +286,7 @@ impl DataChannels {
                     self.counters.zero.fetch_add(zero, Ordering::Relaxed);
                 }
                 Job::Zero { region, runs } => {
-                    let wire: Vec<RamRun<'_>> = runs
-                        .iter()
-                        .map(|&(first_page, n)| RamRun {
-                            first_page,
-                            data: RunData::Zero(n),
-                        })
-                        .collect();
-                    out.ram_pages(region, &wire)?;
-                    let pages: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+                    let pages = crate::ram::send_zero_runs(&mut out, region, &runs)?;
                     self.counters.zero.fetch_add(pages, Ordering::Relaxed);
                 }
                 Job::Sync(round) => {
