@@ -216,6 +216,19 @@ fn cancel_or_quit_on_the_target_stops_the_load_and_the_source_runs_on() {
     }
 }
 
+/// What a hand-made source says first on its connection: the hello of a one-channel migration.
+fn main_hello(s: &mut impl std::io::Write) {
+    let hello = tern_wire::ChannelHello {
+        session: [1; 16],
+        role: tern_wire::ChannelRole::Main,
+        index: 0,
+        channels: 1,
+    };
+    tern_wire::RecordWriter::new(s)
+        .write(tern_wire::record_type::CHANNEL_HELLO, 0, &hello.encode())
+        .unwrap();
+}
+
 fn rss_mib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -233,7 +246,7 @@ fn rss_mib(pid: u32) -> u64 {
 #[test]
 fn a_peer_that_announces_much_and_sends_little_cannot_fill_the_target() {
     use std::io::Write;
-    use tern_wire::{RamRun, RecordWriter, RunData, StreamReader, StreamWriter};
+    use tern_wire::{RamRun, RunData, StreamReader, StreamWriter};
     let _g = exclusive();
     let d = dir("announce");
     // A valid description of a 4 GiB guest, from a real save.
@@ -254,15 +267,7 @@ fn a_peer_that_announces_much_and_sends_little_cannot_fill_the_target() {
     let uri = format!("unix:{}", d.join("announce.sock").display());
     let mut dst = target(&d, "dst", &uri, &[]);
     let mut s = connect_unix(&d.join("announce.sock"), LINE);
-    let hello = tern_wire::ChannelHello {
-        session: [2; 16],
-        role: tern_wire::ChannelRole::Main,
-        index: 0,
-        channels: 1,
-    };
-    RecordWriter::new(&mut s)
-        .write(tern_wire::record_type::CHANNEL_HELLO, 0, &hello.encode())
-        .unwrap();
+    main_hello(&mut s);
     {
         let mut w = StreamWriter::new(&mut s).unwrap();
         w.description(&desc).unwrap();
@@ -344,16 +349,10 @@ fn a_silent_source_times_out() {
     );
     dst.q.ok("migrate-incoming", json!({"uri": uri}));
     let mut s = std::net::TcpStream::connect(uri.trim_start_matches("tcp:")).unwrap();
-    let hello = tern_wire::ChannelHello {
-        session: [1; 16],
-        role: tern_wire::ChannelRole::Main,
-        index: 0,
-        channels: 1,
-    };
-    let mut w = tern_wire::RecordWriter::new(&mut s);
-    w.write(tern_wire::record_type::CHANNEL_HELLO, 0, &hello.encode())
+    main_hello(&mut s);
+    tern_wire::RecordWriter::new(&mut s)
+        .write_stream_header()
         .unwrap();
-    w.write_stream_header().unwrap();
     s.flush().unwrap();
     let t0 = Instant::now();
     let st = dst.p.wait_exit(LINE);
