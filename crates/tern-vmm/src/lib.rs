@@ -16,6 +16,7 @@ mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
+pub use memory::MemoryBackend;
 pub use serial::SerialOutput;
 pub use vm::{MachineConfig, RunState, Vm, VmConfig, VmExit};
 

@@ -1,11 +1,15 @@
-//! Guest RAM: one memfd, mapped shared, split around the 32-bit PCI hole.
+//! Guest RAM, split around the 32-bit PCI hole, in one of three backings ([`MemoryBackend`]):
+//! anonymous memory with transparent huge pages (the default: the cheapest first touch on this
+//! kind of host, `bench/first-touch.py`), a memfd (shareable: what a local hand-over needs), or
+//! a memfd of reserved huge pages.
 //!
-//! The memfd lets a local destination share the memory and lets postcopy register it with
-//! userfaultfd later. vm-memory's atomic bitmap records the writes the VMM itself makes, so that
-//! they can be ORed with KVM's dirty log.
+//! vm-memory's atomic bitmap records the writes the VMM itself makes, so that they can be ORed
+//! with KVM's dirty log.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::str::FromStr;
 
 pub use vm_memory;
 use vm_memory::bitmap::AtomicBitmap;
@@ -77,36 +81,123 @@ pub fn e820(regions: &[RamRegion]) -> Vec<(u64, u64, u32)> {
     map
 }
 
-/// Guest RAM: the memfd and its mapping.
+/// What backs guest RAM (`tern run --memory-backend`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// Private anonymous memory with transparent huge pages asked for (QEMU's
+    /// `memory-backend-ram`): a first touch costs a fifth of a memfd's here.
+    #[default]
+    Anon,
+    /// A memfd mapped shared (QEMU's `memory-backend-memfd`): another process can map it.
+    Memfd,
+    /// A memfd of 2 MiB huge pages from the host's reserved pool (`vm.nr_hugepages`).
+    MemfdHugetlb,
+}
+
+impl MemoryBackend {
+    /// The option's value for this backend.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryBackend::Anon => "anon",
+            MemoryBackend::Memfd => "memfd",
+            MemoryBackend::MemfdHugetlb => "memfd-hugetlb",
+        }
+    }
+}
+
+impl FromStr for MemoryBackend {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "anon" | "ram" => Ok(MemoryBackend::Anon),
+            "memfd" => Ok(MemoryBackend::Memfd),
+            "memfd-hugetlb" | "hugetlb" => Ok(MemoryBackend::MemfdHugetlb),
+            other => Err(format!(
+                "unknown memory backend {other:?}: anon, memfd or memfd-hugetlb"
+            )),
+        }
+    }
+}
+
+/// Size of the huge pages a `memfd-hugetlb` backend uses.
+const HUGE_PAGE: u64 = 2 << 20;
+
+/// Guest RAM: its backing and mapping.
 pub struct GuestRam {
-    memfd: File,
+    backend: MemoryBackend,
+    /// The memfd, for the memfd backends.
+    memfd: Option<File>,
     regions: Vec<RamRegion>,
     mem: GuestMemory,
 }
 
+/// A fresh memfd of `size` bytes.
+fn create_memfd(size: u64, hugetlb: bool) -> Result<File> {
+    let flags = libc::MFD_CLOEXEC | if hugetlb { libc::MFD_HUGETLB } else { 0 };
+    // SAFETY: memfd_create with a static NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"tern-guest-ram".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(Error::Memory(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let memfd = unsafe { File::from_raw_fd(fd) };
+    memfd
+        .set_len(size)
+        .map_err(|e| Error::Memory(format!("sizing the memfd to {size} bytes: {e}")))?;
+    Ok(memfd)
+}
+
+/// Huge pages free in the host's pool, from /proc/meminfo.
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 impl GuestRam {
-    /// Creates `size` bytes of guest RAM in a fresh memfd.
+    /// Creates `size` bytes of guest RAM in the default backing.
     pub fn new(size: u64) -> Result<Self> {
+        Self::with_backend(size, MemoryBackend::default())
+    }
+
+    /// Creates `size` bytes of guest RAM backed as asked.
+    pub fn with_backend(size: u64, backend: MemoryBackend) -> Result<Self> {
         if size < MIN_MEMORY {
             return Err(Error::InvalidConfig(format!(
                 "memory must be at least {} MiB",
                 MIN_MEMORY >> 20
             )));
         }
-        // SAFETY: memfd_create with a static NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"tern-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::Memory(format!(
-                "memfd_create: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd
-            .set_len(size)
-            .map_err(|e| Error::Memory(format!("sizing the memfd to {size} bytes: {e}")))?;
         let regions = layout(size);
+        let memfd = match backend {
+            MemoryBackend::Anon => None,
+            MemoryBackend::Memfd => Some(create_memfd(size, false)?),
+            MemoryBackend::MemfdHugetlb => {
+                if !size.is_multiple_of(HUGE_PAGE) {
+                    return Err(Error::InvalidConfig(format!(
+                        "memory-backend memfd-hugetlb needs a multiple of 2 MiB, not {size} bytes"
+                    )));
+                }
+                // The mapping does not reserve the pages (vm-memory maps with MAP_NORESERVE):
+                // a pool too small would show up as a SIGBUS in the guest, so check it now.
+                let (need, free) = (size / HUGE_PAGE, free_huge_pages());
+                if free < need {
+                    return Err(Error::Memory(format!(
+                        "memory-backend memfd-hugetlb needs {need} free 2 MiB huge pages, the \
+                         host has {free} (reserve them: sysctl vm.nr_hugepages)"
+                    )));
+                }
+                Some(create_memfd(size, true)?)
+            }
+        };
         let ranges: Vec<_> = regions
             .iter()
             .map(|r| {
@@ -114,22 +205,42 @@ impl GuestRam {
                     GuestAddress(r.start),
                     usize::try_from(r.size)
                         .map_err(|_| Error::Memory("region too large".into()))?,
-                    Some(FileOffset::new(
-                        memfd
-                            .try_clone()
-                            .map_err(|e| Error::Memory(format!("dup memfd: {e}")))?,
-                        r.file_offset,
-                    )),
+                    match &memfd {
+                        Some(f) => Some(FileOffset::new(
+                            f.try_clone()
+                                .map_err(|e| Error::Memory(format!("dup memfd: {e}")))?,
+                            r.file_offset,
+                        )),
+                        None => None,
+                    },
                 ))
             })
             .collect::<Result<_>>()?;
         let mem = GuestMemory::from_ranges_with_files(ranges)
             .map_err(|e| Error::Memory(format!("mapping guest RAM: {e}")))?;
-        Ok(GuestRam {
+        let ram = GuestRam {
+            backend,
             memfd,
             regions,
             mem,
-        })
+        };
+        if backend == MemoryBackend::Anon {
+            for (host, r) in ram.host_addrs().into_iter().zip(&ram.regions) {
+                // Huge pages where the host grants them (THP `madvise` mode is common), and
+                // no copy-on-write sharing with a child we fork (an `exec:` migration) while
+                // KVM maps the pages. Advice only: a refusal changes speed, not behaviour.
+                for advice in [libc::MADV_HUGEPAGE, libc::MADV_DONTFORK] {
+                    // SAFETY: the range is the region's own mapping, which we just created.
+                    unsafe { libc::madvise(host as *mut libc::c_void, r.size as usize, advice) };
+                }
+            }
+        }
+        Ok(ram)
+    }
+
+    /// The backing.
+    pub fn backend(&self) -> MemoryBackend {
+        self.backend
     }
 
     /// The vm-memory view.
@@ -142,9 +253,9 @@ impl GuestRam {
         &self.regions
     }
 
-    /// The memfd that backs all regions.
-    pub fn memfd(&self) -> &File {
-        &self.memfd
+    /// The memfd that backs all regions, for the memfd backends.
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
     }
 
     /// Total RAM in bytes.
@@ -163,6 +274,122 @@ impl GuestRam {
             })
             .collect()
     }
+}
+
+/// Page size of the ranges below.
+const PAGE: u64 = 4096;
+
+impl GuestRam {
+    /// The pages of region `index` that may hold data (ranges of page indices): all others read
+    /// as zero. A page the guest only ever read may be included; a page with data never is
+    /// left out (if the backing cannot tell, everything is returned).
+    pub fn populated(&self, index: usize) -> Vec<Range<u64>> {
+        let (Some(r), Some(host)) = (
+            self.regions.get(index),
+            self.host_addrs().get(index).copied(),
+        ) else {
+            return Vec::new();
+        };
+        let all = std::iter::once(0..r.size / PAGE).collect();
+        match &self.memfd {
+            Some(f) => memfd_data(f, r).unwrap_or(all),
+            None => pagemap_present(host, r.size / PAGE).unwrap_or(all),
+        }
+    }
+
+    /// Makes `count` pages of region `index` from `first_page` read as zero by giving their
+    /// memory back (the next touch allocates afresh). False if the backing refused: then the
+    /// caller writes zeros. Only while the guest does not run.
+    pub fn discard(&self, index: usize, first_page: u64, count: u64) -> bool {
+        let (Some(r), Some(host)) = (
+            self.regions.get(index),
+            self.host_addrs().get(index).copied(),
+        ) else {
+            return false;
+        };
+        let (at, len) = (first_page * PAGE, count * PAGE);
+        if at.checked_add(len).is_none_or(|end| end > r.size) {
+            return false;
+        }
+        let rc = match &self.memfd {
+            // SAFETY: fallocate on our own memfd, within the region's range of the file.
+            Some(f) => unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (r.file_offset + at) as i64,
+                    len as i64,
+                )
+            },
+            // SAFETY: inside the region's private anonymous mapping (checked): after
+            // MADV_DONTNEED its pages read as zero, which is what the caller asks for.
+            None => unsafe {
+                libc::madvise(
+                    (host + at) as *mut libc::c_void,
+                    len as usize,
+                    libc::MADV_DONTNEED,
+                )
+            },
+        };
+        rc == 0
+    }
+}
+
+/// The ranges of a memfd region that hold data (SEEK_DATA/SEEK_HOLE), or None if the file
+/// system cannot say.
+fn memfd_data(f: &File, r: &RamRegion) -> Option<Vec<Range<u64>>> {
+    let fd = f.as_raw_fd();
+    let (start, end) = (r.file_offset as i64, (r.file_offset + r.size) as i64);
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek on our own memfd; the results are checked.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `pos`
+            }
+            return None;
+        }
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { hole.min(end) };
+        out.push(((data - start) as u64 / PAGE)..((hole - start) as u64).div_ceil(PAGE));
+        pos = hole;
+    }
+    Some(out)
+}
+
+/// The pages of an anonymous mapping that are present or swapped out (/proc/self/pagemap,
+/// bits 63 and 62): an untouched page is neither and reads as zero. Swapped pages count, or
+/// their data would be lost. None if pagemap cannot be read.
+fn pagemap_present(host: u64, pages: u64) -> Option<Vec<Range<u64>>> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 32768;
+    let f = File::open("/proc/self/pagemap").ok()?;
+    let mut buf = vec![0u8; (CHUNK * 8) as usize];
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let mut p = 0;
+    while p < pages {
+        let n = CHUNK.min(pages - p);
+        let bytes = &mut buf[..(n * 8) as usize];
+        f.read_exact_at(bytes, (host / PAGE + p) * 8).ok()?;
+        for (i, e) in bytes.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            if e & (3 << 62) != 0 {
+                let page = p + i as u64;
+                match out.last_mut() {
+                    Some(last) if last.end == page => last.end = page + 1,
+                    _ => out.push(page..page + 1),
+                }
+            }
+        }
+        p += n;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -204,12 +431,69 @@ mod tests {
     #[test]
     fn guest_ram_is_memfd_backed_and_shared() {
         use vm_memory::Bytes;
-        let ram = GuestRam::new(64 << 20).unwrap();
+        let ram = GuestRam::with_backend(64 << 20, MemoryBackend::Memfd).unwrap();
         ram.memory()
             .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
             .unwrap();
         let mut buf = [0u8; 4];
-        std::os::unix::fs::FileExt::read_exact_at(ram.memfd(), &mut buf, 0x1000).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(ram.memfd().unwrap(), &mut buf, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+    }
+
+    /// Each backing says which pages hold data, and gives discarded pages back as zeros.
+    #[test]
+    fn populated_and_discard_follow_the_writes() {
+        use vm_memory::Bytes;
+        for backend in [MemoryBackend::Anon, MemoryBackend::Memfd] {
+            let ram = GuestRam::with_backend(64 << 20, backend).unwrap();
+            assert!(ram.memfd().is_some() == (backend == MemoryBackend::Memfd));
+            assert!(
+                ram.populated(0).is_empty(),
+                "{backend:?}: fresh RAM holds nothing"
+            );
+            for page in [3u64, 4, 100, 16383] {
+                ram.memory()
+                    .write_obj(page as u32 | 1, GuestAddress(page * PAGE))
+                    .unwrap();
+            }
+            let got: Vec<u64> = ram.populated(0).into_iter().flatten().collect();
+            for page in [3u64, 4, 100, 16383] {
+                assert!(
+                    got.contains(&page),
+                    "{backend:?}: page {page} missing in {got:?}"
+                );
+            }
+            // THP may populate a whole 2 MiB around a write, never more than that per write.
+            assert!(got.len() <= 4 * 512, "{backend:?}: {} pages", got.len());
+            assert!(ram.discard(0, 96, 16));
+            assert_eq!(
+                ram.memory()
+                    .read_obj::<u32>(GuestAddress(100 * PAGE))
+                    .unwrap(),
+                0
+            );
+            assert_eq!(
+                ram.memory()
+                    .read_obj::<u32>(GuestAddress(3 * PAGE))
+                    .unwrap(),
+                3 | 1
+            );
+            assert!(!ram.discard(0, 16383, 2), "{backend:?}: past the end");
+        }
+    }
+
+    #[test]
+    fn backend_names_parse() {
+        for b in [
+            MemoryBackend::Anon,
+            MemoryBackend::Memfd,
+            MemoryBackend::MemfdHugetlb,
+        ] {
+            assert_eq!(b.name().parse::<MemoryBackend>(), Ok(b));
+        }
+        assert!("tmpfs"
+            .parse::<MemoryBackend>()
+            .unwrap_err()
+            .contains("anon, memfd"));
     }
 }

@@ -2,7 +2,6 @@
 //! pause and resume, and the machine state.
 
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -199,33 +198,7 @@ impl GuestRam for Vm {
     }
 
     fn populated(&self, region: u32) -> Vec<Range<u64>> {
-        let Ok((r, _)) = self.region(region) else {
-            return Vec::new();
-        };
-        let fd = self.ram.memfd().as_raw_fd();
-        let (start, end) = (r.file_offset as i64, (r.file_offset + r.size) as i64);
-        let all = || std::iter::once(0..r.size / PAGE).collect();
-        let mut out = Vec::new();
-        let mut pos = start;
-        while pos < end {
-            // SAFETY: lseek on our own memfd; the results are checked.
-            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if data < 0 {
-                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                    break; // no data after `pos`
-                }
-                return all(); // SEEK_DATA unsupported: any page may hold data
-            }
-            if data >= end {
-                break;
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { hole.min(end) };
-            out.push(((data - start) as u64 / PAGE)..((hole - start) as u64).div_ceil(PAGE));
-            pos = hole;
-        }
-        out
+        self.ram.populated(region as usize)
     }
 }
 
@@ -329,21 +302,10 @@ impl TargetRam for Vm {
         let bytes = count
             .checked_mul(PAGE)
             .ok_or_else(|| MigrateError::Vm("zero run overflows".into()))?;
-        let (r, host) = self.check_range(region, first_page, bytes)?;
-        if count >= 16 {
-            // Large runs: drop the pages from the memfd; untouched memory costs nothing.
-            // SAFETY: fallocate on our own memfd within the region's file range.
-            let rc = unsafe {
-                libc::fallocate(
-                    self.ram.memfd().as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    (r.file_offset + first_page * PAGE) as i64,
-                    bytes as i64,
-                )
-            };
-            if rc == 0 {
-                return Ok(());
-            }
+        let (_, host) = self.check_range(region, first_page, bytes)?;
+        // Large runs: give the memory back; untouched memory costs nothing.
+        if count >= 16 && self.ram.discard(region as usize, first_page, count) {
+            return Ok(());
         }
         // SAFETY: checked range inside the mapping; the vCPUs do not run yet.
         unsafe { std::ptr::write_bytes((host + first_page * PAGE) as *mut u8, 0, bytes as usize) };

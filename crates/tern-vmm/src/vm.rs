@@ -19,7 +19,7 @@ use crate::devices::kvm::{Clock, IrqChip, Pit};
 use crate::devices::serial::{SerialPort, ShutdownPort};
 use crate::devices::{DeviceManager, LoadStage};
 use crate::error::kvm as kvm_err;
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, MemoryBackend};
 use crate::serial::{IrqTrigger, SerialDevice, SerialOutput, SerialSink, COM1_BASE, COM1_IRQ};
 use crate::vcpu::{self, Control};
 use crate::{cpuid, Error, Result, MAX_VCPUS};
@@ -38,6 +38,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// What backs guest RAM.
+    pub memory_backend: MemoryBackend,
     /// Number of vCPUs.
     pub vcpus: u32,
     /// Serial console output.
@@ -135,6 +137,7 @@ pub(crate) fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
     pub memory: u64,
+    pub memory_backend: MemoryBackend,
     pub vcpus: u32,
     pub serial: SerialOutput,
     pub kvm_path: PathBuf,
@@ -145,6 +148,7 @@ impl Vm {
     pub fn start(cfg: VmConfig) -> Result<Arc<Vm>> {
         let vm = Vm::create(&MachineConfig {
             memory: cfg.memory,
+            memory_backend: cfg.memory_backend,
             vcpus: cfg.vcpus,
             serial: cfg.serial.clone(),
             kvm_path: cfg.kvm_path.clone(),
@@ -190,7 +194,7 @@ impl Vm {
             }
         }
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let ram = GuestRam::new(cfg.memory)?;
+        let ram = GuestRam::with_backend(cfg.memory, cfg.memory_backend)?;
         set_memory_slots(&vm_fd, &ram, 0)?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)

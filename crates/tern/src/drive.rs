@@ -53,6 +53,9 @@ pub struct SaveArgs {
 pub struct RestoreArgs {
     /// A file written by `tern save` (or a migration to file:/exec:).
     pub file: PathBuf,
+    /// What backs guest RAM, as for `tern run`.
+    #[arg(long, default_value = "anon")]
+    pub memory_backend: tern_vmm::MemoryBackend,
     #[command(flatten)]
     pub consoles: crate::run::Consoles,
 }
@@ -294,6 +297,7 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
         cmdline: String::new(),
         memory: None,
         vcpus: None,
+        memory_backend: args.memory_backend,
         consoles: args.consoles,
         incoming: Some(format!("file:{}", abs.display())),
         kvm_device: "/dev/kvm".into(),

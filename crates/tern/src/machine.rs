@@ -54,6 +54,7 @@ pub(crate) struct App {
 /// The target's machine options, if given (the stream must match them).
 pub(crate) struct MachineSpec {
     pub(crate) memory: Option<u64>,
+    pub(crate) memory_backend: tern_vmm::MemoryBackend,
     pub(crate) vcpus: Option<u32>,
     pub(crate) serial: SerialOutput,
     pub(crate) kvm_path: PathBuf,
@@ -311,6 +312,7 @@ impl App {
             }
             let vm = Vm::create(&MachineConfig {
                 memory: m.memory,
+                memory_backend: app.machine.memory_backend,
                 vcpus: m.vcpus,
                 serial: app.machine.serial.clone(),
                 kvm_path: app.machine.kvm_path.clone(),

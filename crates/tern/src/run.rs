@@ -11,6 +11,7 @@ use clap::Args;
 use tern_migrate::transport::Uri;
 use tern_qmp::Server;
 use tern_vmm::machine::host_memory;
+use tern_vmm::MemoryBackend;
 use tern_vmm::{SerialOutput, Vm, VmConfig, VmExit};
 
 use crate::backend::RunBackend;
@@ -33,6 +34,11 @@ pub struct RunArgs {
     /// Number of vCPUs (1-32). Default 1; with --incoming, as for --memory.
     #[arg(long)]
     pub vcpus: Option<u32>,
+    /// What backs guest RAM: anon (private memory with transparent huge pages, QEMU's
+    /// memory-backend-ram: the cheapest to fill, the default), memfd (shareable with another
+    /// process) or memfd-hugetlb (2 MiB pages from the host's reserved pool).
+    #[arg(long, default_value = "anon")]
+    pub memory_backend: MemoryBackend,
     #[command(flatten)]
     pub consoles: Consoles,
     /// Wait for a migration instead of booting: tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND,
@@ -229,6 +235,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         },
         MachineSpec {
             memory,
+            memory_backend: args.memory_backend,
             vcpus: args.vcpus,
             serial: serial.clone(),
             kvm_path: args.kvm_device.clone(),
@@ -258,6 +265,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             kernel,
             cmdline: args.cmdline.clone(),
             memory: memory.unwrap_or(1 << 30),
+            memory_backend: args.memory_backend,
             vcpus: args.vcpus.unwrap_or(1),
             serial,
             kvm_path: args.kvm_device.clone(),

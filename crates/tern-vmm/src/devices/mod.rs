@@ -305,6 +305,7 @@ mod tests {
     fn machine() -> MachineConfig {
         MachineConfig {
             memory: 32 << 20,
+            memory_backend: Default::default(),
             vcpus: 2,
             serial: SerialOutput::Null,
             kvm_path: "/dev/kvm".into(),
