@@ -4,7 +4,9 @@
 //! dirtied per second over all vCPUs (0), `tern.pattern=seq|random|hot` (seq; hot = 90% of writes
 //! to 10% of the set), `tern.check=<s>` self-check period (2; 0 = off), `tern.hb=<ms>` heartbeat
 //! period (100), `tern.exit=<s>` power off after that many seconds (0 = never), `tern.tsc_khz=`
-//! (override; otherwise read from kvmclock).
+//! (override; otherwise read from kvmclock), `tern.entropy=<0..100>` how much of each page is
+//! incompressible (100; the rest of the page repeats one word, so that compression has
+//! something to gain: 0 compresses about a hundredfold, 50 about twofold).
 //!
 //! Every page of the working set holds a pattern derived from (page index, generation); the
 //! generations live in a table in guest RAM, updated like a seqlock (odd while the page is being
@@ -62,6 +64,8 @@ struct Config {
     check_s: u64,
     hb_ms: u64,
     exit_s: u64,
+    /// Words of each page that follow the incompressible pattern; the rest repeat one word.
+    varied_words: usize,
     tsc_hz: u64,
     gen_base: u64,
     ranges: [Range; MAX_RANGES],
@@ -77,6 +81,7 @@ static mut CONFIG: Config = Config {
     check_s: 2,
     hb_ms: 100,
     exit_s: 0,
+    varied_words: WORDS,
     tsc_hz: 0,
     gen_base: 0,
     ranges: [Range { base: 0, pages: 0 }; MAX_RANGES],
@@ -201,6 +206,7 @@ struct Knobs {
     hb_ms: u64,
     exit_s: u64,
     tsc_khz: u64,
+    entropy: u64,
 }
 
 fn parse_cmdline(cmd: &[u8]) -> Knobs {
@@ -212,6 +218,7 @@ fn parse_cmdline(cmd: &[u8]) -> Knobs {
         hb_ms: 100,
         exit_s: 0,
         tsc_khz: 0,
+        entropy: 100,
     };
     for word in cmd.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
         let Some(eq) = word.iter().position(|&c| c == b'=') else {
@@ -226,6 +233,7 @@ fn parse_cmdline(cmd: &[u8]) -> Knobs {
             (b"tern.hb", Some(v)) if v > 0 => k.hb_ms = v,
             (b"tern.exit", Some(v)) => k.exit_s = v,
             (b"tern.tsc_khz", Some(v)) => k.tsc_khz = v,
+            (b"tern.entropy", Some(v)) if v <= 100 => k.entropy = v,
             (b"tern.pattern", _) => match val {
                 b"seq" => k.pattern = Pattern::Seq,
                 b"random" => k.pattern = Pattern::Random,
@@ -302,12 +310,22 @@ fn pattern_base(i: u64, g: u64) -> u64 {
 }
 const WORD_STEP: u64 = 0xa076_1d64_78bd_642f;
 
-fn fill_page(addr: u64, i: u64, g: u64) {
+/// Word `j` of a page whose pattern starts at `base`: the first `varied` words step through
+/// values no compressor can predict, the rest repeat `base` (never zero: `base` is odd).
+fn word(base: u64, j: usize, varied: usize) -> u64 {
+    if j < varied {
+        base.wrapping_add(j as u64 * WORD_STEP)
+    } else {
+        base
+    }
+}
+
+fn fill_page(cfg: &Config, addr: u64, i: u64, g: u64) {
     let p = addr as *mut u64;
     let base = pattern_base(i, g);
     for j in 0..WORDS {
         // SAFETY: `addr` is a page of the working set, owned by the calling vCPU.
-        unsafe { p.add(j).write(base.wrapping_add(j as u64 * WORD_STEP)) };
+        unsafe { p.add(j).write(word(base, j, cfg.varied_words)) };
     }
 }
 
@@ -317,7 +335,7 @@ fn dirty_page(cfg: &Config, i: u64) {
     let g = gen.load(Ordering::Relaxed);
     gen.store(g + 1, Ordering::Relaxed);
     fence(Ordering::Release);
-    fill_page(cfg.page_addr(i), i, g + 2);
+    fill_page(cfg, cfg.page_addr(i), i, g + 2);
     gen.store(g + 2, Ordering::Release);
 }
 
@@ -342,7 +360,7 @@ fn verify_page(cfg: &Config, i: u64) -> Result<(), Bad> {
             for j in 0..WORDS {
                 // SAFETY: a page of the working set; a concurrent writer is detected below.
                 let got = unsafe { addr.add(j).read() };
-                let want = base.wrapping_add(j as u64 * WORD_STEP);
+                let want = word(base, j, cfg.varied_words);
                 if got != want {
                     bad = Some(Bad { page: i, gen: g1, word: j, got, want });
                     break;
@@ -458,6 +476,7 @@ fn setup(start_info: u64) {
             check_s: knobs.check_s,
             hb_ms: knobs.hb_ms,
             exit_s: knobs.exit_s,
+            varied_words: WORDS * knobs.entropy as usize / 100,
             tsc_hz,
             gen_base,
             ranges,
@@ -470,7 +489,7 @@ fn setup(start_info: u64) {
         Pattern::Hot => "hot",
     };
     say!(
-        "tern-guest boot cpus={} ram_top_mib={} wss_mib={} rate={} pattern={} check={} hb={} tsc_khz={} ({})",
+        "tern-guest boot cpus={} ram_top_mib={} wss_mib={} rate={} pattern={} check={} hb={} tsc_khz={} ({}) entropy={}",
         ncpus,
         ram_top >> 20,
         wss_pages / 256,
@@ -479,7 +498,8 @@ fn setup(start_info: u64) {
         knobs.check_s,
         knobs.hb_ms,
         tsc_hz / 1000,
-        tsc_src
+        tsc_src,
+        knobs.entropy
     );
 }
 
@@ -488,7 +508,7 @@ fn fill_own(cfg: &Config, cpu: u64) {
     for j in 0..n {
         let i = j * cfg.ncpus + cpu;
         cfg.gen(i).store(0, Ordering::Relaxed);
-        fill_page(cfg.page_addr(i), i, 0);
+        fill_page(cfg, cfg.page_addr(i), i, 0);
     }
     fence(Ordering::Release);
 }

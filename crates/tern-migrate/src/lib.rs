@@ -37,7 +37,8 @@ pub use control::{CancelRefused, MigrationControl, MigrationEvent};
 pub use error::MigrateError;
 pub use manager::MigrationManager;
 pub use params::{
-    Capabilities, FaultAction, LimitAction, MigrationParams, SwitchoverFault, SwitchoverStep,
+    Capabilities, FaultAction, LimitAction, MigrationParams, MultifdCompression, SwitchoverFault,
+    SwitchoverStep,
 };
 pub use participant::{LoadParticipant, Progress, SaveParticipant};
 pub use ram::{RamLoader, RamSaver};
@@ -118,6 +119,24 @@ pub trait TargetRam: Send + Sync {
     fn write_pages(&self, region: u32, first_page: u64, data: &[u8]) -> Result<()>;
     /// Makes pages zero.
     fn zero_pages(&self, region: u32, first_page: u64, count: u64) -> Result<()>;
+    /// Lets `fill` write `count` whole pages where they belong (the stream's data read or
+    /// decompressed straight into guest RAM, copied once). The default goes through a buffer
+    /// and [`TargetRam::write_pages`]; `count` is bounded by the record limits.
+    fn fill_pages(
+        &self,
+        region: u32,
+        first_page: u64,
+        count: u64,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<()> {
+        let len = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(tern_wire::PAGE_SIZE))
+            .ok_or_else(|| MigrateError::Vm("page run overflows".into()))?;
+        let mut buf = vec![0u8; len];
+        fill(&mut buf);
+        self.write_pages(region, first_page, &buf)
+    }
 }
 
 /// The VM being migrated in.

@@ -142,6 +142,43 @@ pub struct MigrationParams {
     pub read_timeout_ms: u64,
     /// Data channels with the `multifd` capability (QEMU's `multifd-channels`, default 2).
     pub multifd_channels: u8,
+    /// How pages with data are compressed (QEMU's `multifd-compression`; tern compresses on
+    /// the main stream too, so it also applies without `multifd`).
+    pub multifd_compression: MultifdCompression,
+    /// zstd's level, 0–20 (QEMU's `multifd-zstd-level`, default 1; 0 is zstd's own default, 3).
+    pub multifd_zstd_level: u8,
+}
+
+/// `multifd-compression` values tern has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MultifdCompression {
+    #[default]
+    None,
+    Zstd,
+    Lz4,
+}
+
+impl MultifdCompression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MultifdCompression::None => "none",
+            MultifdCompression::Zstd => "zstd",
+            MultifdCompression::Lz4 => "lz4",
+        }
+    }
+}
+
+impl MigrationParams {
+    /// The compression the page senders use.
+    pub fn compression(&self) -> tern_wire::Compression {
+        match self.multifd_compression {
+            MultifdCompression::None => tern_wire::Compression::None,
+            MultifdCompression::Lz4 => tern_wire::Compression::Lz4,
+            MultifdCompression::Zstd => {
+                tern_wire::Compression::Zstd(i32::from(self.multifd_zstd_level))
+            }
+        }
+    }
 }
 
 impl Default for MigrationParams {
@@ -160,6 +197,8 @@ impl Default for MigrationParams {
             switchover_fault: None,
             read_timeout_ms: 60_000,
             multifd_channels: 2,
+            multifd_compression: MultifdCompression::None,
+            multifd_zstd_level: 1,
         }
     }
 }
@@ -168,7 +207,6 @@ impl Default for MigrationParams {
 const NOT_YET: &[&str] = &[
     "xbzrle-cache-size",
     "max-postcopy-bandwidth",
-    "multifd-compression",
     "avail-switchover-bandwidth",
     "tls-creds",
     "tls-hostname",
@@ -203,6 +241,8 @@ impl MigrationParams {
             "x-tern-switchover-fault": self.switchover_fault.map(|f| f.to_string()).unwrap_or_default(),
             "x-tern-read-timeout": self.read_timeout_ms,
             "multifd-channels": self.multifd_channels,
+            "multifd-compression": self.multifd_compression.as_str(),
+            "multifd-zstd-level": self.multifd_zstd_level,
         })
     }
 
@@ -235,6 +275,22 @@ impl MigrationParams {
                 }
                 "x-tern-read-timeout" => p.read_timeout_ms = int_in(k, v, 100, 86_400_000)?,
                 "multifd-channels" => p.multifd_channels = int_in(k, v, 1, 255)? as u8,
+                "multifd-compression" => {
+                    p.multifd_compression = match v.as_str() {
+                        Some("none") => MultifdCompression::None,
+                        Some("zstd") => MultifdCompression::Zstd,
+                        Some("lz4") => MultifdCompression::Lz4,
+                        Some(other @ ("zlib" | "qpl" | "uadk" | "qatzip")) => {
+                            return Err(format!(
+                            "Parameter '{k}': {other} is not supported by tern (none, zstd, lz4)"
+                        ))
+                        }
+                        _ => {
+                            return Err(format!("Parameter '{k}' expects 'none', 'zstd' or 'lz4'"))
+                        }
+                    }
+                }
+                "multifd-zstd-level" => p.multifd_zstd_level = int_in(k, v, 0, 20)? as u8,
                 "x-tern-switchover-fault" => {
                     p.switchover_fault = SwitchoverFault::parse(
                         v.as_str()
@@ -348,7 +404,9 @@ mod tests {
             json!({"downtime-limit": -1}),
             json!({"cpu-throttle-tailslow": 1}),
             json!({"multifd-channels": 0}),
-            json!({"multifd-compression": "zstd"}),
+            json!({"multifd-compression": "zlib"}),
+            json!({"multifd-compression": 1}),
+            json!({"multifd-zstd-level": 21}),
             json!({"nonsense": 4}),
             json!({"x-tern-switchover-fault": "before-go:explode"}),
             json!({"x-tern-switchover-fault": "later:cut"}),

@@ -42,6 +42,11 @@ pub trait SaveParticipant: Send {
     ) -> bool {
         false
     }
+    /// How to compress what it sends (`multifd-compression`), before [`Self::save_setup`]; a
+    /// participant that has nothing worth compressing ignores it.
+    fn use_compression(&mut self, _compression: tern_wire::Compression) -> Result<()> {
+        Ok(())
+    }
     /// Starts a round: collects what changed since the last one. Returns the bytes newly found
     /// dirty.
     fn sync(&mut self) -> Result<u64>;

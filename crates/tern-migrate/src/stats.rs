@@ -87,6 +87,8 @@ pub struct MigrationStats {
     pub fault_holding: Option<&'static str>,
     /// Stream bytes of each parallel data channel (`multifd`), in index order.
     pub multifd_channel_bytes: Vec<u64>,
+    /// Milliseconds each data channel was busy sending (not waiting for pages).
+    pub multifd_channel_busy_ms: Vec<u64>,
 }
 
 /// One precopy round as measured by the source. Times are seconds since the migration began;
@@ -165,6 +167,7 @@ impl Default for MigrationStats {
             in_doubt: false,
             fault_holding: None,
             multifd_channel_bytes: Vec::new(),
+            multifd_channel_busy_ms: Vec::new(),
         }
     }
 }
@@ -229,6 +232,17 @@ impl MigrationStats {
         }
         if let Some(d) = self.ram_digest {
             v["x-tern-ram-digest"] = json!(format!("{d:016x}"));
+        }
+        if !self.multifd_channel_bytes.is_empty() {
+            // Per data channel: what it sent and how long it was busy sending it.
+            v["x-tern-multifd-channels"] = self
+                .multifd_channel_bytes
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    json!({"bytes": b, "busy-ms": self.multifd_channel_busy_ms.get(i).copied().unwrap_or(0)})
+                })
+                .collect();
         }
         v
     }
@@ -295,6 +309,7 @@ impl MigrationStats {
             "error": self.error,
             "in-doubt": self.in_doubt,
             "multifd-channel-bytes": self.multifd_channel_bytes,
+            "multifd-channel-busy-ms": self.multifd_channel_busy_ms,
             "rounds": rounds,
             "switchover": sw,
         })

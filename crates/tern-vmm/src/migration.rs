@@ -298,6 +298,29 @@ impl TargetRam for Vm {
         Ok(())
     }
 
+    fn fill_pages(
+        &self,
+        region: u32,
+        first_page: u64,
+        count: u64,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<()> {
+        let bytes = count
+            .checked_mul(PAGE)
+            .ok_or_else(|| MigrateError::Vm("page run overflows".into()))?;
+        let (_, host) = self.check_range(region, first_page, bytes)?;
+        // SAFETY: the range was checked to lie inside the region's mapping, which lives as long
+        // as the VM. Nothing else reads or writes it meanwhile: the target's vCPUs do not run
+        // before the stream is complete, and the stream's rule gives each page to one channel
+        // per round (a peer that breaks it can only garble its own guest's pages, which the
+        // VMM never interprets). The prefault helper's MADV_POPULATE_WRITE changes no byte.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut((host + first_page * PAGE) as *mut u8, bytes as usize)
+        };
+        fill(dst);
+        Ok(())
+    }
+
     fn zero_pages(&self, region: u32, first_page: u64, count: u64) -> Result<()> {
         let bytes = count
             .checked_mul(PAGE)

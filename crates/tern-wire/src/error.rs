@@ -65,6 +65,8 @@ pub enum ErrorKind {
         count: u32,
         pages: u64,
     },
+    #[error("cannot place RAM pages: {0}")]
+    Placement(String),
     #[error("RAM encoding {0} is not supported")]
     UnsupportedEncoding(u8),
     #[error("END totals do not match: {0}")]

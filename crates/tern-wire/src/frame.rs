@@ -155,13 +155,34 @@ impl<W: Write> RecordWriter<W> {
     }
 }
 
-/// A checked record's framing: offset, type, flags, body length and CRC.
+/// A checked record's framing: offset, type, flags, length of the body as held in the buffer,
+/// CRC, and whether RAW page data was placed in memory instead of the buffer.
 pub(crate) struct Framed {
     pub offset: u64,
     pub ty: u16,
     pub flags: u16,
     pub len: usize,
     pub crc: u32,
+    pub placed: bool,
+}
+
+/// A placer and the regions' sizes in pages, for [`RecordReader::advance_placing`].
+pub(crate) type Placing<'p, 'r> = (&'p mut dyn PagePlacer, &'r [(u32, u64)]);
+
+/// Where a reader puts the pages of RAW runs as it reads them (guest memory, on a migration
+/// target), so that they are copied once, from the socket to their place.
+pub trait PagePlacer {
+    /// Calls `fill` once with the memory of `count` pages of `region` from `first_page`, for
+    /// it to fill completely; the run was checked to lie inside the region. What `fill` writes
+    /// is checked (the record's CRC) only after it returns: a reader's caller must not use the
+    /// pages before the record is accepted.
+    fn place(
+        &mut self,
+        region: u32,
+        first_page: u64,
+        count: u32,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), ErrorKind>,
+    ) -> Result<(), ErrorKind>;
 }
 
 /// A record as framed: its offset, type, flags and checked body.
@@ -245,6 +266,15 @@ impl<R: Read> RecordReader<R> {
 
     /// Reads and checks the next record; its body is then [`Self::body`].
     pub(crate) fn advance(&mut self) -> Result<Option<Framed>, WireError> {
+        self.advance_placing(None)
+    }
+
+    /// As [`Self::advance`]; with a placer and the regions' sizes, the data of a RAM_PAGES
+    /// record's RAW runs goes straight to the placer and the buffer holds the rest.
+    pub(crate) fn advance_placing(
+        &mut self,
+        placing: Option<Placing<'_, '_>>,
+    ) -> Result<Option<Framed>, WireError> {
         let at = self.offset;
         let mut head = [0u8; RECORD_HEADER];
         let got = read_full(&mut self.r, &mut head).map_err(|e| WireError::at(at, e.into()))?;
@@ -271,38 +301,52 @@ impl<R: Read> RecordReader<R> {
             ));
         }
         let pad = pad_len(len);
-        let total = len + pad + RECORD_TRAILER;
-        if self.buf.len() < total {
-            self.buf.resize(total, 0);
-        }
         let mut computed = crc32c::crc32c(&head);
-        let mut done = 0;
-        while done < total {
-            let n = CHUNK.min(total - done);
-            let got = read_full(&mut self.r, &mut self.buf[done..done + n])
-                .map_err(|e| WireError::at(at, e.into()))?;
-            if got < n {
-                return Err(WireError::at(at, ErrorKind::Truncated("in a record body")));
+        let (held, placed) = match placing {
+            Some((placer, regions)) if ty == crate::record_type::RAM_PAGES => {
+                let held = self
+                    .read_ram_placing(len, &mut computed, placer, regions)
+                    .map_err(|k| WireError::at(at, k))?;
+                (held, true)
             }
-            let body_end = len.clamp(done, done + n);
-            computed = crc32c::crc32c_append(computed, &self.buf[done..body_end]);
-            done += n;
+            _ => {
+                if self.buf.len() < len {
+                    self.buf.resize(len, 0);
+                }
+                let mut done = 0;
+                while done < len {
+                    let n = CHUNK.min(len - done);
+                    let got = read_full(&mut self.r, &mut self.buf[done..done + n])
+                        .map_err(|e| WireError::at(at, e.into()))?;
+                    if got < n {
+                        return Err(WireError::at(at, ErrorKind::Truncated("in a record body")));
+                    }
+                    computed = crc32c::crc32c_append(computed, &self.buf[done..done + n]);
+                    done += n;
+                }
+                (len, false)
+            }
+        };
+        let mut tail = [0u8; 7 + RECORD_TRAILER];
+        let tail = &mut tail[..pad + RECORD_TRAILER];
+        let got = read_full(&mut self.r, tail).map_err(|e| WireError::at(at, e.into()))?;
+        if got < tail.len() {
+            return Err(WireError::at(at, ErrorKind::Truncated("in a record body")));
         }
-        let (_, rest) = self.buf[..total].split_at(len);
-        let stored = u32_at(rest, pad);
+        let stored = u32_at(tail, pad);
         if stored != computed {
             return Err(WireError::at(
                 at,
                 ErrorKind::RecordChecksum { stored, computed },
             ));
         }
-        if rest[..pad].iter().any(|&b| b != 0) {
+        if tail[..pad].iter().any(|&b| b != 0) {
             return Err(WireError::at(
                 at,
                 ErrorKind::NonZeroReserved("record padding"),
             ));
         }
-        if u32_at(rest, pad + 4) != 0 {
+        if u32_at(tail, pad + 4) != 0 {
             return Err(WireError::at(
                 at,
                 ErrorKind::NonZeroReserved("record trailer"),
@@ -314,14 +358,131 @@ impl<R: Read> RecordReader<R> {
                 ErrorKind::NonZeroReserved("record flags"),
             ));
         }
-        self.offset += (RECORD_HEADER + total) as u64;
+        self.offset += record_size(len) as u64;
         Ok(Some(Framed {
             offset: at,
             ty,
             flags,
-            len,
+            len: held,
             crc: computed,
+            placed,
         }))
+    }
+
+    /// Reads a RAM_PAGES body of `len` bytes, RAW data to the placer and the rest (the headers,
+    /// compressed data) into the buffer, whose length it returns. Every byte is checksummed
+    /// into `crc` as it is read; the checks are those of the buffered decoder, done before the
+    /// data they guard is read.
+    fn read_ram_placing(
+        &mut self,
+        len: usize,
+        crc: &mut u32,
+        placer: &mut dyn PagePlacer,
+        regions: &[(u32, u64)],
+    ) -> Result<usize, ErrorKind> {
+        use crate::ram::{self, RUN_HEADER};
+        let malformed = |reason: &str| ErrorKind::Malformed {
+            record: "RAM_PAGES",
+            reason: reason.into(),
+        };
+        let mut left = len;
+        let mut held = 0;
+        if len < 8 {
+            return Err(malformed("body shorter than its header"));
+        }
+        self.take_into_buf(8, &mut left, &mut held, crc)?;
+        let region = u32_at(&self.buf, 0);
+        let runs = u32_at(&self.buf, 4) as usize;
+        if runs > limits::MAX_RUNS {
+            return Err(ErrorKind::TooLarge {
+                what: "RAM run count",
+                len: runs as u64,
+                max: limits::MAX_RUNS as u64,
+            });
+        }
+        if runs > (len - 8) / RUN_HEADER {
+            return Err(malformed("more runs than the body can hold"));
+        }
+        let pages = regions
+            .iter()
+            .find(|(id, _)| *id == region)
+            .map(|(_, p)| *p)
+            .ok_or(ErrorKind::UnknownRegion(region))?;
+        for _ in 0..runs {
+            self.take_into_buf(RUN_HEADER, &mut left, &mut held, crc)?;
+            let h = &self.buf[held - RUN_HEADER..held];
+            let (first, count, encoding) = ram::run_header(h).map_err(|(_, k)| k)?;
+            if first
+                .checked_add(u64::from(count))
+                .is_none_or(|end| end > pages)
+            {
+                return Err(ErrorKind::RunOutOfRange {
+                    region,
+                    first,
+                    count,
+                    pages,
+                });
+            }
+            match encoding {
+                crate::ENC_RAW => {
+                    let n = count as usize * PAGE_SIZE;
+                    if n > left {
+                        return Err(malformed("run data past the end of the body"));
+                    }
+                    let r = &mut self.r;
+                    placer.place(region, first, count, &mut |dst: &mut [u8]| {
+                        if dst.len() != n {
+                            return Err(malformed("the placer gave memory of another size"));
+                        }
+                        for chunk in dst.chunks_mut(CHUNK) {
+                            if read_full(&mut *r, chunk)? < chunk.len() {
+                                return Err(ErrorKind::Truncated("in a record body"));
+                            }
+                            *crc = crc32c::crc32c_append(*crc, chunk);
+                        }
+                        Ok(())
+                    })?;
+                    left -= n;
+                }
+                crate::ENC_ZERO => {}
+                _ => {
+                    self.take_into_buf(4, &mut left, &mut held, crc)?;
+                    let clen = u32_at(&self.buf, held - 4) as usize;
+                    self.take_into_buf(clen, &mut left, &mut held, crc)?;
+                }
+            }
+        }
+        if left != 0 {
+            return Err(malformed("bytes after the last run"));
+        }
+        Ok(held)
+    }
+
+    /// Reads `n` more body bytes (of the `left` still due) into the buffer after `held`.
+    fn take_into_buf(
+        &mut self,
+        n: usize,
+        left: &mut usize,
+        held: &mut usize,
+        crc: &mut u32,
+    ) -> Result<(), ErrorKind> {
+        if n > *left {
+            return Err(ErrorKind::Malformed {
+                record: "RAM_PAGES",
+                reason: "run data past the end of the body".into(),
+            });
+        }
+        if self.buf.len() < *held + n {
+            self.buf.resize(*held + n, 0);
+        }
+        let dst = &mut self.buf[*held..*held + n];
+        if read_full(&mut self.r, dst)? < n {
+            return Err(ErrorKind::Truncated("in a record body"));
+        }
+        *crc = crc32c::crc32c_append(*crc, dst);
+        *held += n;
+        *left -= n;
+        Ok(())
     }
 
     /// True if no byte follows.

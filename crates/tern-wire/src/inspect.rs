@@ -16,6 +16,9 @@ pub struct RegionStats {
     pub records: u64,
     pub raw_pages: u64,
     pub zero_pages: u64,
+    /// Of the pages with data, those sent compressed, and the bytes they took.
+    pub compressed_pages: u64,
+    pub compressed_bytes: u64,
     /// Bytes of RAM_PAGES records on the wire, framing included.
     pub bytes: u64,
 }
@@ -48,6 +51,8 @@ pub struct AnalyzeError {
 /// Reads a stream to its end, validating everything. On error returns what was read so far.
 pub fn analyze<R: Read>(input: R) -> Result<Analysis, Box<AnalyzeError>> {
     let mut a = Analysis::default();
+    // Compressed runs are decompressed here, so that a stream that verifies also loads.
+    let mut scratch = Vec::new();
     let mut r = match StreamReader::new(input) {
         Ok(r) => r,
         Err(error) => return Err(Box::new(AnalyzeError { partial: a, error })),
@@ -73,6 +78,18 @@ pub fn analyze<R: Read>(input: R) -> Result<Analysis, Box<AnalyzeError>> {
             }
             Record::Ram(ram) => {
                 let s = a.regions.entry(ram.region).or_default();
+                for run in ram.runs.iter().filter(|r| r.encoding > crate::ENC_ZERO) {
+                    scratch.resize(run.count as usize * crate::PAGE_SIZE, 0);
+                    if let Err(kind) =
+                        crate::decompress_run(run.encoding, ram.data(run), &mut scratch)
+                    {
+                        let error = WireError::at(before, kind);
+                        a.bytes = r.offset();
+                        return Err(Box::new(AnalyzeError { partial: a, error }));
+                    }
+                    s.compressed_pages += u64::from(run.count);
+                    s.compressed_bytes += ram.data(run).len() as u64;
+                }
                 s.records += 1;
                 s.raw_pages = s.raw_pages.saturating_add(ram.raw_pages());
                 s.zero_pages = s.zero_pages.saturating_add(ram.zero_pages());
@@ -156,6 +173,15 @@ impl Analysis {
                 mib(r.raw_pages * crate::PAGE_SIZE as u64),
                 r.zero_pages
             ));
+            if r.compressed_pages > 0 {
+                s.push_str(&format!(
+                    "    {} of them compressed into {} ({:.1}x)\n",
+                    r.compressed_pages,
+                    mib(r.compressed_bytes),
+                    (r.compressed_pages * crate::PAGE_SIZE as u64) as f64
+                        / r.compressed_bytes.max(1) as f64
+                ));
+            }
         }
         s.push_str("sections:\n");
         for (sec, size) in &self.sections {
@@ -199,6 +225,7 @@ impl Analysis {
             "records": self.records.iter().map(|(k, (n, b))| (k.to_string(), json!({"count": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
             "ram": self.regions.iter().map(|(id, r)| json!({
                 "region": id, "records": r.records, "bytes": r.bytes, "raw_pages": r.raw_pages, "zero_pages": r.zero_pages,
+                "compressed_pages": r.compressed_pages, "compressed_bytes": r.compressed_bytes,
             })).collect::<Vec<_>>(),
             "sections": self.sections.iter().map(|(s, size)| {
                 let mut j = s.to_json();

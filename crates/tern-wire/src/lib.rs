@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod compress;
 mod control;
 mod desc;
 mod error;
@@ -16,13 +17,15 @@ mod ram;
 mod state;
 mod stream;
 
+pub use compress::{decompress_run, Compression, Compressor};
 pub use control::{ChannelHello, ChannelRole, ReturnMessage, MAX_RETURN_MESSAGE};
 pub use crc32c::crc32c;
 pub use desc::{FieldDesc, RamRegionDesc, SectionDesc, SubsectionDesc, VmDescription};
 pub use error::{ErrorKind, StateError, WireError};
-pub use frame::{record_size, RawRecord, RecordReader, RecordWriter};
+pub use frame::{record_size, PagePlacer, RawRecord, RecordReader, RecordWriter};
 pub use ram::{
-    RamRecord, RamRun, RunData, RunRef, ENC_LZ4, ENC_RAW, ENC_XOR_DELTA, ENC_ZERO, ENC_ZSTD,
+    encoding_name, RamRecord, RamRun, RunData, RunRef, ENC_LZ4, ENC_RAW, ENC_XOR_DELTA, ENC_ZERO,
+    ENC_ZSTD, MAX_COMPRESSED_PAGES,
 };
 pub use state::{
     check_sections, load_all, save_all, FieldSpec, FieldType, MigratableState, Schema, Section,

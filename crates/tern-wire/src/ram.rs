@@ -1,4 +1,4 @@
-//! RAM_PAGES records: runs of pages of one region, raw or zero.
+//! RAM_PAGES records: runs of pages of one region, raw, zero or compressed (LZ4, zstd).
 
 use std::ops::Range;
 
@@ -8,12 +8,29 @@ use crate::{limits, PAGE_SIZE};
 /// Run encodings.
 pub const ENC_RAW: u8 = 0;
 pub const ENC_ZERO: u8 = 1;
-/// Reserved for later versions.
+/// An LZ4 block (`lz4_flex::block`) of the run's pages.
 pub const ENC_LZ4: u8 = 2;
+/// A zstd frame of the run's pages.
 pub const ENC_ZSTD: u8 = 3;
+/// Reserved for later versions.
 pub const ENC_XOR_DELTA: u8 = 4;
 
-const RUN_HEADER: usize = 16;
+pub(crate) const RUN_HEADER: usize = 16;
+/// Most pages in one compressed run (16 MiB once decompressed): a reader that checks a run on
+/// its own (`tern verify`) decompresses it into memory of that size.
+pub const MAX_COMPRESSED_PAGES: u32 = 4096;
+
+/// A human name for an encoding.
+pub fn encoding_name(encoding: u8) -> &'static str {
+    match encoding {
+        ENC_RAW => "raw",
+        ENC_ZERO => "zero",
+        ENC_LZ4 => "lz4",
+        ENC_ZSTD => "zstd",
+        ENC_XOR_DELTA => "xor-delta",
+        _ => "unknown",
+    }
+}
 
 /// What a run carries, for encoding.
 #[derive(Clone, Copy, Debug)]
@@ -22,6 +39,12 @@ pub enum RunData<'a> {
     Raw(&'a [u8]),
     /// This many zero pages.
     Zero(u32),
+    /// `pages` pages compressed with `encoding` ([`ENC_LZ4`] or [`ENC_ZSTD`]).
+    Compressed {
+        encoding: u8,
+        pages: u32,
+        data: &'a [u8],
+    },
 }
 
 /// A run of consecutive pages to encode.
@@ -36,7 +59,7 @@ impl RamRun<'_> {
     pub fn pages(&self) -> u64 {
         match self.data {
             RunData::Raw(d) => (d.len() / PAGE_SIZE) as u64,
-            RunData::Zero(n) => u64::from(n),
+            RunData::Zero(n) | RunData::Compressed { pages: n, .. } => u64::from(n),
         }
     }
 }
@@ -48,9 +71,13 @@ fn malformed(reason: impl Into<String>) -> ErrorKind {
     }
 }
 
-/// The fixed parts of a record (region, count, run headers), for the writer to interleave with
-/// the runs' data. Returns the header bytes and, per run, the range of its header in them.
-pub(crate) fn encode_headers(region: u32, runs: &[RamRun<'_>]) -> Result<Vec<u8>, ErrorKind> {
+/// The fixed parts of a record (region, count, run headers and, for compressed runs, their
+/// lengths), for the writer to interleave with the runs' data. Returns the header bytes and
+/// where each run's fixed part ends in them.
+pub(crate) fn encode_headers(
+    region: u32,
+    runs: &[RamRun<'_>],
+) -> Result<(Vec<u8>, Vec<usize>), ErrorKind> {
     if runs.len() > limits::MAX_RUNS {
         return Err(ErrorKind::TooLarge {
             what: "RAM run count",
@@ -58,11 +85,12 @@ pub(crate) fn encode_headers(region: u32, runs: &[RamRun<'_>]) -> Result<Vec<u8>
             max: limits::MAX_RUNS as u64,
         });
     }
-    let mut h = Vec::with_capacity(8 + runs.len() * RUN_HEADER);
+    let mut h = Vec::with_capacity(8 + runs.len() * (RUN_HEADER + 4));
+    let mut ends = Vec::with_capacity(runs.len());
     h.extend_from_slice(&region.to_le_bytes());
     h.extend_from_slice(&(runs.len() as u32).to_le_bytes());
     for run in runs {
-        let (count, enc) = match run.data {
+        let (count, enc, clen) = match run.data {
             RunData::Raw(d) => {
                 if d.is_empty() || d.len() % PAGE_SIZE != 0 {
                     return Err(malformed(format!(
@@ -72,30 +100,83 @@ pub(crate) fn encode_headers(region: u32, runs: &[RamRun<'_>]) -> Result<Vec<u8>
                 }
                 let n =
                     u32::try_from(d.len() / PAGE_SIZE).map_err(|_| malformed("run too long"))?;
-                (n, ENC_RAW)
+                (n, ENC_RAW, None)
             }
             RunData::Zero(0) => return Err(malformed("zero run of 0 pages")),
-            RunData::Zero(n) => (n, ENC_ZERO),
+            RunData::Zero(n) => (n, ENC_ZERO, None),
+            RunData::Compressed {
+                encoding,
+                pages,
+                data,
+            } => {
+                if !matches!(encoding, ENC_LZ4 | ENC_ZSTD)
+                    || pages == 0
+                    || pages > MAX_COMPRESSED_PAGES
+                {
+                    return Err(malformed(format!(
+                        "compressed run of {pages} pages with encoding {encoding}"
+                    )));
+                }
+                let clen = u32::try_from(data.len()).map_err(|_| malformed("run too long"))?;
+                (pages, encoding, Some(clen))
+            }
         };
         h.extend_from_slice(&run.first_page.to_le_bytes());
         h.extend_from_slice(&count.to_le_bytes());
         h.extend_from_slice(&[enc, 0, 0, 0]);
+        if let Some(clen) = clen {
+            h.extend_from_slice(&clen.to_le_bytes());
+        }
+        ends.push(h.len());
     }
-    Ok(h)
+    Ok((h, ends))
 }
 
 /// The body parts of a record: headers interleaved with data, in wire order.
-pub(crate) fn body_parts<'a>(headers: &'a [u8], runs: &[RamRun<'a>]) -> Vec<&'a [u8]> {
+pub(crate) fn body_parts<'a>(
+    headers: &'a [u8],
+    ends: &[usize],
+    runs: &[RamRun<'a>],
+) -> Vec<&'a [u8]> {
     let mut parts = Vec::with_capacity(1 + runs.len() * 2);
     parts.push(&headers[..8]);
-    for (i, run) in runs.iter().enumerate() {
-        let at = 8 + i * RUN_HEADER;
-        parts.push(&headers[at..at + RUN_HEADER]);
-        if let RunData::Raw(d) = run.data {
-            parts.push(d);
+    let mut at = 8;
+    for (run, &end) in runs.iter().zip(ends) {
+        parts.push(&headers[at..end]);
+        at = end;
+        match run.data {
+            RunData::Raw(d) | RunData::Compressed { data: d, .. } => parts.push(d),
+            RunData::Zero(_) => {}
         }
     }
     parts
+}
+
+/// A run header's fields (first page, page count, encoding), checked on their own.
+pub(crate) fn run_header(h: &[u8]) -> Result<(u64, u32, u8), (usize, ErrorKind)> {
+    let first_page = u64_at(h, 0);
+    let count = u32_at(h, 8);
+    let encoding = h[12];
+    if h[13..16].iter().any(|&b| b != 0) {
+        return Err((13, ErrorKind::NonZeroReserved("run reserved bytes")));
+    }
+    if count == 0 {
+        return Err((8, malformed("run of 0 pages")));
+    }
+    match encoding {
+        ENC_RAW | ENC_ZERO => {}
+        ENC_LZ4 | ENC_ZSTD if count <= MAX_COMPRESSED_PAGES => {}
+        ENC_LZ4 | ENC_ZSTD => {
+            return Err((
+                8,
+                malformed(format!(
+                    "a compressed run of {count} pages (at most {MAX_COMPRESSED_PAGES})"
+                )),
+            ))
+        }
+        other => return Err((12, ErrorKind::UnsupportedEncoding(other))),
+    }
+    Ok((first_page, count, encoding))
 }
 
 /// A decoded run: where its data lies in the record body.
@@ -113,19 +194,23 @@ pub struct RamRecord<'a> {
     pub region: u32,
     pub runs: Vec<RunRef>,
     pub body: &'a [u8],
+    /// The reader wrote the RAW runs' pages in place as it read them
+    /// ([`crate::StreamReader::next_record_placing`]): their data ranges are empty.
+    pub placed: bool,
 }
 
 impl<'a> RamRecord<'a> {
-    /// The data of a RAW run (empty for ZERO runs).
+    /// The data of a RAW run, or the compressed bytes of an LZ4 or ZSTD run (empty for ZERO
+    /// runs and for placed RAW runs).
     pub fn data(&self, run: &RunRef) -> &'a [u8] {
         &self.body[run.data.clone()]
     }
 
-    /// Pages sent as data.
+    /// Pages sent with data (raw or compressed).
     pub fn raw_pages(&self) -> u64 {
         self.runs
             .iter()
-            .filter(|r| r.encoding == ENC_RAW)
+            .filter(|r| r.encoding != ENC_ZERO)
             .map(|r| u64::from(r.count))
             .sum()
     }
@@ -147,8 +232,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Parses a body; errors carry the offset in the body.
-pub(crate) fn decode(body: &[u8]) -> Result<RamRecord<'_>, (usize, ErrorKind)> {
+/// Parses a body; errors carry the offset in the body. With `placed`, RAW runs carry no data
+/// (the reader placed it).
+pub(crate) fn decode(body: &[u8], placed: bool) -> Result<RamRecord<'_>, (usize, ErrorKind)> {
     if body.len() < 8 {
         return Err((0, malformed("body shorter than its header")));
     }
@@ -177,22 +263,26 @@ pub(crate) fn decode(body: &[u8]) -> Result<RamRecord<'_>, (usize, ErrorKind)> {
         if body.len() - pos < RUN_HEADER {
             return Err((pos, malformed("run header past the end of the body")));
         }
-        let first_page = u64_at(body, pos);
-        let count = u32_at(body, pos + 8);
-        let encoding = body[pos + 12];
-        if body[pos + 13..pos + 16].iter().any(|&b| b != 0) {
-            return Err((pos + 13, ErrorKind::NonZeroReserved("run reserved bytes")));
-        }
-        if count == 0 {
-            return Err((pos + 8, malformed("run of 0 pages")));
-        }
-        let start = pos + RUN_HEADER;
+        let (first_page, count, encoding) =
+            run_header(&body[pos..pos + RUN_HEADER]).map_err(|(at, k)| (pos + at, k))?;
+        let mut start = pos + RUN_HEADER;
         let len = match encoding {
+            ENC_RAW if placed => 0,
             ENC_RAW => (count as usize)
                 .checked_mul(PAGE_SIZE)
                 .ok_or((pos + 8, malformed("run too long")))?,
             ENC_ZERO => 0,
-            other => return Err((pos + 12, ErrorKind::UnsupportedEncoding(other))),
+            _ => {
+                if body.len() - start < 4 {
+                    return Err((
+                        start,
+                        malformed("compressed length past the end of the body"),
+                    ));
+                }
+                let clen = u32_at(body, start) as usize;
+                start += 4;
+                clen
+            }
         };
         if body.len() - start < len {
             return Err((pos, malformed("run data past the end of the body")));
@@ -211,5 +301,10 @@ pub(crate) fn decode(body: &[u8]) -> Result<RamRecord<'_>, (usize, ErrorKind)> {
             malformed(format!("{} bytes after the last run", body.len() - pos)),
         ));
     }
-    Ok(RamRecord { region, runs, body })
+    Ok(RamRecord {
+        region,
+        runs,
+        body,
+        placed,
+    })
 }

@@ -193,14 +193,16 @@ impl<W: Write> StreamWriter<W> {
 
     /// One RAM_PAGES record of `region`.
     pub fn ram_pages(&mut self, region: u32, runs: &[RamRun<'_>]) -> Result<(), WireError> {
-        let headers =
+        let (headers, ends) =
             ram::encode_headers(region, runs).map_err(|k| WireError::at(self.w.offset(), k))?;
-        let parts = ram::body_parts(&headers, runs);
+        let parts = ram::body_parts(&headers, &ends, runs);
         let crc = self.record(rt::RAM_PAGES, 0, &parts)?;
         self.totals.digest = crc32c::crc32c_append(self.totals.digest, &crc.to_le_bytes());
         for r in runs {
             match r.data {
-                crate::RunData::Raw(_) => self.totals.raw_pages += r.pages(),
+                crate::RunData::Raw(_) | crate::RunData::Compressed { .. } => {
+                    self.totals.raw_pages += r.pages()
+                }
                 crate::RunData::Zero(_) => self.totals.zero_pages += r.pages(),
             }
         }
@@ -389,21 +391,45 @@ impl<R: Read> StreamReader<R> {
 
     /// The next record; `None` after END (having checked nothing follows it).
     pub fn next_record(&mut self) -> Result<Option<Record<'_>>, WireError> {
+        self.next_inner(None)
+    }
+
+    /// As [`Self::next_record`], but the pages of RAW runs go straight to `placer` as they are
+    /// read (a RAM record then says [`RamRecord::placed`]). If the record turns out bad (its
+    /// CRC, its totals), the placed pages hold what was read: the caller must treat them as
+    /// unchecked until this returns the record.
+    pub fn next_record_placing(
+        &mut self,
+        placer: &mut dyn crate::PagePlacer,
+    ) -> Result<Option<Record<'_>>, WireError> {
+        self.next_inner(Some(placer))
+    }
+
+    fn next_inner(
+        &mut self,
+        placer: Option<&mut dyn crate::PagePlacer>,
+    ) -> Result<Option<Record<'_>>, WireError> {
         if self.ended {
             return Ok(None);
         }
-        let Some(framed) = self.r.advance()? else {
+        // Only once the description gave the regions (before it, RAM is out of order).
+        let placing = match placer {
+            Some(p) if self.desc.is_some() => Some((p, &self.region_pages[..])),
+            _ => None,
+        };
+        let Some(framed) = self.r.advance_placing(placing)? else {
             return Err(WireError::at(
                 self.r.offset(),
                 ErrorKind::Truncated("the stream ends without END"),
             ));
         };
-        let (at, ty, flags, len, crc) = (
+        let (at, ty, flags, len, crc, placed) = (
             framed.offset,
             framed.ty,
             framed.flags,
             framed.len,
             framed.crc,
+            framed.placed,
         );
         let err = |k: ErrorKind| WireError::at(at, k);
         if ty == rt::END {
@@ -500,7 +526,7 @@ impl<R: Read> StreamReader<R> {
                 Record::SourceInfo(v)
             }
             rt::RAM_PAGES => {
-                let rec = ram::decode(body).map_err(in_body)?;
+                let rec = ram::decode(body, placed).map_err(in_body)?;
                 let pages = self
                     .region_pages
                     .iter()

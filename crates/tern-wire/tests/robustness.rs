@@ -348,19 +348,45 @@ fn records_out_of_order_and_other_rule_violations() {
         ErrorKind::State(_)
     ));
 
-    let reserved_encoding = {
+    let run = |encoding: u8, pages: u32, tail: &[u8]| {
         let mut body = Vec::new();
         body.extend_from_slice(&0u32.to_le_bytes());
         body.extend_from_slice(&1u32.to_le_bytes());
         body.extend_from_slice(&0u64.to_le_bytes());
-        body.extend_from_slice(&1u32.to_le_bytes());
-        body.extend_from_slice(&[tern_wire::ENC_LZ4, 0, 0, 0]);
+        body.extend_from_slice(&pages.to_le_bytes());
+        body.extend_from_slice(&[encoding, 0, 0, 0]);
+        body.extend_from_slice(tail);
         with_record(record_type::RAM_PAGES, &body)
     };
     assert!(matches!(
-        assert_typed_error(&reserved_encoding, "lz4").kind,
-        ErrorKind::UnsupportedEncoding(2)
+        assert_typed_error(&run(tern_wire::ENC_XOR_DELTA, 1, &[]), "xor").kind,
+        ErrorKind::UnsupportedEncoding(4)
     ));
+    // Compressed runs: a length that is missing or runs past the body, a run too long to
+    // decompress in bounded memory.
+    for (encoding, pages, tail, what) in [
+        (tern_wire::ENC_LZ4, 1, &[][..], "no length"),
+        (
+            tern_wire::ENC_ZSTD,
+            1,
+            &[9, 0, 0, 0, 1, 2][..],
+            "length past the body",
+        ),
+        (
+            tern_wire::ENC_LZ4,
+            tern_wire::MAX_COMPRESSED_PAGES + 1,
+            &[0, 0, 0, 0][..],
+            "too long",
+        ),
+    ] {
+        assert!(
+            matches!(
+                assert_typed_error(&run(encoding, pages, tail), what).kind,
+                ErrorKind::Malformed { .. }
+            ),
+            "{what}"
+        );
+    }
 }
 
 /// Splits a stream into (header, records as (type, flags, body)).

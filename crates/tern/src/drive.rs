@@ -35,6 +35,10 @@ pub struct MigrateArgs {
     /// Send RAM over N parallel data channels (QEMU's multifd; tcp: and unix: only).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
     pub multifd_channels: Option<u8>,
+    /// Compress pages with data: none, lz4, zstd or zstd:LEVEL (QEMU's multifd-compression
+    /// and multifd-zstd-level; tern compresses with or without channels).
+    #[arg(long, value_name = "ALGO")]
+    pub compress: Option<String>,
     /// Write the migration's timeline (every round, the downtime split) as JSON to FILE.
     #[arg(long)]
     pub timeline: Option<PathBuf>,
@@ -47,6 +51,29 @@ pub struct SaveArgs {
     pub qmp: String,
     /// The file to write (`tern restore` reads it back).
     pub file: PathBuf,
+    /// Compress pages with data: none, lz4, zstd or zstd:LEVEL.
+    #[arg(long, value_name = "ALGO")]
+    pub compress: Option<String>,
+}
+
+/// `--compress ALGO[:LEVEL]` as migration parameters.
+fn compression_params(s: &str, params: &mut serde_json::Map<String, Value>) -> Result<()> {
+    let (algo, level) = match s.split_once(':') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    if !matches!(algo, "none" | "lz4" | "zstd") {
+        bail!("--compress {s}: none, lz4, zstd or zstd:LEVEL");
+    }
+    params.insert("multifd-compression".into(), json!(algo));
+    if let Some(l) = level {
+        let n: u8 = match l.parse() {
+            Ok(n) if algo == "zstd" && n <= 20 => n,
+            _ => bail!("--compress {s}: a level is for zstd, 0 to 20"),
+        };
+        params.insert("multifd-zstd-level".into(), json!(n));
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -188,6 +215,9 @@ pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
     if let Some(n) = args.multifd_channels {
         params.insert("multifd-channels".into(), json!(n));
     }
+    if let Some(c) = &args.compress {
+        compression_params(c, &mut params)?;
+    }
     if let Some(t) = &args.timeline {
         let abs = std::path::absolute(t).context("--timeline")?;
         params.insert("x-tern-timeline".into(), json!(abs.display().to_string()));
@@ -231,6 +261,12 @@ pub fn save(args: SaveArgs) -> Result<ExitCode> {
         .to_string_lossy()
         .into_owned();
     let tmp = abs.with_file_name(format!(".{name}.tern-save-{}", std::process::id()));
+    if let Some(c) = &args.compress {
+        let mut params = serde_json::Map::new();
+        compression_params(c, &mut params)?;
+        qmp.execute("migrate-set-parameters", Value::Object(params))
+            .context("setting the compression")?;
+    }
     let was_running = qmp.execute("query-status", json!({}))?["running"] == json!(true);
     // Stopped first, the guest's RAM is written once (no re-sent pages in the file).
     qmp.execute("stop", json!({}))?;

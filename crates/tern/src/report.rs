@@ -95,10 +95,20 @@ pub fn render(t: &Value) -> Result<String> {
         why
     } else {
         let each: Vec<String> = channels.iter().map(|b| format!("{:.0}", b / MIB)).collect();
+        let busy: Vec<String> = t["multifd-channel-busy-ms"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|b| b.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
         format!(
-            "{why}; {} data channels, MiB each: {}",
+            "{why}; {} data channels, MiB each: {}, busy ms each: {}",
             channels.len(),
-            each.join(" / ")
+            each.join(" / "),
+            busy.join(" / ")
         )
     };
     let _ = writeln!(

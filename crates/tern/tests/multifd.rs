@@ -75,6 +75,24 @@ fn one_two_and_eight_channels_over_tcp_and_unix_with_each_pattern() {
             Some(per.iter().sum::<u64>()),
             r["ram"]["multifd-bytes"].as_u64()
         );
+        // query-migrate has each channel's bytes and busy time; the timeline has the same.
+        let each = r["x-tern-multifd-channels"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(each.len(), channels as usize, "{what}: {r}");
+        let busy: Vec<u64> = t["multifd-channel-busy-ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        assert_eq!(busy.len(), channels as usize, "{what}: {busy:?}");
+        let total = r["total-time"].as_u64().unwrap();
+        for (c, b) in each.iter().zip(&busy) {
+            assert_eq!(c["busy-ms"].as_u64(), Some(*b), "{what}: {r}");
+            assert!(*b <= total, "{what}: busy {b} ms in a {total} ms migration");
+        }
+        // 256 MiB of pages take a channel a measurable time, whatever the split.
+        assert!(busy.iter().sum::<u64>() > 0, "{what}: {busy:?}");
         eprintln!(
             "{what}: {} ms total, {} ms downtime {}, {} MiB",
             r["total-time"],

@@ -4,11 +4,65 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tern_wire::{Record, VmDescription, ENC_RAW, ENC_ZERO};
+use tern_wire::{ErrorKind, PagePlacer, RamRecord, Record, VmDescription, ENC_RAW, ENC_ZERO};
 
 use super::PAGE;
 use crate::participant::{LoadParticipant, Progress};
-use crate::{MigrateError, Result, TargetVm};
+use crate::{MigrateError, Result, TargetRam, TargetVm};
+
+/// Lets a stream reader put RAW pages straight into guest RAM.
+pub(crate) struct Placer<'a>(pub(crate) &'a dyn TargetRam);
+
+impl PagePlacer for Placer<'_> {
+    fn place(
+        &mut self,
+        region: u32,
+        first_page: u64,
+        count: u32,
+        fill: &mut dyn FnMut(&mut [u8]) -> std::result::Result<(), ErrorKind>,
+    ) -> std::result::Result<(), ErrorKind> {
+        let mut filled = Ok(());
+        self.0
+            .fill_pages(region, first_page, u64::from(count), &mut |dst| {
+                filled = fill(dst)
+            })
+            .map_err(|e| ErrorKind::Placement(e.to_string()))?;
+        filled
+    }
+}
+
+/// Puts a RAM record into guest RAM: RAW data (unless the reader placed it already), zero
+/// ranges, compressed runs decompressed in place. Calls `landed` with the end of every run
+/// with data; returns the pages with data and the zero pages.
+pub(crate) fn apply(
+    ram: &dyn TargetRam,
+    rec: &RamRecord<'_>,
+    mut landed: impl FnMut(u64),
+) -> Result<(u64, u64)> {
+    let (mut data, mut zero) = (0u64, 0u64);
+    for run in &rec.runs {
+        let count = u64::from(run.count);
+        match run.encoding {
+            ENC_ZERO => {
+                ram.zero_pages(rec.region, run.first_page, count)?;
+                zero += count;
+                continue;
+            }
+            ENC_RAW if rec.placed => {}
+            ENC_RAW => ram.write_pages(rec.region, run.first_page, rec.data(run))?,
+            enc => {
+                let mut done = Ok(());
+                ram.fill_pages(rec.region, run.first_page, count, &mut |dst| {
+                    done = tern_wire::decompress_run(enc, rec.data(run), dst)
+                })?;
+                done.map_err(|k| MigrateError::Vm(k.to_string()))?;
+            }
+        }
+        data += count;
+        landed(run.first_page + count);
+    }
+    Ok((data, zero))
+}
 
 /// Receives guest RAM.
 pub struct RamLoader {
@@ -174,46 +228,29 @@ impl LoadParticipant for RamLoader {
         let Record::Ram(ram) = record else {
             return Ok(false);
         };
-        for run in &ram.runs {
-            if self.prefault_stop.is_none() {
-                if run.encoding == ENC_ZERO {
-                    if self.holes.len() < 1 << 20 {
-                        self.holes
-                            .push((ram.region, run.first_page, u64::from(run.count)));
-                    }
-                } else {
+        if self.prefault_stop.is_none() {
+            for run in &ram.runs {
+                if run.encoding != ENC_ZERO {
                     self.start_prefault();
+                    break;
                 }
-            }
-            match run.encoding {
-                ENC_RAW => {
-                    self.vm
-                        .ram()
-                        .write_pages(ram.region, run.first_page, ram.data(run))?;
-                    self.pages = self.pages.saturating_add(u64::from(run.count));
-                    let base = self
-                        .bases
-                        .iter()
-                        .find(|b| b.0 == ram.region)
-                        .map_or(0, |b| b.1);
-                    self.frontier.fetch_max(
-                        base + run.first_page + u64::from(run.count),
-                        Ordering::Relaxed,
-                    );
-                }
-                ENC_ZERO => {
-                    self.vm
-                        .ram()
-                        .zero_pages(ram.region, run.first_page, u64::from(run.count))?;
-                    self.zero = self.zero.saturating_add(u64::from(run.count));
-                }
-                other => {
-                    return Err(MigrateError::Vm(format!(
-                        "RAM encoding {other} reached the loader"
-                    )))
+                if self.holes.len() < 1 << 20 {
+                    self.holes
+                        .push((ram.region, run.first_page, u64::from(run.count)));
                 }
             }
         }
+        let base = self
+            .bases
+            .iter()
+            .find(|b| b.0 == ram.region)
+            .map_or(0, |b| b.1);
+        let frontier = &self.frontier;
+        let (data, zero) = apply(self.vm.ram(), ram, |end| {
+            frontier.fetch_max(base + end, Ordering::Relaxed);
+        })?;
+        self.pages = self.pages.saturating_add(data);
+        self.zero = self.zero.saturating_add(zero);
         Ok(true)
     }
 

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tern_wire::{RamRun, RunData, StreamWriter, PAGE_SIZE};
+use tern_wire::{Compression, Compressor, RamRun, RunData, StreamWriter, PAGE_SIZE};
 
 use crate::participant::{Out, Progress, SaveParticipant};
 use crate::source::multifd::{DataChannels, Job};
@@ -12,6 +12,7 @@ use crate::{RegionInfo, Result, SourceVm};
 
 mod loader;
 pub use loader::RamLoader;
+pub(crate) use loader::{apply, Placer};
 
 /// Pages per RAM_PAGES record (1 MiB of data at most).
 pub const BATCH_PAGES: usize = 256;
@@ -97,6 +98,8 @@ pub struct RamSaver {
     logging: bool,
     /// Parallel data channels, when the migration has them: pages go there.
     channels: Option<Arc<DataChannels>>,
+    /// Compresses the pages sent on the main stream.
+    compressor: Compressor,
 }
 
 impl RamSaver {
@@ -122,6 +125,7 @@ impl RamSaver {
             counters: RamCounters::default(),
             logging: false,
             channels: None,
+            compressor: Compressor::new(Compression::None).expect("no compression needs nothing"),
         }
     }
 
@@ -171,7 +175,14 @@ impl RamSaver {
         match &self.channels {
             Some(ch) => ch.send(Job::Pages { region: id, runs })?,
             None => {
-                let (normal, zero) = send_pages(&*self.vm, out, id, &runs, &mut self.buf)?;
+                let (normal, zero) = send_pages(
+                    &*self.vm,
+                    out,
+                    id,
+                    &runs,
+                    &mut self.buf,
+                    &mut self.compressor,
+                )?;
                 self.counters.normal += normal;
                 self.counters.zero += zero;
             }
@@ -199,13 +210,18 @@ pub(crate) fn send_zero_runs<W: Write>(
 }
 
 /// Reads `runs` of `region` into `buf` (at least BATCH_PAGES pages) and writes them as one
-/// RAM_PAGES record, zero pages as ranges. Returns the pages sent with data and as zeros.
+/// RAM_PAGES record, zero pages as ranges, pages with data compressed if `compressor` is on
+/// and it pays. Returns the pages sent with data and as zeros.
+///
+/// The copy into `buf` stays: the checksum must cover the bytes sent, and the guest may change
+/// a page while it is sent (the page is then dirty again and goes in the next round).
 pub(crate) fn send_pages<W: Write>(
     vm: &dyn SourceVm,
     out: &mut StreamWriter<W>,
     region: u32,
     runs: &[(u64, u64)],
     buf: &mut [u8],
+    compressor: &mut Compressor,
 ) -> Result<(u64, u64)> {
     let (mut normal, mut zeros) = (0, 0);
     let mut at = 0;
@@ -242,6 +258,7 @@ pub(crate) fn send_pages<W: Write>(
             }
         }
     }
+    compressor.compress_runs(&mut wire);
     out.ram_pages(region, &wire)?;
     Ok((normal, zeros))
 }
@@ -262,6 +279,12 @@ impl SaveParticipant for RamSaver {
         }
         self.cursor = (0, 0);
         self.counters.zero += send_holes(&*self.vm, out, self.channels.as_deref())?;
+        Ok(())
+    }
+
+    fn use_compression(&mut self, compression: Compression) -> Result<()> {
+        self.compressor = Compressor::new(compression)
+            .map_err(|e| crate::MigrateError::Vm(format!("compression: {e}")))?;
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tern_wire::{StreamWriter, VmDescription, PAGE_SIZE};
+use tern_wire::{Compression, Compressor, StreamWriter, VmDescription, PAGE_SIZE};
 
 use crate::rate::RateLimited;
 use crate::transport::Connection;
@@ -54,6 +54,9 @@ pub(crate) struct Counters {
     pub(crate) zero: AtomicU64,
     /// Stream bytes per channel.
     pub(crate) bytes: Vec<AtomicU64>,
+    /// Nanoseconds each channel spent on its jobs (reading, compressing, writing pages), as
+    /// opposed to waiting for them: a channel busy all the time is the bottleneck.
+    pub(crate) busy_ns: Vec<AtomicU64>,
 }
 
 /// The data channels of one outgoing migration.
@@ -72,6 +75,7 @@ impl DataChannels {
         vm: Arc<dyn SourceVm>,
         conns: Vec<Connection>,
         desc: &VmDescription,
+        compression: Compression,
         limit: Arc<AtomicU64>,
         accepted: Arc<AtomicU64>,
     ) -> Result<Arc<DataChannels>> {
@@ -87,6 +91,7 @@ impl DataChannels {
             changed: Condvar::new(),
             counters: Counters {
                 bytes: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                busy_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
                 ..Counters::default()
             },
             threads: Mutex::new(Vec::new()),
@@ -104,7 +109,7 @@ impl DataChannels {
                 .spawn(move || {
                     // A panic is a failed channel like any other (the migration fails).
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        c.run(i, StreamWriter::new(writer)?, &*vm, &desc)
+                        c.run(i, StreamWriter::new(writer)?, &*vm, &desc, compression)
                     }))
                     .unwrap_or_else(|p| Err(MigrateError::panicked(p)));
                     if let Err(e) = r {
@@ -235,6 +240,17 @@ impl DataChannels {
             .collect()
     }
 
+    /// Puts each channel's bytes and busy time into the statistics.
+    pub(crate) fn report(&self, s: &mut crate::stats::MigrationStats) {
+        s.multifd_channel_bytes = self.bytes();
+        s.multifd_channel_busy_ms = self
+            .counters
+            .busy_ns
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed) / 1_000_000)
+            .collect();
+    }
+
     /// Stops every channel thread (after success or failure: their connections are shut down,
     /// so none stays blocked in a write) and waits for them.
     pub(crate) fn stop(&self) {
@@ -261,9 +277,12 @@ impl DataChannels {
         mut out: StreamWriter<Box<dyn Write + Send>>,
         vm: &dyn SourceVm,
         desc: &VmDescription,
+        compression: Compression,
     ) -> Result<()> {
         out.description(desc)?;
         let mut buf = vec![0u8; crate::ram::BATCH_PAGES * PAGE_SIZE];
+        let mut compressor = Compressor::new(compression)
+            .map_err(|e| MigrateError::Vm(format!("compression: {e}")))?;
         loop {
             let job = {
                 let mut s = self.lock();
@@ -278,10 +297,20 @@ impl DataChannels {
                     s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
                 }
             };
+            let busy = std::time::Instant::now();
+            let add_busy = |c: &Counters| {
+                c.busy_ns[i].fetch_add(busy.elapsed().as_nanos() as u64, Ordering::Relaxed)
+            };
             match job {
                 Job::Pages { region, runs } => {
-                    let (normal, zero) =
-                        crate::ram::send_pages(vm, &mut out, region, &runs, &mut buf)?;
+                    let (normal, zero) = crate::ram::send_pages(
+                        vm,
+                        &mut out,
+                        region,
+                        &runs,
+                        &mut buf,
+                        &mut compressor,
+                    )?;
                     self.counters.normal.fetch_add(normal, Ordering::Relaxed);
                     self.counters.zero.fetch_add(zero, Ordering::Relaxed);
                 }
@@ -298,11 +327,13 @@ impl DataChannels {
                 }
                 Job::End => {
                     out.finish()?;
+                    add_busy(&self.counters);
                     self.lock().ended[i] = true;
                     self.changed.notify_all();
                     return Ok(());
                 }
             }
+            add_busy(&self.counters);
             self.counters.bytes[i].store(out.bytes_written(), Ordering::Relaxed);
         }
     }

@@ -67,6 +67,10 @@ pub(super) fn setup(
         "x-tern-ram-digest": ctl.caps().ram_digest,
     }))?;
     out.description(&desc)?;
+    let compression = ctl.params.compression();
+    for p in session.parts.iter_mut() {
+        p.use_compression(compression)?;
+    }
     if !link.data_conns.is_empty() {
         // The target starts reading its data channels once the main channel described the VM:
         // the description must not wait in our buffer while the data channels fill theirs.
@@ -76,6 +80,7 @@ pub(super) fn setup(
             vm.clone(),
             conns,
             &desc,
+            compression,
             ctl.bandwidth_limit.clone(),
             ctl.accepted_counter(),
         )?;
@@ -184,7 +189,7 @@ pub(super) fn rounds(
             s.pages_per_second = ((pages + zeros) as f64 / dt.max(1e-6)) as u64;
             s.expected_downtime_ms = (expected * 1000.0).min(u64::MAX as f64) as u64;
             if let Some(d) = data {
-                s.multifd_channel_bytes = d.bytes();
+                d.report(&mut s);
             }
             s.rounds.push(RoundRecord {
                 round,

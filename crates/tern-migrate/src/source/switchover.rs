@@ -57,7 +57,7 @@ pub(super) fn run(
     if let Some(d) = &link.data {
         // The last round, then END on every data channel, before the main channel's END.
         d.finish(rounds + 1, &mut || ctl.check_cancel())?;
-        ctl.stats().multifd_channel_bytes = d.bytes();
+        d.report(&mut ctl.stats());
     }
     out.flush()?;
     let t_pages = t_pause.elapsed();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use tern_wire::{Record, StreamReader, VmDescription, ENC_RAW, ENC_ZERO};
+use tern_wire::{Record, StreamReader, VmDescription};
 
 use crate::participant::Progress;
 use crate::transport::Connection;
@@ -206,7 +206,7 @@ fn receive(
 ) -> Result<()> {
     let mut r = StreamReader::new(BufReader::with_capacity(16 << 10, conn))?.live();
     loop {
-        match r.next_record()? {
+        match r.next_record_placing(&mut crate::ram::Placer(vm.ram()))? {
             None => return Err(MigrateError::Vm("the channel ended without END".into())),
             Some(Record::Description) => {
                 if r.description() != Some(desc) {
@@ -216,30 +216,9 @@ fn receive(
                 }
             }
             Some(Record::Ram(ram)) => {
-                for run in &ram.runs {
-                    match run.encoding {
-                        ENC_RAW => {
-                            vm.ram()
-                                .write_pages(ram.region, run.first_page, ram.data(run))?;
-                            s.data_pages
-                                .fetch_add(u64::from(run.count), Ordering::Relaxed);
-                        }
-                        ENC_ZERO => {
-                            vm.ram().zero_pages(
-                                ram.region,
-                                run.first_page,
-                                u64::from(run.count),
-                            )?;
-                            s.zero_pages
-                                .fetch_add(u64::from(run.count), Ordering::Relaxed);
-                        }
-                        other => {
-                            return Err(MigrateError::Vm(format!(
-                                "RAM encoding {other} reached the loader"
-                            )))
-                        }
-                    }
-                }
+                let (data, zero) = crate::ram::apply(vm.ram(), &ram, |_| {})?;
+                s.data_pages.fetch_add(data, Ordering::Relaxed);
+                s.zero_pages.fetch_add(zero, Ordering::Relaxed);
             }
             Some(Record::Sync(round)) => s.arrive(i, round)?,
             Some(Record::End(_)) => {

@@ -412,7 +412,11 @@ impl Receiver {
         loop {
             let mut described = false;
             let at = r.offset();
-            let next = r.next_record().map_err(|e| {
+            let next = match &self.vm {
+                Some(vm) => r.next_record_placing(&mut crate::ram::Placer(vm.ram())),
+                None => r.next_record(),
+            };
+            let next = next.map_err(|e| {
                 // A data channel that failed shut this one: its reason is the one to give.
                 match self.data.as_ref().and_then(|d| d.failure()) {
                     Some(why) => MigrateError::Vm(why),
