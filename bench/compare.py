@@ -23,6 +23,13 @@ fraction of it. CPU seconds per GiB moved: the source's and the target's CPU tim
 migration, all threads but the vCPUs, per GiB sent. Every tern run keeps its timeline (JSON and
 SVG) in --out.
 
+Compression (`--compress zstd|lz4`, with `--entropy` to make the guest's pages compressible:
+`tern.entropy=`): every tern configuration compresses (tern compresses with or without channels);
+QEMU compresses only with multifd, so `qemu-multifd` gets the same compression (QEMU has no lz4:
+it runs without compression then, and says so). `--link 1gbit` runs the source and the target in
+two network namespaces joined by a veth pair shaped with htb to that rate (both directions), the
+point where compression can pay; namespaces are created and removed by the script (root).
+
 Prints a table (tern vs QEMU's best, with ratios and the goals) and writes results.json in --out.
 """
 import argparse, json, os, socket, statistics, subprocess, sys, threading, time
@@ -125,24 +132,58 @@ def mib(mem):
     return int(float(mem[:-1]) * (1024 if mem.endswith("G") else 1))
 
 
-def run_one(vmm, elf, mem, rate, d, tag, timeout):
+NS = ("ternbench-src", "ternbench-dst")
+NS_ADDR = ("10.77.0.1", "10.77.0.2")
+
+
+def sh(cmd, check=True):
+    return subprocess.run(cmd, shell=True, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def netns_down():
+    for ns in NS:
+        sh("ip netns del %s" % ns, check=False)
+
+
+def netns_up(rate):
+    """Two namespaces, a veth "wire" between them shaped to `rate` (tc htb syntax: 1gbit)."""
+    netns_down()
+    for ns in NS:
+        sh("ip netns add %s" % ns)
+        sh("ip -n %s link set lo up" % ns)
+    sh("ip link add tbsrc netns %s type veth peer name tbdst netns %s" % NS)
+    for ns, dev, addr in zip(NS, ("tbsrc", "tbdst"), NS_ADDR):
+        sh("ip -n %s addr add %s/24 dev %s" % (ns, addr, dev))
+        sh("ip -n %s link set %s up" % (ns, dev))
+        sh("tc -n %s qdisc add dev %s root handle 1: htb default 10" % (ns, dev))
+        sh("tc -n %s class add dev %s parent 1: classid 1:10 htb rate %s ceil %s" % (ns, dev, rate, rate))
+
+
+def in_ns(i, cmd, link):
+    return (["ip", "netns", "exec", NS[i]] + cmd) if link else cmd
+
+
+def run_one(vmm, elf, mem, rate, d, tag, timeout, entropy=100, compress=None, link=None):
     wss = mib(mem) // 2
     # The guest checks its working set at 256 MiB/s at most, so that checking does not crowd out
     # the dirtying on big guests.
     check = max(2, wss // 256)
     cmdline = "tern.wss=%d tern.rate=%d tern.hb=10 tern.check=%d" % (wss, rate, check)
+    if entropy != 100:
+        cmdline += " tern.entropy=%d" % entropy
     sq, dq = os.path.join(d, "s.qmp"), os.path.join(d, "d.qmp")
-    uri = "tcp:127.0.0.1:%d" % free_port()
+    uri = "tcp:%s:%d" % (NS_ADDR[1] if link else "127.0.0.1", free_port())
     if vmm.startswith("tern"):
-        src = Proc([TERN, "run", "--memory", mem, "--vcpus", "1", "--cmdline", cmdline, "--qmp", "unix:" + sq])
-        dst = Proc([TERN, "run", "--incoming", uri, "--qmp", "unix:" + dq])
+        src = Proc(in_ns(0, [TERN, "run", "--memory", mem, "--vcpus", "1", "--cmdline", cmdline, "--qmp", "unix:" + sq], link))
+        dst = Proc(in_ns(1, [TERN, "run", "--incoming", uri, "--qmp", "unix:" + dq], link))
     else:
         base = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", mem,
                 "-smp", "1", "-display", "none", "-serial", "stdio", "-monitor", "none",
                 "-kernel", elf, "-append", cmdline]
-        src = Proc(base + ["-qmp", "unix:%s,server=on,wait=off" % sq])
-        dst = Proc(base + ["-qmp", "unix:%s,server=on,wait=off" % dq, "-incoming", "defer"])
-    res = {"vmm": vmm, "mem": mem, "rate": rate, "wss_mib": wss}
+        src = Proc(in_ns(0, base + ["-qmp", "unix:%s,server=on,wait=off" % sq], link))
+        dst = Proc(in_ns(1, base + ["-qmp", "unix:%s,server=on,wait=off" % dq, "-incoming", "defer"], link))
+    res = {"vmm": vmm, "mem": mem, "rate": rate, "wss_mib": wss, "entropy": entropy,
+           "compress": compress or "none", "link": link or "loopback"}
     try:
         src.wait_line(lambda l: l == "tern-guest ready", 300)
         time.sleep(3)  # dirtying at a steady state
@@ -155,6 +196,8 @@ def run_one(vmm, elf, mem, rate, d, tag, timeout):
             if vmm.startswith("tern-multifd"):
                 s.ex("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
                 s.ex("migrate-set-parameters", {"multifd-channels": int(vmm[len("tern-multifd"):])})
+            if compress:
+                s.ex("migrate-set-parameters", {"multifd-compression": compress})
         else:
             caps = [{"capability": "events", "state": True}]
             if vmm == "qemu-multifd":
@@ -163,6 +206,8 @@ def run_one(vmm, elf, mem, rate, d, tag, timeout):
                 q.ex("migrate-set-capabilities", {"capabilities": caps})
                 if vmm == "qemu-multifd":
                     q.ex("migrate-set-parameters", {"multifd-channels": 4})
+                    if compress == "zstd":
+                        q.ex("migrate-set-parameters", {"multifd-compression": "zstd"})
             # QEMU's max-bandwidth 0 means "no bandwidth" to some versions: give it a huge cap.
             s.ex("migrate-set-parameters", {"max-bandwidth": 1 << 40, "downtime-limit": 300})
             t.ex("migrate-incoming", {"uri": uri})
@@ -252,6 +297,9 @@ def main():
     ap.add_argument("--vmms", default=",".join(VMMS))
     ap.add_argument("--timeout", type=int, default=120)
     ap.add_argument("--out", default=os.path.join("/tmp", "tern-bench"))
+    ap.add_argument("--entropy", type=int, default=100, help="tern.entropy of the guest (100: incompressible)")
+    ap.add_argument("--compress", choices=("zstd", "lz4"), help="multifd-compression for every tern and for qemu-multifd")
+    ap.add_argument("--link", help="run source and target in two network namespaces joined at this rate (e.g. 1gbit)")
     ap.add_argument("--from", dest="from_log", help="only print the table from the JSON lines of an earlier run's output")
     a = ap.parse_args()
     if a.quick:
@@ -285,23 +333,31 @@ def main():
     results = []
     print("qemu: %s" % subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
                                       text=True).stdout.splitlines()[0])
+    if a.link:
+        netns_up(a.link)
     for mem in mems:
         for rate in rates:
             for i in range(a.runs):
                 order = vmms[i % len(vmms):] + vmms[:i % len(vmms)]
                 for vmm in order:
                     tag = "%s-%d-%d" % (mem, rate, i)
-                    r = run_one(vmm, elf, mem, rate, a.out, tag, a.timeout)
+                    try:
+                        r = run_one(vmm, elf, mem, rate, a.out, tag, a.timeout, a.entropy, a.compress, a.link)
+                    except KeyboardInterrupt:
+                        netns_down()
+                        raise
                     r["run"] = i
                     print(json.dumps(r), flush=True)
                     results.append(r)
+    if a.link:
+        netns_down()
     return report(a, results, mems, rates, vmms)
 
 
 def report(a, results, mems, rates, vmms):
     # The machine's limit for each size: a plain socket copy of what tern sent.
     copy = {}
-    for mem in mems:
+    for mem in (mems if not getattr(a, "link", None) else []):
         sent = [r["transferred"] for r in results if r["mem"] == mem and r["vmm"] == "tern" and r.get("transferred")]
         if sent:
             copy[mem] = socket_copy(int(statistics.median(sent)))
@@ -309,7 +365,12 @@ def report(a, results, mems, rates, vmms):
     lines = []
     p = lambda s="": (print(s), lines.append(s))
     p()
-    p("tern vs QEMU 10 precopy over tcp on loopback; median (min-max) of %d run(s); downtime-limit 300 ms" % a.runs)
+    link = getattr(a, "link", None)
+    p("tern vs QEMU 10 precopy over tcp on %s; median (min-max) of %d run(s); downtime-limit 300 ms" % (
+        "a %s link between two network namespaces" % link if link else "loopback", a.runs))
+    if getattr(a, "compress", None) or getattr(a, "entropy", 100) != 100:
+        p("guest tern.entropy=%d; compression %s for every tern and for qemu-multifd%s" % (
+            a.entropy, a.compress or "none", " (QEMU has no lz4: none for it)" if a.compress == "lz4" else ""))
     p("%-4s %5s %-13s %-9s %-19s %-19s %-19s %-15s %-9s %-17s" % ("RAM", "MiB/s", "vmm", "converged", "total ms",
       "downtime ms", "guest felt ms", "MB sent", "rounds", "CPU s/GiB"))
     summary = []
