@@ -305,6 +305,18 @@ fn the_human_monitor_drives_a_migration() {
         "{params}"
     );
     assert!(h.cmd("info migrate_capabilities").contains("events: on\n"));
+    // Compression by name, as in QEMU's monitor; back to none for the rest of the test.
+    assert_eq!(h.cmd("migrate_set_parameter multifd-compression lz4"), "");
+    assert!(
+        h.cmd("info migrate_parameters")
+            .contains("multifd-compression: lz4"),
+        "{}",
+        h.cmd("info migrate_parameters")
+    );
+    assert!(h
+        .cmd("migrate_set_parameter multifd-compression zlib")
+        .contains("not supported by tern"));
+    assert_eq!(h.cmd("migrate_set_parameter multifd-compression none"), "");
     assert_eq!(h.cmd(&format!("migrate -d {uri}")), "");
     let mut seen_active = false;
     let deadline = Instant::now() + MIGRATE;
