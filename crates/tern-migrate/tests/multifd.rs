@@ -307,6 +307,40 @@ fn a_data_channel_that_skips_a_round_or_ends_early_is_refused() {
     }
 }
 
+/// One page on two channels in the same round breaks the stream's rule (and two threads must
+/// never write one page at once): the target claims each page for its round before writing it,
+/// and a second claim fails the migration. In different rounds the same page is fine.
+#[test]
+fn a_page_sent_twice_in_one_round_is_refused() {
+    let (msg, dst, end) = hand_made("multifd-twice", |d| {
+        [
+            channel(d, &[(1, 7, 1), (2, 9, 1)], &[0, 1, 2]),
+            channel(d, &[(1, 7, 2), (2, 7, 2)], &[0, 1, 2]),
+        ]
+    });
+    let want = "page 7 of region 0 came twice in round 1";
+    match msg {
+        tern_wire::ReturnMessage::Error { message, .. } => {
+            assert!(message.contains(want), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(end.unwrap_err().contains(want));
+    assert!(!dst.is_running());
+    // The same page in rounds 1 and 2 on different channels: accepted.
+    let (msg, dst, _) = hand_made("multifd-twice-ok", |d| {
+        [
+            channel(d, &[(1, 7, 1)], &[0, 1, 2]),
+            channel(d, &[(2, 7, 2)], &[0, 1, 2]),
+        ]
+    });
+    assert!(
+        matches!(msg, tern_wire::ReturnMessage::Loaded { .. }),
+        "{msg:?}"
+    );
+    assert_eq!(dst.contents()[0][7 * 4096], 2);
+}
+
 /// While the data channels carry a long round the main channel has nothing to say: its NOP
 /// keepalive (every 5 s) keeps a target with a 6 s read timeout from giving up on it.
 #[test]

@@ -133,7 +133,13 @@ pub struct GuestRam {
 
 /// A fresh memfd of `size` bytes.
 fn create_memfd(size: u64, hugetlb: bool) -> Result<File> {
-    let flags = libc::MFD_CLOEXEC | if hugetlb { libc::MFD_HUGETLB } else { 0 };
+    // 2 MiB pages whatever the host's default huge page size.
+    let flags = libc::MFD_CLOEXEC
+        | if hugetlb {
+            libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
+        } else {
+            0
+        };
     // SAFETY: memfd_create with a static NUL-terminated name; the result is checked.
     let fd = unsafe { libc::memfd_create(c"tern-guest-ram".as_ptr(), flags) };
     if fd < 0 {
@@ -150,16 +156,15 @@ fn create_memfd(size: u64, hugetlb: bool) -> Result<File> {
     Ok(memfd)
 }
 
-/// Huge pages free in the host's pool, from /proc/meminfo.
+/// 2 MiB huge pages in the host's pool that no mapping has reserved yet.
 fn free_huge_pages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("HugePages_Free:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    read("free_hugepages").saturating_sub(read("resv_hugepages"))
 }
 
 impl GuestRam {
@@ -192,7 +197,7 @@ impl GuestRam {
                 if free < need {
                     return Err(Error::Memory(format!(
                         "memory-backend memfd-hugetlb needs {need} free 2 MiB huge pages, the \
-                         host has {free} (reserve them: sysctl vm.nr_hugepages)"
+                         host has {free} unreserved (reserve them: sysctl vm.nr_hugepages)"
                     )));
                 }
                 Some(create_memfd(size, true)?)
@@ -307,8 +312,17 @@ impl GuestRam {
         ) else {
             return false;
         };
-        let (at, len) = (first_page * PAGE, count * PAGE);
+        let (Some(at), Some(len)) = (first_page.checked_mul(PAGE), count.checked_mul(PAGE)) else {
+            return false;
+        };
         if at.checked_add(len).is_none_or(|end| end > r.size) {
+            return false;
+        }
+        // A hole punched in huge pages frees whole ones only: a range that does not cover them
+        // exactly is written with zeros instead.
+        if self.backend == MemoryBackend::MemfdHugetlb
+            && (!at.is_multiple_of(HUGE_PAGE) || !len.is_multiple_of(HUGE_PAGE))
+        {
             return false;
         }
         let rc = match &self.memfd {

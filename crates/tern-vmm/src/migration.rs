@@ -310,10 +310,12 @@ impl TargetRam for Vm {
             .ok_or_else(|| MigrateError::Vm("page run overflows".into()))?;
         let (_, host) = self.check_range(region, first_page, bytes)?;
         // SAFETY: the range was checked to lie inside the region's mapping, which lives as long
-        // as the VM. Nothing else reads or writes it meanwhile: the target's vCPUs do not run
-        // before the stream is complete, and the stream's rule gives each page to one channel
-        // per round (a peer that breaks it can only garble its own guest's pages, which the
-        // VMM never interprets). The prefault helper's MADV_POPULATE_WRITE changes no byte.
+        // as the VM. Nothing else reads or writes these pages while the slice lives: the
+        // target's vCPUs do not run before the stream is complete; without data channels only
+        // the main channel's thread writes guest RAM; with them, only their threads do, and
+        // each claims a page for its round before writing it (tern-migrate's target/data.rs:
+        // a page claimed twice in a round fails the migration before it is touched). The
+        // prefault helper's MADV_POPULATE_WRITE changes no byte and takes no reference.
         let dst = unsafe {
             std::slice::from_raw_parts_mut((host + first_page * PAGE) as *mut u8, bytes as usize)
         };

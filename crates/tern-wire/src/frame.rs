@@ -409,6 +409,7 @@ impl<R: Read> RecordReader<R> {
             .find(|(id, _)| *id == region)
             .map(|(_, p)| *p)
             .ok_or(ErrorKind::UnknownRegion(region))?;
+        let mut compressed = 0;
         for _ in 0..runs {
             self.take_into_buf(RUN_HEADER, &mut left, &mut held, crc)?;
             let h = &self.buf[held - RUN_HEADER..held];
@@ -426,10 +427,10 @@ impl<R: Read> RecordReader<R> {
             }
             match encoding {
                 crate::ENC_RAW => {
-                    let n = count as usize * PAGE_SIZE;
-                    if n > left {
-                        return Err(malformed("run data past the end of the body"));
-                    }
+                    let n = (count as usize)
+                        .checked_mul(PAGE_SIZE)
+                        .filter(|&n| n <= left)
+                        .ok_or_else(|| malformed("run data past the end of the body"))?;
                     let r = &mut self.r;
                     placer.place(region, first, count, &mut |dst: &mut [u8]| {
                         if dst.len() != n {
@@ -447,6 +448,7 @@ impl<R: Read> RecordReader<R> {
                 }
                 crate::ENC_ZERO => {}
                 _ => {
+                    ram::add_compressed(&mut compressed, count)?;
                     self.take_into_buf(4, &mut left, &mut held, crc)?;
                     let clen = u32_at(&self.buf, held - 4) as usize;
                     self.take_into_buf(clen, &mut left, &mut held, crc)?;

@@ -16,9 +16,23 @@ pub const ENC_ZSTD: u8 = 3;
 pub const ENC_XOR_DELTA: u8 = 4;
 
 pub(crate) const RUN_HEADER: usize = 16;
-/// Most pages in one compressed run (16 MiB once decompressed): a reader that checks a run on
-/// its own (`tern verify`) decompresses it into memory of that size.
+/// Most pages in the compressed runs of one record, together (16 MiB once decompressed, as much
+/// as a record of raw pages holds): a reader that checks a run on its own (`tern verify`)
+/// decompresses it into memory of that size, and a small record cannot make a reader
+/// decompress more than a large one could carry raw.
 pub const MAX_COMPRESSED_PAGES: u32 = 4096;
+
+/// Adds a compressed run's pages to a record's `total`, refusing more than
+/// [`MAX_COMPRESSED_PAGES`] in all.
+pub(crate) fn add_compressed(total: &mut u32, count: u32) -> Result<(), ErrorKind> {
+    *total = total.saturating_add(count);
+    if *total > MAX_COMPRESSED_PAGES {
+        return Err(malformed(format!(
+            "compressed runs of more than {MAX_COMPRESSED_PAGES} pages in one record"
+        )));
+    }
+    Ok(())
+}
 
 /// A human name for an encoding.
 pub fn encoding_name(encoding: u8) -> &'static str {
@@ -259,6 +273,7 @@ pub(crate) fn decode(body: &[u8], placed: bool) -> Result<RamRecord<'_>, (usize,
     }
     let mut runs = Vec::with_capacity(n);
     let mut pos = 8;
+    let mut compressed = 0;
     for _ in 0..n {
         if body.len() - pos < RUN_HEADER {
             return Err((pos, malformed("run header past the end of the body")));
@@ -273,6 +288,7 @@ pub(crate) fn decode(body: &[u8], placed: bool) -> Result<RamRecord<'_>, (usize,
                 .ok_or((pos + 8, malformed("run too long")))?,
             ENC_ZERO => 0,
             _ => {
+                add_compressed(&mut compressed, count).map_err(|k| (pos + 8, k))?;
                 if body.len() - start < 4 {
                     return Err((
                         start,

@@ -387,6 +387,25 @@ fn records_out_of_order_and_other_rule_violations() {
             "{what}"
         );
     }
+    // Many small compressed runs may not add up to more than one record of raw pages: a few
+    // hundred bytes of zstd could otherwise make a reader decompress gigabytes.
+    let bomb = {
+        let mut body = Vec::new();
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&2u32.to_le_bytes());
+        for first in [0u64, 0] {
+            body.extend_from_slice(&first.to_le_bytes());
+            body.extend_from_slice(&tern_wire::MAX_COMPRESSED_PAGES.to_le_bytes());
+            body.extend_from_slice(&[tern_wire::ENC_ZSTD, 0, 0, 0]);
+            body.extend_from_slice(&0u32.to_le_bytes());
+        }
+        with_record(record_type::RAM_PAGES, &body)
+    };
+    let e = assert_typed_error(&bomb, "bomb");
+    assert!(
+        e.to_string().contains("more than 4096 pages in one record"),
+        "{e}"
+    );
 }
 
 /// Splits a stream into (header, records as (type, flags, body)).

@@ -58,12 +58,12 @@ fn a_guest_moves_between_anonymous_memory_and_a_memfd_both_ways() {
 }
 
 fn free_huge_pages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap()
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0)
+    };
+    read("free_hugepages").saturating_sub(read("resv_hugepages"))
 }
 
 #[test]

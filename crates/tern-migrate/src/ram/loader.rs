@@ -32,16 +32,21 @@ impl PagePlacer for Placer<'_> {
 }
 
 /// Puts a RAM record into guest RAM: RAW data (unless the reader placed it already), zero
-/// ranges, compressed runs decompressed in place. Calls `landed` with the end of every run
-/// with data; returns the pages with data and the zero pages.
+/// ranges, compressed runs decompressed in place. Calls `claim` before it touches a run's
+/// pages (the reader claimed the placed ones), `landed` with the end of every run with data;
+/// returns the pages with data and the zero pages.
 pub(crate) fn apply(
     ram: &dyn TargetRam,
     rec: &RamRecord<'_>,
+    claim: &mut dyn FnMut(u32, u64, u64) -> Result<()>,
     mut landed: impl FnMut(u64),
 ) -> Result<(u64, u64)> {
     let (mut data, mut zero) = (0u64, 0u64);
     for run in &rec.runs {
         let count = u64::from(run.count);
+        if !(rec.placed && run.encoding == ENC_RAW) {
+            claim(rec.region, run.first_page, count)?;
+        }
         match run.encoding {
             ENC_ZERO => {
                 ram.zero_pages(rec.region, run.first_page, count)?;
@@ -246,7 +251,8 @@ impl LoadParticipant for RamLoader {
             .find(|b| b.0 == ram.region)
             .map_or(0, |b| b.1);
         let frontier = &self.frontier;
-        let (data, zero) = apply(self.vm.ram(), ram, |end| {
+        // One thread writes these pages (the main channel, without data channels): no claims.
+        let (data, zero) = apply(self.vm.ram(), ram, &mut |_, _, _| Ok(()), |end| {
             frontier.fetch_max(base + end, Ordering::Relaxed);
         })?;
         self.pages = self.pages.saturating_add(data);

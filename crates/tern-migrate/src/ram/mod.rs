@@ -271,14 +271,18 @@ impl SaveParticipant for RamSaver {
     fn save_setup(&mut self, out: &mut Out<'_>) -> Result<()> {
         self.vm.ram().start_dirty_log()?;
         self.logging = true;
-        // Round 1: every page that may hold data; the rest is known zero, and goes now.
+        // Round 1: every page that may hold data; the rest is known zero, and goes now. One
+        // look at what is populated serves both (the dirty log, on already, catches the rest).
+        let mut populated = Vec::with_capacity(self.regions.len());
         for r in self.regions.iter_mut() {
-            for range in self.vm.ram().populated(r.info.id) {
-                r.set_range(range);
+            let ranges = self.vm.ram().populated(r.info.id);
+            for range in &ranges {
+                r.set_range(range.clone());
             }
+            populated.push((r.info.id, r.pages, ranges));
         }
         self.cursor = (0, 0);
-        self.counters.zero += send_holes(&*self.vm, out, self.channels.as_deref())?;
+        self.counters.zero += send_holes(&populated, out, self.channels.as_deref())?;
         Ok(())
     }
 
@@ -341,16 +345,16 @@ impl SaveParticipant for RamSaver {
 /// The zero ranges of round 1: pages known to hold nothing, sent as ranges so that the stream
 /// describes all of RAM (a saved file restores into any memory).
 fn send_holes(
-    vm: &dyn SourceVm,
+    populated: &[(u32, u64, Vec<std::ops::Range<u64>>)],
     out: &mut Out<'_>,
     channels: Option<&DataChannels>,
 ) -> Result<u64> {
     let mut total = 0;
-    for info in vm.ram().regions() {
-        let pages = info.size / PAGE;
+    for (id, pages, ranges) in populated {
+        let (id, pages) = (*id, *pages);
         let mut holes = Vec::new();
         let mut next = 0;
-        for r in vm.ram().populated(info.id) {
+        for r in ranges {
             if r.start > next {
                 holes.push((next, r.start - next));
             }
@@ -373,11 +377,8 @@ fn send_holes(
             }
             match channels {
                 // Counted by the channel that sends them.
-                Some(ch) => ch.send(Job::Zero {
-                    region: info.id,
-                    runs,
-                })?,
-                None => total += send_zero_runs(out, info.id, &runs)?,
+                Some(ch) => ch.send(Job::Zero { region: id, runs })?,
+                None => total += send_zero_runs(out, id, &runs)?,
             }
         }
     }

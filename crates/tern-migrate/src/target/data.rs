@@ -3,7 +3,7 @@
 //! barrier at every SYNC keeps the rounds in order across channels.
 
 use std::io::BufReader;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -30,6 +30,8 @@ pub(super) struct Shared {
     pub(super) zero_pages: AtomicU64,
     /// Stream bytes read on each channel.
     bytes: Vec<AtomicU64>,
+    /// Per region, per page: the round (plus one) in which a channel last wrote the page.
+    claims: Vec<(u32, Vec<AtomicU32>)>,
 }
 
 impl Shared {
@@ -81,6 +83,35 @@ impl Shared {
         }
     }
 
+    /// Claims `count` pages of `region` for `round` before a channel writes them. The stream
+    /// gives each page to one channel per round, so a second claim in the same round is a
+    /// broken peer: it fails the migration, and no two threads ever write one page at once.
+    fn claim(&self, region: u32, first: u64, count: u64, round: u64) -> Result<()> {
+        let tag = u32::try_from(round + 1)
+            .map_err(|_| MigrateError::Vm(format!("round {round} on a data channel")))?;
+        let pages = self
+            .claims
+            .iter()
+            .find(|c| c.0 == region)
+            .map(|c| &c.1)
+            .ok_or_else(|| MigrateError::Vm(format!("no RAM region {region}")))?;
+        let end = first.saturating_add(count);
+        let run = usize::try_from(first)
+            .ok()
+            .zip(usize::try_from(end).ok())
+            .and_then(|(a, b)| pages.get(a..b))
+            .ok_or_else(|| MigrateError::Vm(format!("pages {first}..{end} of region {region}")))?;
+        for (i, p) in run.iter().enumerate() {
+            if p.swap(tag, Ordering::Relaxed) == tag {
+                return Err(MigrateError::Vm(format!(
+                    "page {} of region {region} came twice in round {round}",
+                    first + i as u64
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Stream bytes read on every data channel.
     pub(super) fn bytes(&self) -> u64 {
         self.bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum()
@@ -118,6 +149,15 @@ impl DataReceivers {
                 failed: None,
             }),
             bytes: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            // Bounded by this VM's RAM (the stream's regions were checked to be its own).
+            claims: desc
+                .ram
+                .iter()
+                .map(|r| {
+                    let pages = r.size / tern_wire::PAGE_SIZE as u64;
+                    (r.id, (0..pages).map(|_| AtomicU32::new(0)).collect())
+                })
+                .collect(),
             ..Shared::default()
         });
         // Built first, so that a failure to start a thread stops the ones already started.
@@ -205,8 +245,15 @@ fn receive(
     s: &Shared,
 ) -> Result<()> {
     let mut r = StreamReader::new(BufReader::with_capacity(16 << 10, conn))?.live();
+    // The round this channel is in: the one after the last SYNC it read.
+    let mut round = 0;
     loop {
-        match r.next_record_placing(&mut crate::ram::Placer(vm.ram()))? {
+        let mut placer = ClaimingPlacer {
+            ram: vm.ram(),
+            shared: s,
+            round,
+        };
+        match r.next_record_placing(&mut placer)? {
             None => return Err(MigrateError::Vm("the channel ended without END".into())),
             Some(Record::Description) => {
                 if r.description() != Some(desc) {
@@ -216,11 +263,15 @@ fn receive(
                 }
             }
             Some(Record::Ram(ram)) => {
-                let (data, zero) = crate::ram::apply(vm.ram(), &ram, |_| {})?;
+                let mut claim = |region, first, count| s.claim(region, first, count, round);
+                let (data, zero) = crate::ram::apply(vm.ram(), &ram, &mut claim, |_| {})?;
                 s.data_pages.fetch_add(data, Ordering::Relaxed);
                 s.zero_pages.fetch_add(zero, Ordering::Relaxed);
             }
-            Some(Record::Sync(round)) => s.arrive(i, round)?,
+            Some(Record::Sync(r)) => {
+                s.arrive(i, r)?;
+                round = r + 1;
+            }
             Some(Record::End(_)) => {
                 s.lock().ended[i] = true;
                 s.changed.notify_all();
@@ -235,6 +286,28 @@ fn receive(
             }
         }
         s.bytes[i].store(r.offset(), Ordering::Relaxed);
+    }
+}
+
+/// Places a data channel's RAW pages in guest RAM once they are claimed for its round.
+struct ClaimingPlacer<'a> {
+    ram: &'a dyn crate::TargetRam,
+    shared: &'a Shared,
+    round: u64,
+}
+
+impl tern_wire::PagePlacer for ClaimingPlacer<'_> {
+    fn place(
+        &mut self,
+        region: u32,
+        first_page: u64,
+        count: u32,
+        fill: &mut dyn FnMut(&mut [u8]) -> std::result::Result<(), tern_wire::ErrorKind>,
+    ) -> std::result::Result<(), tern_wire::ErrorKind> {
+        self.shared
+            .claim(region, first_page, u64::from(count), self.round)
+            .map_err(|e| tern_wire::ErrorKind::Placement(e.to_string()))?;
+        crate::ram::Placer(self.ram).place(region, first_page, count, fill)
     }
 }
 

@@ -412,9 +412,13 @@ impl Receiver {
         loop {
             let mut described = false;
             let at = r.offset();
+            // Pages are placed from here only without data channels (with them, RAM here is an
+            // error, and only they may write guest RAM).
             let next = match &self.vm {
-                Some(vm) => r.next_record_placing(&mut crate::ram::Placer(vm.ram())),
-                None => r.next_record(),
+                Some(vm) if self.data.is_none() => {
+                    r.next_record_placing(&mut crate::ram::Placer(vm.ram()))
+                }
+                _ => r.next_record(),
             };
             let next = next.map_err(|e| {
                 // A data channel that failed shut this one: its reason is the one to give.
