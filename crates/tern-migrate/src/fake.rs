@@ -376,7 +376,6 @@ impl SaveParticipant for DiskSaver {
         self.send(out, false)
     }
     fn complete_precopy(&mut self, out: &mut Out<'_>) -> Result<()> {
-        self.sync()?;
         self.send(out, true).map(drop)
     }
     fn progress(&self) -> Progress {

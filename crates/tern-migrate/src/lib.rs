@@ -18,6 +18,7 @@
 
 mod control;
 pub mod convergence;
+pub mod dirtyrate;
 mod error;
 pub mod fake;
 pub mod manager;

@@ -13,6 +13,9 @@ use crate::{Capabilities, MigrationParams};
 
 /// QEMU's words for "another migration runs".
 pub const IN_PROGRESS: &str = "There's a migration process in progress";
+/// A dirty rate measurement holds the dirty log.
+pub const MEASURING: &str =
+    "A dirty rate measurement is running (calc-dirty-rate): migrate once query-dirty-rate says measured";
 
 struct Inner {
     params: MigrationParams,
@@ -20,6 +23,8 @@ struct Inner {
     timeline: Option<PathBuf>,
     /// The latest migration, and whether its thread has finished with it.
     current: Option<(Arc<MigrationControl>, bool)>,
+    /// A `calc-dirty-rate` runs (it owns the dirty log: no migration may start meanwhile).
+    measuring: bool,
 }
 
 impl Inner {
@@ -47,6 +52,7 @@ impl Default for MigrationManager {
                 caps: Capabilities::default(),
                 timeline: None,
                 current: None,
+                measuring: false,
             }),
         }
     }
@@ -156,10 +162,32 @@ impl MigrationManager {
         if g.active().is_some() {
             return Err(IN_PROGRESS.into());
         }
+        if g.measuring {
+            return Err(MEASURING.into());
+        }
         allowed()?;
         let ctl = MigrationControl::new(g.params, g.caps, events(g.caps));
         g.current = Some((ctl.clone(), false));
         Ok(ctl)
+    }
+
+    /// Takes the dirty log for a `calc-dirty-rate` if no migration and no other measurement
+    /// runs; [`Self::end_measure`] gives it back.
+    pub fn begin_measure(&self) -> Result<(), String> {
+        let mut g = self.lock();
+        if g.active().is_some() {
+            return Err(IN_PROGRESS.into());
+        }
+        if g.measuring {
+            return Err("A dirty rate measurement is already running".into());
+        }
+        g.measuring = true;
+        Ok(())
+    }
+
+    /// The measurement is over.
+    pub fn end_measure(&self) {
+        self.lock().measuring = false;
     }
 
     /// The migration thread is done with `ctl`; then `after` runs, outside the lock (what must

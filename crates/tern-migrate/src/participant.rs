@@ -54,7 +54,7 @@ pub trait SaveParticipant: Send {
     fn pending(&self) -> u64;
     /// Sends the next chunk of this round; returns false once the round is done.
     fn iterate(&mut self, out: &mut Out<'_>) -> Result<bool>;
-    /// With the VM paused: sends everything that is left.
+    /// With the VM paused, after the engine's last [`Self::sync`]: sends everything that is left.
     fn complete_precopy(&mut self, out: &mut Out<'_>) -> Result<()>;
     /// Moved so far.
     fn progress(&self) -> Progress;

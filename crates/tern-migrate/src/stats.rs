@@ -106,6 +106,8 @@ pub struct RoundRecord {
     pub bytes: u64,
     /// Pages found dirty by the sync that ended the round.
     pub dirty_pages: u64,
+    /// Milliseconds that sync took (collecting the dirty log).
+    pub sync_ms: f64,
     pub bandwidth: f64,
     pub dirty_rate: f64,
     pub expected_downtime_ms: f64,
@@ -122,6 +124,8 @@ pub struct Switchover {
     pub drain_ms: f64,
     /// Until every vCPU was parked.
     pub pause_ms: f64,
+    /// The last collection of the dirty log (part of the time until the last pages were sent).
+    pub sync_ms: f64,
     /// Until the last dirty pages were sent.
     pub pages_ms: f64,
     /// Until the CPU and device state was sent.
@@ -263,6 +267,7 @@ impl MigrationStats {
                     "zero-pages": r.zero_pages,
                     "bytes": r.bytes,
                     "dirty-pages": r.dirty_pages,
+                    "sync-ms": r.sync_ms,
                     "bandwidth": r.bandwidth,
                     "dirty-rate": r.dirty_rate,
                     "expected-downtime-ms": r.expected_downtime_ms,
@@ -275,6 +280,7 @@ impl MigrationStats {
                 "start": s.start,
                 "drain-ms": s.drain_ms,
                 "pause-ms": s.pause_ms,
+                "sync-ms": s.sync_ms,
                 "pages-ms": s.pages_ms,
                 "state-ms": s.state_ms,
                 "end-ms": s.end_ms,
@@ -282,7 +288,8 @@ impl MigrationStats {
                 "ack-ms": s.ack_ms,
                 "downtime": {
                     "pause": s.pause_ms,
-                    "final-pages": s.pages_ms - s.pause_ms,
+                    "final-sync": s.sync_ms,
+                    "final-pages": s.pages_ms - s.pause_ms - s.sync_ms,
                     "device-state": s.state_ms - s.pages_ms,
                     "end": s.end_ms - s.state_ms,
                     "target-load": s.loaded_ms - s.end_ms,

@@ -69,6 +69,23 @@ pub enum Command {
         #[serde(rename = "cpu-index", default)]
         cpu_index: Option<i64>,
     },
+    #[serde(rename = "calc-dirty-rate")]
+    CalcDirtyRate {
+        #[serde(rename = "calc-time")]
+        calc_time: i64,
+        #[serde(rename = "calc-time-unit", default)]
+        calc_time_unit: Option<String>,
+        /// For QEMU's page-sampling mode, which tern does not have.
+        #[serde(rename = "sample-pages", default)]
+        sample_pages: Option<u64>,
+        #[serde(default)]
+        mode: Option<String>,
+    },
+    #[serde(rename = "query-dirty-rate")]
+    QueryDirtyRate {
+        #[serde(rename = "calc-time-unit", default)]
+        calc_time_unit: Option<String>,
+    },
     /// Test aid: writes a u64 into guest RAM.
     #[serde(rename = "x-tern-write-guest-memory")]
     XTernWriteGuestMemory { addr: u64, value: u64 },
@@ -92,6 +109,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "query-version",
     "query-commands",
     "human-monitor-command",
+    "calc-dirty-rate",
+    "query-dirty-rate",
     "getfd",
     "closefd",
 ];
@@ -143,6 +162,8 @@ impl Command {
             Command::QueryVersion {} => "query-version",
             Command::QueryCommands {} => "query-commands",
             Command::HumanMonitorCommand { .. } => "human-monitor-command",
+            Command::CalcDirtyRate { .. } => "calc-dirty-rate",
+            Command::QueryDirtyRate { .. } => "query-dirty-rate",
             Command::XTernWriteGuestMemory { .. } => "x-tern-write-guest-memory",
         }
     }

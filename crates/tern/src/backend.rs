@@ -51,6 +51,47 @@ impl RunBackend {
         Ok(json!({}))
     }
 
+    /// `calc-dirty-rate`: tern measures with the dirty log (QEMU's `dirty-bitmap` mode, the
+    /// default here since tern has no other), while no migration runs.
+    fn calc_dirty_rate(
+        &self,
+        calc_time: i64,
+        unit: Option<&str>,
+        sample_pages: Option<u64>,
+        mode: Option<String>,
+    ) -> Result<Value, QmpError> {
+        match mode.as_deref() {
+            None | Some("dirty-bitmap") => {}
+            Some(other) => {
+                return Err(QmpError::generic(format!(
+                    "mode '{other}' is not supported by tern: it measures in mode dirty-bitmap"
+                )))
+            }
+        }
+        if sample_pages.is_some() {
+            return Err(QmpError::generic(
+                "sample-pages is for mode page-sampling: tern measures in mode dirty-bitmap",
+            ));
+        }
+        tern_migrate::dirtyrate::DirtyRate::window(calc_time, unit).map_err(QmpError::generic)?;
+        let vm = self.vm()?;
+        if self.phase() != Phase::Live {
+            return Err(QmpError::generic(
+                "The guest is not running here: nothing to measure",
+            ));
+        }
+        self.app.mig.begin_measure().map_err(QmpError::generic)?;
+        let app = self.app.clone();
+        self.app
+            .dirty_rate
+            .start(vm, calc_time, unit, move || app.mig.end_measure())
+            .map_err(|e| {
+                self.app.mig.end_measure();
+                QmpError::generic(e)
+            })?;
+        Ok(json!({}))
+    }
+
     fn query_status(&self) -> Value {
         let status = match self.phase() {
             Phase::InMigrate => "inmigrate",
@@ -153,6 +194,15 @@ impl Backend for RunBackend {
                 .map(|c| c.snapshot().to_qmp())
                 .unwrap_or_else(|| json!({}))),
             Command::QueryMigrateParameters {} => Ok(self.app.mig.params_qmp()),
+            Command::CalcDirtyRate {
+                calc_time,
+                calc_time_unit,
+                sample_pages,
+                mode,
+            } => self.calc_dirty_rate(calc_time, calc_time_unit.as_deref(), sample_pages, mode),
+            Command::QueryDirtyRate { calc_time_unit } => {
+                Ok(self.app.dirty_rate.to_qmp(calc_time_unit.as_deref()))
+            }
             Command::MigrateSetParameters(args) => {
                 self.app.mig.set_parameters(&args).map_err(generic)?;
                 Ok(json!({}))

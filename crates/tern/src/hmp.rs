@@ -21,8 +21,10 @@ const MAX_CLIENTS: usize = 32;
 const PROMPT: &str = "(qemu) ";
 
 const HELP: &str = "\
+calc_dirty_rate [-b] second -- start measuring the guest's dirty rate (mode dirty-bitmap)
 cont|c -- resume emulation
 help|? [cmd] -- show the help
+info dirty_rate -- show the last dirty rate measurement
 info migrate -- show migration status
 info migrate_capabilities -- show current migration capabilities
 info migrate_parameters -- show current migration parameters
@@ -163,6 +165,24 @@ pub fn execute(backend: &RunBackend, line: &str) -> (String, bool) {
             },
             _ => Err("usage: migrate_set_capability CAPABILITY on|off".into()),
         },
+        "calc_dirty_rate" => {
+            let secs = match rest {
+                ["-b", s] | [s] => s.parse::<i64>().ok(),
+                _ => None,
+            };
+            match (secs, rest.first()) {
+                (_, Some(&"-r")) => {
+                    Err("tern measures in mode dirty-bitmap (-b), not dirty-ring".into())
+                }
+                (Some(s), _) => qmp(
+                    backend,
+                    "calc-dirty-rate",
+                    json!({"calc-time": s, "mode": "dirty-bitmap"}),
+                )
+                .map(|_| String::new()),
+                (None, _) => Err("usage: calc_dirty_rate [-b] SECONDS".into()),
+            }
+        }
         "migrate_set_parameter" => match rest {
             [name, value] => set_parameter(backend, name, value),
             _ => Err("usage: migrate_set_parameter PARAMETER VALUE".into()),
@@ -197,6 +217,21 @@ fn info(backend: &RunBackend, rest: &[&str]) -> Result<String, String> {
             })
         }
         ["migrate"] => Ok(format_migrate(&qmp(backend, "query-migrate", json!({}))?)),
+        ["dirty_rate"] => {
+            let d = qmp(backend, "query-dirty-rate", json!({}))?;
+            let mut out = format!(
+                "Status: {}\nStart Time: {} (s)\nPeriod: {} (sec)\nMode: {}\n",
+                d["status"].as_str().unwrap_or("?"),
+                d["start-time"],
+                d["calc-time"],
+                d["mode"].as_str().unwrap_or("?")
+            );
+            out.push_str(&match d["dirty-rate"].as_i64() {
+                Some(r) => format!("Dirty rate: {r} (MB/s)\n"),
+                None => "Dirty rate: (not ready)\n".into(),
+            });
+            Ok(out)
+        }
         ["migrate_parameters"] => {
             let p = qmp(backend, "query-migrate-parameters", json!({}))?;
             let mut out = String::new();
@@ -232,9 +267,11 @@ fn info(backend: &RunBackend, rest: &[&str]) -> Result<String, String> {
             }
             Ok(out)
         }
-        [] => Err("usage: info status|migrate|migrate_parameters|migrate_capabilities".into()),
+        [] => Err(
+            "usage: info status|migrate|migrate_parameters|migrate_capabilities|dirty_rate".into(),
+        ),
         [what, ..] => Err(format!(
-            "'info {what}' is not known here (status, migrate, migrate_parameters, migrate_capabilities)"
+            "'info {what}' is not known here (status, migrate, migrate_parameters, migrate_capabilities, dirty_rate)"
         )),
     }
 }

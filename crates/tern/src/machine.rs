@@ -38,6 +38,8 @@ pub(crate) struct App {
     pub(crate) server: OnceLock<Arc<Server>>,
     /// Parameters, capabilities and the migration: one owner, one lock to start one.
     pub(crate) mig: MigrationManager,
+    /// The latest `calc-dirty-rate`.
+    pub(crate) dirty_rate: Arc<tern_migrate::dirtyrate::DirtyRate>,
     pub(crate) incoming: Mutex<IncomingState>,
     incoming_cv: Condvar,
     machine: MachineSpec,
@@ -80,6 +82,7 @@ impl App {
             phase: Mutex::new(phase),
             server: OnceLock::new(),
             mig: MigrationManager::default(),
+            dirty_rate: Arc::default(),
             incoming: Mutex::new(IncomingState::None),
             incoming_cv: Condvar::new(),
             machine,

@@ -235,6 +235,7 @@ pub fn render(t: &Value) -> Result<String> {
         let d = &sw["downtime"];
         let parts = [
             ("pause", "#9467bd"),
+            ("final-sync", "#bcbd22"),
             ("final-pages", "#ff7f0e"),
             ("device-state", "#2ca02c"),
             ("end", "#8c564b"),
@@ -283,7 +284,8 @@ pub fn render(t: &Value) -> Result<String> {
         ("MiB/s", 540.0),
         ("dirty MiB/s", 610.0),
         ("exp. downtime ms", 700.0),
-        ("throttle %", 830.0),
+        ("throttle %", 820.0),
+        ("sync ms", 900.0),
     ];
     for (name, dx) in cols {
         let _ = write!(
@@ -307,6 +309,7 @@ pub fn render(t: &Value) -> Result<String> {
             format!("{:.0}", f(r, "dirty-rate") / MIB),
             format!("{:.1}", f(r, "expected-downtime-ms")),
             format!("{:.0}", f(r, "cpu-throttle-percentage")),
+            format!("{:.2}", f(r, "sync-ms")),
         ];
         for ((_, dx), v) in cols.iter().zip(vals) {
             let _ = write!(
@@ -353,7 +356,7 @@ mod tests {
                  "dirty-rate": 16e6, "expected-downtime-ms": 9.0, "cpu-throttle-percentage": 20}
             ],
             "switchover": {"start": 1.0, "ack-ms": 12.0, "downtime": {"pause": 0.1,
-                "final-pages": 8.0, "device-state": 0.3, "end": 0.1,
+                "final-sync": 0.4, "final-pages": 7.6, "device-state": 0.3, "end": 0.1,
                 "target-load": 3.0, "commit-and-run": 0.5, "total": 12.0}}
         });
         let svg = render(&t).unwrap();
@@ -363,6 +366,7 @@ mod tests {
         assert!(svg.contains("tcp:a&lt;b:1"), "escaped");
         assert!(svg.contains("target-load 3.00 ms"));
         assert!(svg.contains("commit-and-run 0.50 ms"));
+        assert!(svg.contains("final-sync 0.40 ms"));
         assert!(svg.contains("precopy stopped: converged"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(render(&json!({"rounds": []})).is_err());

@@ -91,6 +91,21 @@ fn one_two_and_eight_channels_over_tcp_and_unix_with_each_pattern() {
             assert_eq!(c["busy-ms"].as_u64(), Some(*b), "{what}: {r}");
             assert!(*b <= total, "{what}: busy {b} ms in a {total} ms migration");
         }
+        // Each round says how long collecting the dirty log took, and the downtime split has
+        // the final sync's share.
+        let rounds = t["rounds"].as_array().unwrap();
+        assert!(
+            rounds
+                .iter()
+                .all(|r| r["sync-ms"].as_f64().is_some_and(|x| x >= 0.0)),
+            "{what}: {rounds:?}"
+        );
+        let split = &t["switchover"]["downtime"];
+        let sync = split["final-sync"].as_f64().unwrap();
+        assert!(
+            sync >= 0.0 && sync <= split["total"].as_f64().unwrap(),
+            "{what}: {split}"
+        );
         // 256 MiB of pages take a channel a measurable time, whatever the split.
         assert!(busy.iter().sum::<u64>() > 0, "{what}: {busy:?}");
         eprintln!(

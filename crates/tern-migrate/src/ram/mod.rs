@@ -329,7 +329,6 @@ impl SaveParticipant for RamSaver {
     }
 
     fn complete_precopy(&mut self, out: &mut Out<'_>) -> Result<()> {
-        self.sync()?;
         while self.send_batch(out)? {}
         Ok(())
     }

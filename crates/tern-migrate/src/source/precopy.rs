@@ -157,10 +157,12 @@ pub(super) fn rounds(
         // What became dirty meanwhile: the next round's work, and what a stop would send now.
         let since = last_sync.elapsed().as_secs_f64();
         let mut dirtied = 0;
+        let t_sync = Instant::now();
         for p in session.parts.iter_mut() {
             dirtied += p.sync()?;
         }
         let t_end = Instant::now();
+        let sync_ms = (t_end - t_sync).as_secs_f64() * 1000.0;
         last_sync = t_end;
         let pending = session.pending();
         let dirty_rate = dirtied as f64 / since.max(1e-6);
@@ -199,6 +201,7 @@ pub(super) fn rounds(
                 zero_pages: zeros,
                 bytes,
                 dirty_pages: dirtied / 4096,
+                sync_ms,
                 bandwidth: if dt > 0.0 { bytes as f64 / dt } else { 0.0 },
                 dirty_rate,
                 expected_downtime_ms: expected * 1000.0,

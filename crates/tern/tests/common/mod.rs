@@ -331,6 +331,13 @@ impl Qmp {
         r["return"].clone()
     }
 
+    /// Runs a command that must fail; returns its error description.
+    pub fn err(&mut self, cmd: &str, args: Value) -> String {
+        let r = self.execute(cmd, args);
+        assert!(r.get("error").is_some(), "{cmd} succeeded: {r}");
+        r["error"]["desc"].as_str().unwrap_or_default().to_string()
+    }
+
     pub fn wait_event(&mut self, name: &str) -> Value {
         if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
             return self.events.remove(i);
