@@ -35,17 +35,40 @@ fn dirtier(src: Arc<FakeVm>, stop: Arc<AtomicBool>, pages: u64) -> thread::JoinH
     })
 }
 
+/// Migrates a 16 + 4 MiB fake guest that dirties 4096 pages all along, with `params` and
+/// `caps`; checks it completed with the same RAM on both sides and returns the source's
+/// statistics.
+fn migrate_dirtying(
+    name: &str,
+    params: MigrationParams,
+    caps: Capabilities,
+) -> tern_migrate::MigrationStats {
+    let u = uri(name);
+    let src = FakeVm::new(&[16 * MIB, 4 * MIB]);
+    fill(&src, 2000);
+    let dst = FakeVm::new_target(&[16 * MIB, 4 * MIB]);
+    let (tctl, t) = target(&u, dst.clone(), None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = dirtier(src.clone(), stop.clone(), 4096);
+    let (ctl, _) = control_with(params, caps);
+    let r = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl);
+    stop.store(true, Ordering::SeqCst);
+    guest.join().unwrap();
+    r.unwrap_or_else(|e| panic!("{name}: {e}"));
+    t.join().unwrap().unwrap();
+    let s = ctl.snapshot();
+    assert_eq!(s.status, MigrationStatus::Completed, "{name}");
+    assert_eq!(s.ram_digest, tctl.snapshot().ram_digest, "{name}");
+    assert!(src.contents() == dst.contents(), "{name}: RAM differs");
+    assert!(dst.is_running(), "{name}");
+    s
+}
+
 #[test]
 fn one_two_and_eight_channels_move_a_dirtying_guest_whole() {
     for n in [1u8, 2, 8] {
-        let u = uri(&format!("multifd-{n}"));
-        let src = FakeVm::new(&[16 * MIB, 4 * MIB]);
-        fill(&src, 2000);
-        let dst = FakeVm::new_target(&[16 * MIB, 4 * MIB]);
-        let (tctl, t) = target(&u, dst.clone(), None);
-        let stop = Arc::new(AtomicBool::new(false));
-        let guest = dirtier(src.clone(), stop.clone(), 4096);
-        let (ctl, _) = control_with(
+        let s = migrate_dirtying(
+            &format!("multifd-{n}"),
             MigrationParams {
                 downtime_limit_ms: 50,
                 multifd_channels: n,
@@ -53,17 +76,7 @@ fn one_two_and_eight_channels_move_a_dirtying_guest_whole() {
             },
             multifd(),
         );
-        let r = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl);
-        stop.store(true, Ordering::SeqCst);
-        guest.join().unwrap();
-        r.unwrap_or_else(|e| panic!("{n} channels: {e}"));
-        t.join().unwrap().unwrap();
-        let s = ctl.snapshot();
-        assert_eq!(s.status, MigrationStatus::Completed);
-        assert_eq!(s.ram_digest, tctl.snapshot().ram_digest, "{n} channels");
-        assert_eq!(src.contents(), dst.contents(), "{n} channels");
         assert!(s.dirty_sync_count >= 2, "{n} channels: several rounds");
-        assert!(dst.is_running());
     }
 }
 
@@ -384,14 +397,8 @@ fn compressed_pages_arrive_whole_on_channels_and_on_the_main_stream() {
         .enumerate()
     {
         let what = format!("{compression:?} with {channels:?} channels");
-        let u = uri(&format!("multifd-compressed-{i}"));
-        let src = FakeVm::new(&[16 * MIB, 4 * MIB]);
-        fill(&src, 2000);
-        let dst = FakeVm::new_target(&[16 * MIB, 4 * MIB]);
-        let (tctl, t) = target(&u, dst.clone(), None);
-        let stop = Arc::new(AtomicBool::new(false));
-        let guest = dirtier(src.clone(), stop.clone(), 4096);
-        let (ctl, _) = control_with(
+        let s = migrate_dirtying(
+            &format!("multifd-compressed-{i}"),
             MigrationParams {
                 downtime_limit_ms: 50,
                 multifd_channels: channels.unwrap_or(2),
@@ -408,15 +415,6 @@ fn compressed_pages_arrive_whole_on_channels_and_on_the_main_stream() {
                 ..Default::default()
             },
         );
-        let r = run_outgoing(src.clone() as Arc<dyn SourceVm>, &u, None, &ctl);
-        stop.store(true, Ordering::SeqCst);
-        guest.join().unwrap();
-        r.unwrap_or_else(|e| panic!("{what}: {e}"));
-        t.join().unwrap().unwrap();
-        let s = ctl.snapshot();
-        assert_eq!(s.status, MigrationStatus::Completed, "{what}");
-        assert_eq!(s.ram_digest, tctl.snapshot().ram_digest, "{what}");
-        assert!(src.contents() == dst.contents(), "{what}: RAM differs");
         let data = s.normal * 4096;
         assert!(
             data >= 2000 * 4096 && s.transferred < data / 10,
