@@ -285,19 +285,28 @@ impl GuestRam {
 const PAGE: u64 = 4096;
 
 impl GuestRam {
+    /// Region `index` and the host address of its mapping.
+    fn region_at(&self, index: usize) -> Option<(RamRegion, u64)> {
+        let r = *self.regions.get(index)?;
+        let host = self
+            .mem
+            .iter()
+            .nth(index)?
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .ok()? as u64;
+        Some((r, host))
+    }
+
     /// The pages of region `index` that may hold data (ranges of page indices): all others read
     /// as zero. A page the guest only ever read may be included; a page with data never is
     /// left out (if the backing cannot tell, everything is returned).
     pub fn populated(&self, index: usize) -> Vec<Range<u64>> {
-        let (Some(r), Some(host)) = (
-            self.regions.get(index),
-            self.host_addrs().get(index).copied(),
-        ) else {
+        let Some((r, host)) = self.region_at(index) else {
             return Vec::new();
         };
         let all = std::iter::once(0..r.size / PAGE).collect();
         match &self.memfd {
-            Some(f) => memfd_data(f, r).unwrap_or(all),
+            Some(f) => memfd_data(f, &r).unwrap_or(all),
             None => pagemap_present(host, r.size / PAGE).unwrap_or(all),
         }
     }
@@ -306,10 +315,7 @@ impl GuestRam {
     /// memory back (the next touch allocates afresh). False if the backing refused: then the
     /// caller writes zeros. Only while the guest does not run.
     pub fn discard(&self, index: usize, first_page: u64, count: u64) -> bool {
-        let (Some(r), Some(host)) = (
-            self.regions.get(index),
-            self.host_addrs().get(index).copied(),
-        ) else {
+        let Some((r, host)) = self.region_at(index) else {
             return false;
         };
         let (Some(at), Some(len)) = (first_page.checked_mul(PAGE), count.checked_mul(PAGE)) else {

@@ -44,15 +44,7 @@ fn zstd_on_channels_and_lz4_on_the_main_stream_carry_a_compressible_guest() {
         let p = src.q.ok("query-migrate-parameters", json!({}));
         assert_eq!(p["multifd-compression"], compression, "{p}");
         src.q.ok("migrate", json!({"uri": uri}));
-        let r = wait_migration(&mut src.q, MIGRATE);
-        assert_eq!(r["status"], "completed", "{what}: {r}");
-        let n = paused_last_hb(&mut src.p);
-        continues_on(&mut dst.p, n);
-        let rd = dst.q.ok("query-migrate", json!({}));
-        assert_eq!(
-            r["x-tern-ram-digest"], rd["x-tern-ram-digest"],
-            "{what}: RAM at the switch-over differs"
-        );
+        let (r, _) = moved_whole(&mut src, &mut dst, MIGRATE, &what);
         dst.p.wait_for("a self-check on the target", LINE, |l| {
             l.starts_with("tern-guest check ok")
         });

@@ -104,12 +104,12 @@ fn the_dirty_rate_of_each_pattern_is_measured_and_excludes_a_migration() {
                 json!({"capabilities": [{"capability": "x-tern-ram-digest", "state": true}]}),
             );
             src.q.ok("migrate", json!({"uri": uri}));
-            let r = wait_migration(&mut src.q, Duration::from_secs(120));
-            assert_eq!(r["status"], "completed", "{r}");
-            let n = paused_last_hb(&mut src.p);
-            continues_on(&mut dst.p, n);
-            let rd = dst.q.ok("query-migrate", json!({}));
-            assert_eq!(r["x-tern-ram-digest"], rd["x-tern-ram-digest"]);
+            moved_whole(
+                &mut src,
+                &mut dst,
+                Duration::from_secs(120),
+                "after a measurement",
+            );
             quit(dst);
             quit(src);
         }

@@ -242,6 +242,24 @@ pub fn continues_on(p: &mut Proc, src_hb: u64) {
     });
 }
 
+/// The migration from `src` to `dst` completes within `timeout`, the guest carries on at the
+/// target ([`continues_on`]), and both sides report the same RAM digest at the switch-over (the
+/// source asked for it: `x-tern-ram-digest`). Returns the source's and the target's
+/// `query-migrate`.
+pub fn moved_whole(src: &mut Vmm, dst: &mut Vmm, timeout: Duration, what: &str) -> (Value, Value) {
+    let r = wait_migration(&mut src.q, timeout);
+    assert_eq!(r["status"], "completed", "{what}: {r}");
+    let n = paused_last_hb(&mut src.p);
+    continues_on(&mut dst.p, n);
+    let rd = dst.q.ok("query-migrate", json!({}));
+    assert!(r["x-tern-ram-digest"].is_string(), "{what}: {r}");
+    assert_eq!(
+        r["x-tern-ram-digest"], rd["x-tern-ram-digest"],
+        "{what}: RAM at the switch-over differs"
+    );
+    (r, rd)
+}
+
 /// After a failed or cancelled migration the source's guest still runs: `running` in QMP, new
 /// heartbeats, and its self-check still passes.
 pub fn source_still_fine(p: &mut Proc, q: &mut Qmp) {
