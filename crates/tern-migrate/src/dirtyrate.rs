@@ -28,6 +28,9 @@ pub struct Measured {
     pub window: Duration,
     /// The time the one sync took.
     pub sync: Duration,
+    /// How the writes were collected: `get` (the dirty bitmap) or `ring` (a VM with a dirty
+    /// ring collects through it).
+    pub tracking: &'static str,
 }
 
 impl Measured {
@@ -41,7 +44,7 @@ impl Measured {
 /// happened between).
 pub fn measure(vm: &dyn SourceVm, window: Duration) -> Result<Measured> {
     let ram = vm.ram();
-    ram.start_dirty_log()?;
+    let tracking = ram.start_dirty_log(crate::DirtyLogMode::Get)?.as_str();
     let t0 = Instant::now();
     std::thread::sleep(window);
     let collect = || -> Result<(u64, Duration)> {
@@ -49,8 +52,7 @@ pub fn measure(vm: &dyn SourceVm, window: Duration) -> Result<Measured> {
         let t_sync = Instant::now();
         for r in ram.regions() {
             let mut bits = vec![0u64; (r.size / 4096).div_ceil(64) as usize];
-            ram.sync_dirty(r.id, &mut bits)?;
-            pages += bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+            pages += ram.sync_dirty(r.id, &mut bits)?;
         }
         Ok((pages, t_sync.elapsed()))
     };
@@ -62,6 +64,7 @@ pub fn measure(vm: &dyn SourceVm, window: Duration) -> Result<Measured> {
         pages,
         window: window.saturating_sub(sync),
         sync,
+        tracking,
     })
 }
 
@@ -184,6 +187,7 @@ impl DirtyRate {
                 v["x-tern-dirty-pages"] = json!(m.pages);
                 v["x-tern-window-ms"] = json!(m.window.as_millis() as u64);
                 v["x-tern-sync-ms"] = json!(m.sync.as_secs_f64() * 1000.0);
+                v["x-tern-dirty-log"] = json!(m.tracking);
             }
             Some(Err(e)) => v["x-tern-error"] = json!(e),
             None => {}

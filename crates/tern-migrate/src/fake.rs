@@ -13,7 +13,8 @@ use tern_wire::{
 
 use crate::participant::{LoadParticipant, Out, Progress, SaveParticipant};
 use crate::{
-    GuestRam, MigrateError, RamLoader, RamSaver, RegionInfo, Result, SourceVm, TargetRam, TargetVm,
+    DirtyLogMode, GuestRam, MigrateError, RamLoader, RamSaver, RegionInfo, Result, SourceVm,
+    TargetRam, TargetVm,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -33,7 +34,33 @@ static FAKE_CPU: Schema = Schema {
 struct Region {
     info: RegionInfo,
     mem: Mutex<Vec<u8>>,
-    dirty: Mutex<Vec<u64>>,
+    dirty: Mutex<Tracking>,
+}
+
+/// The fake hypervisor's dirty log, modelled on KVM's: in [`DirtyLogMode::Clear`] a write is
+/// recorded only if tracking of its page is armed, and recording disarms it (KVM write-protects
+/// the page; the first write faults, is logged and makes the page writable) until
+/// `clear_dirty` re-arms it. In [`DirtyLogMode::Get`] every sync re-arms what it reports, so
+/// every write is recorded.
+struct Tracking {
+    dirty: Vec<u64>,
+    armed: Vec<u64>,
+}
+
+impl Tracking {
+    fn new(words: usize) -> Self {
+        Tracking {
+            dirty: vec![0; words],
+            armed: vec![!0; words],
+        }
+    }
+    fn write(&mut self, page: u64, mode: DirtyLogMode) {
+        let (i, b) = ((page / 64) as usize, 1u64 << (page % 64));
+        if mode == DirtyLogMode::Get || self.armed[i] & b != 0 {
+            self.dirty[i] |= b;
+            self.armed[i] &= !b;
+        }
+    }
 }
 
 /// The fake VM.
@@ -56,6 +83,11 @@ pub struct FakeVm {
     /// `pause` returns no write is in flight (as vCPUs parked by KVM), so nothing changes RAM
     /// after the engine's last sync.
     vcpus: Mutex<()>,
+    /// The dirty log is in manual-protect mode.
+    clear_mode: AtomicBool,
+    /// `clear_dirty` calls, for tests.
+    pub clears: AtomicU64,
+    write_after_read: Mutex<Option<(u32, u64, u8)>>,
 }
 
 impl FakeVm {
@@ -73,7 +105,7 @@ impl FakeVm {
                         size,
                     },
                     mem: Mutex::new(vec![0; size as usize]),
-                    dirty: Mutex::new(vec![0; (size / PAGE).div_ceil(64) as usize]),
+                    dirty: Mutex::new(Tracking::new((size / PAGE).div_ceil(64) as usize)),
                 })
                 .collect(),
             logging: AtomicBool::new(false),
@@ -86,6 +118,9 @@ impl FakeVm {
             resumes: AtomicU64::new(0),
             unmigratable: AtomicBool::new(false),
             disk: Mutex::new((Vec::new(), Vec::new())),
+            clear_mode: AtomicBool::new(false),
+            clears: AtomicU64::new(0),
+            write_after_read: Mutex::new(None),
         })
     }
 
@@ -126,10 +161,30 @@ impl FakeVm {
         let at = (page * PAGE) as usize;
         r.mem.lock().unwrap()[at..at + PAGE_SIZE].fill(byte);
         if self.logging.load(Ordering::SeqCst) {
-            r.dirty.lock().unwrap()[(page / 64) as usize] |= 1 << (page % 64);
+            r.dirty.lock().unwrap().write(page, self.mode());
         }
         self.writes.fetch_add(1, Ordering::SeqCst);
         true
+    }
+
+    /// Test aid: the next time the engine reads `page` of `region` to send it, the guest writes
+    /// `byte` over it right after the copy (the write that a wrong order of "read the page" and
+    /// "re-arm its tracking" would lose).
+    pub fn write_after_read(&self, region: u32, page: u64, byte: u8) {
+        *self.write_after_read.lock().unwrap() = Some((region, page, byte));
+    }
+
+    /// Whether the armed write of [`FakeVm::write_after_read`] has happened.
+    pub fn wrote_after_read(&self) -> bool {
+        self.write_after_read.lock().unwrap().is_none()
+    }
+
+    fn mode(&self) -> DirtyLogMode {
+        if self.clear_mode.load(Ordering::SeqCst) {
+            DirtyLogMode::Clear
+        } else {
+            DirtyLogMode::Get
+        }
     }
 
     /// Whether the guest runs.
@@ -162,28 +217,61 @@ impl GuestRam for FakeVm {
     fn regions(&self) -> Vec<RegionInfo> {
         self.regions.iter().map(|r| r.info.clone()).collect()
     }
-    fn start_dirty_log(&self) -> Result<()> {
+    fn start_dirty_log(&self, mode: DirtyLogMode) -> Result<DirtyLogMode> {
         for r in &self.regions {
-            r.dirty.lock().unwrap().fill(0);
+            let mut t = r.dirty.lock().unwrap();
+            *t = Tracking::new(t.dirty.len());
         }
+        self.clear_mode
+            .store(mode == DirtyLogMode::Clear, Ordering::SeqCst);
         self.logging.store(true, Ordering::SeqCst);
-        Ok(())
+        Ok(mode)
     }
-    fn sync_dirty(&self, region: u32, bitmap: &mut [u64]) -> Result<()> {
-        let mut d = self.regions[region as usize].dirty.lock().unwrap();
-        for (b, w) in bitmap.iter_mut().zip(d.iter_mut()) {
+    fn sync_dirty(&self, region: u32, bitmap: &mut [u64]) -> Result<u64> {
+        let mut t = self.regions[region as usize].dirty.lock().unwrap();
+        let get = self.mode() == DirtyLogMode::Get;
+        let mut new = 0;
+        for (b, w) in bitmap.iter_mut().zip(t.dirty.iter_mut()) {
+            new += u64::from((*w & !*b).count_ones());
             *b |= *w;
-            *w = 0;
+            if get {
+                *w = 0;
+            }
         }
+        Ok(new)
+    }
+    fn clear_dirty(&self, region: u32, first_page: u64, bits: &[u64]) -> Result<()> {
+        assert_eq!(first_page % 64, 0, "KVM clears whole words");
+        let mut t = self.regions[region as usize].dirty.lock().unwrap();
+        let first = (first_page / 64) as usize;
+        for (i, &m) in bits.iter().enumerate() {
+            let was = t.dirty[first + i] & m;
+            t.dirty[first + i] &= !m;
+            t.armed[first + i] |= was;
+        }
+        self.clears.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     fn stop_dirty_log(&self) {
         self.logging.store(false, Ordering::SeqCst);
     }
     fn read_pages(&self, region: u32, first_page: u64, out: &mut [u8]) -> Result<()> {
-        let m = self.regions[region as usize].mem.lock().unwrap();
-        let at = (first_page * PAGE) as usize;
-        out.copy_from_slice(&m[at..at + out.len()]);
+        {
+            let m = self.regions[region as usize].mem.lock().unwrap();
+            let at = (first_page * PAGE) as usize;
+            out.copy_from_slice(&m[at..at + out.len()]);
+        }
+        let pages = first_page..first_page + (out.len() / PAGE_SIZE) as u64;
+        let hook = {
+            let mut h = self.write_after_read.lock().unwrap();
+            match *h {
+                Some((r, p, _)) if r == region && pages.contains(&p) => h.take(),
+                _ => None,
+            }
+        };
+        if let Some((r, p, byte)) = hook {
+            self.guest_write(r, p, byte);
+        }
         Ok(())
     }
     fn populated(&self, region: u32) -> Vec<Range<u64>> {
@@ -382,6 +470,7 @@ impl SaveParticipant for DiskSaver {
         Progress {
             data_pages: self.sent,
             zero_pages: 0,
+            ..Default::default()
         }
     }
     fn cleanup(&mut self) {}
@@ -428,6 +517,7 @@ impl LoadParticipant for DiskLoader {
         Progress {
             data_pages: self.loaded,
             zero_pages: 0,
+            ..Default::default()
         }
     }
     fn cleanup(&mut self) {}

@@ -38,8 +38,8 @@ pub use control::{CancelRefused, MigrationControl, MigrationEvent};
 pub use error::MigrateError;
 pub use manager::MigrationManager;
 pub use params::{
-    Capabilities, FaultAction, LimitAction, MigrationParams, MultifdCompression, SwitchoverFault,
-    SwitchoverStep,
+    Capabilities, DirtyLogMode, FaultAction, LimitAction, MigrationParams, MultifdCompression,
+    SwitchoverFault, SwitchoverStep,
 };
 pub use participant::{LoadParticipant, Progress, SaveParticipant};
 pub use ram::{RamLoader, RamSaver};
@@ -66,11 +66,25 @@ pub trait GuestRam: Send + Sync {
     /// The regions, in order.
     fn regions(&self) -> Vec<RegionInfo>;
     /// Turns dirty tracking on (guest writes through the hypervisor, VMM writes through its own
-    /// bitmap). Pages written from now on show up in [`GuestRam::sync_dirty`].
-    fn start_dirty_log(&self) -> Result<()>;
+    /// bitmap). Pages written from now on show up in [`GuestRam::sync_dirty`]. Returns the mode
+    /// in use: `mode`, [`DirtyLogMode::Get`] where the hypervisor lacks manual protect, or
+    /// [`DirtyLogMode::Ring`] for a VM created with a dirty ring.
+    fn start_dirty_log(&self, mode: DirtyLogMode) -> Result<DirtyLogMode>;
     /// ORs into `bitmap` (one bit per page, LSB first) the pages of `region` written since the
-    /// last call or since tracking started, and clears that record.
-    fn sync_dirty(&self, region: u32, bitmap: &mut [u64]) -> Result<()>;
+    /// last call or since tracking started; returns how many bits it newly set.
+    ///
+    /// In [`DirtyLogMode::Get`] and [`DirtyLogMode::Ring`] this also clears the record and
+    /// re-arms tracking of those pages.
+    /// In [`DirtyLogMode::Clear`] it does neither: a page reported stays reported (and its
+    /// further writes unrecorded) until [`GuestRam::clear_dirty`] names it. The VMM's own
+    /// bitmap is cleared by every sync in both modes (it records every write).
+    fn sync_dirty(&self, region: u32, bitmap: &mut [u64]) -> Result<u64>;
+    /// [`DirtyLogMode::Clear`]: re-arms tracking of the pages of `region` set in `bits` (bit `i`
+    /// is page `first_page + i`; `first_page` a multiple of 64) and forgets that they were
+    /// written. A write after this call shows up in the next sync, so it must come *before* the
+    /// pages are read to be sent; a page named here that is not read afterwards would lose the
+    /// writes before it. Nothing to do in the other modes.
+    fn clear_dirty(&self, region: u32, first_page: u64, bits: &[u64]) -> Result<()>;
     /// Turns dirty tracking off.
     fn stop_dirty_log(&self);
     /// Copies whole pages starting at `first_page` into `out` (a multiple of the page size).

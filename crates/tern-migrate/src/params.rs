@@ -147,6 +147,36 @@ pub struct MigrationParams {
     pub multifd_compression: MultifdCompression,
     /// zstd's level, 0–20 (QEMU's `multifd-zstd-level`, default 1; 0 is zstd's own default, 3).
     pub multifd_zstd_level: u8,
+    /// How guest writes are tracked (`x-tern-dirty-log`).
+    pub dirty_log: DirtyLogMode,
+}
+
+/// How the hypervisor's record of guest writes is collected (`x-tern-dirty-log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyLogMode {
+    /// Every sync fetches the record and re-arms tracking of every page it names at once
+    /// (KVM_GET_DIRTY_LOG on its own).
+    Get,
+    /// Manual protect: a sync only fetches the record; tracking of a page is re-armed just
+    /// before the page is read to be sent (KVM_CLEAR_DIRTY_LOG, in chunks), so a sync costs a
+    /// copy of the bitmap and re-arming follows the pages sent. Falls back to `Get` where the
+    /// hypervisor lacks it.
+    #[default]
+    Clear,
+    /// The VM was created with a dirty ring (`tern run --dirty-ring-size`): a sync harvests what
+    /// the vCPUs pushed, a cost that follows the pages written, not the size of RAM. Not a value
+    /// to ask for: a VM with a ring always uses it.
+    Ring,
+}
+
+impl DirtyLogMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirtyLogMode::Get => "get",
+            DirtyLogMode::Clear => "clear",
+            DirtyLogMode::Ring => "ring",
+        }
+    }
 }
 
 /// `multifd-compression` values tern has.
@@ -199,6 +229,7 @@ impl Default for MigrationParams {
             multifd_channels: 2,
             multifd_compression: MultifdCompression::None,
             multifd_zstd_level: 1,
+            dirty_log: DirtyLogMode::Clear,
         }
     }
 }
@@ -243,6 +274,7 @@ impl MigrationParams {
             "multifd-channels": self.multifd_channels,
             "multifd-compression": self.multifd_compression.as_str(),
             "multifd-zstd-level": self.multifd_zstd_level,
+            "x-tern-dirty-log": self.dirty_log.as_str(),
         })
     }
 
@@ -291,6 +323,13 @@ impl MigrationParams {
                     }
                 }
                 "multifd-zstd-level" => p.multifd_zstd_level = int_in(k, v, 0, 20)? as u8,
+                "x-tern-dirty-log" => {
+                    p.dirty_log = match v.as_str() {
+                        Some("get") => DirtyLogMode::Get,
+                        Some("clear") => DirtyLogMode::Clear,
+                        _ => return Err(format!("Parameter '{k}' expects 'get' or 'clear'")),
+                    }
+                }
                 "x-tern-switchover-fault" => {
                     p.switchover_fault = SwitchoverFault::parse(
                         v.as_str()

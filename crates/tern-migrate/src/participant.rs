@@ -18,12 +18,16 @@ pub struct Progress {
     pub data_pages: u64,
     /// Pages sent (or loaded) as known zeros.
     pub zero_pages: u64,
+    /// Microseconds spent re-arming change tracking as pages were sent (manual protect: the
+    /// share of collecting the dirty log that moved out of the sync).
+    pub rearm_us: u64,
 }
 
 impl std::ops::AddAssign for Progress {
     fn add_assign(&mut self, o: Progress) {
         self.data_pages += o.data_pages;
         self.zero_pages += o.zero_pages;
+        self.rearm_us += o.rearm_us;
     }
 }
 
@@ -46,6 +50,13 @@ pub trait SaveParticipant: Send {
     /// participant that has nothing worth compressing ignores it.
     fn use_compression(&mut self, _compression: tern_wire::Compression) -> Result<()> {
         Ok(())
+    }
+    /// How to collect the hypervisor's dirty log (`x-tern-dirty-log`), before
+    /// [`Self::save_setup`]; a participant that tracks its changes itself ignores it.
+    fn use_dirty_log(&mut self, _mode: crate::DirtyLogMode) {}
+    /// The dirty-log mode in use once set up, for a participant that uses the hypervisor's.
+    fn dirty_log(&self) -> Option<crate::DirtyLogMode> {
+        None
     }
     /// Starts a round: collects what changed since the last one. Returns the bytes newly found
     /// dirty.

@@ -89,6 +89,8 @@ pub struct MigrationStats {
     pub multifd_channel_bytes: Vec<u64>,
     /// Milliseconds each data channel was busy sending (not waiting for pages).
     pub multifd_channel_busy_ms: Vec<u64>,
+    /// How guest writes are tracked in this migration (`get`, `clear` or `ring`), once set up.
+    pub dirty_log: Option<&'static str>,
 }
 
 /// One precopy round as measured by the source. Times are seconds since the migration began;
@@ -108,6 +110,8 @@ pub struct RoundRecord {
     pub dirty_pages: u64,
     /// Milliseconds that sync took (collecting the dirty log).
     pub sync_ms: f64,
+    /// Milliseconds spent re-arming tracking as pages were sent (manual protect), in the round.
+    pub rearm_ms: f64,
     pub bandwidth: f64,
     pub dirty_rate: f64,
     pub expected_downtime_ms: f64,
@@ -172,6 +176,7 @@ impl Default for MigrationStats {
             fault_holding: None,
             multifd_channel_bytes: Vec::new(),
             multifd_channel_busy_ms: Vec::new(),
+            dirty_log: None,
         }
     }
 }
@@ -237,6 +242,9 @@ impl MigrationStats {
         if let Some(d) = self.ram_digest {
             v["x-tern-ram-digest"] = json!(format!("{d:016x}"));
         }
+        if let Some(m) = self.dirty_log {
+            v["x-tern-dirty-log"] = json!(m);
+        }
         if !self.multifd_channel_bytes.is_empty() {
             // Per data channel: what it sent and how long it was busy sending it.
             v["x-tern-multifd-channels"] = self
@@ -268,6 +276,7 @@ impl MigrationStats {
                     "bytes": r.bytes,
                     "dirty-pages": r.dirty_pages,
                     "sync-ms": r.sync_ms,
+                    "rearm-ms": r.rearm_ms,
                     "bandwidth": r.bandwidth,
                     "dirty-rate": r.dirty_rate,
                     "expected-downtime-ms": r.expected_downtime_ms,
@@ -317,6 +326,7 @@ impl MigrationStats {
             "in-doubt": self.in_doubt,
             "multifd-channel-bytes": self.multifd_channel_bytes,
             "multifd-channel-busy-ms": self.multifd_channel_busy_ms,
+            "dirty-log": self.dirty_log,
             "rounds": rounds,
             "switchover": sw,
         })

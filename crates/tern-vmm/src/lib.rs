@@ -7,6 +7,8 @@
 pub mod boot;
 pub mod cpuid;
 pub mod devices;
+mod dirty;
+pub mod dirty_ring;
 mod error;
 pub mod machine;
 pub mod memory;
@@ -15,6 +17,7 @@ pub mod serial;
 mod vcpu;
 mod vm;
 
+pub use dirty::DirtyBitmap;
 pub use error::{Error, Result};
 pub use memory::MemoryBackend;
 pub use serial::SerialOutput;

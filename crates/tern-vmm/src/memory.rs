@@ -3,8 +3,8 @@
 //! kind of host, `bench/first-touch.py`), a memfd (shareable: what a local hand-over needs), or
 //! a memfd of reserved huge pages.
 //!
-//! vm-memory's atomic bitmap records the writes the VMM itself makes, so that they can be ORed
-//! with KVM's dirty log.
+//! A bitmap ([`crate::DirtyBitmap`]) records the writes the VMM itself makes, so that they can
+//! be ORed with KVM's dirty log.
 
 use std::fs::File;
 use std::ops::Range;
@@ -12,13 +12,12 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::str::FromStr;
 
 pub use vm_memory;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::{Error, Result};
 
 /// Guest memory with the VMM-side dirty bitmap.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemory = vm_memory::GuestMemoryMmap<crate::DirtyBitmap>;
 
 /// Start of the 32-bit MMIO hole (PCI, LAPIC, IOAPIC live above it).
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tern_migrate::{
-    GuestRam, LoadParticipant, MigrateError, RamLoader, RamSaver, RegionInfo, Result,
+    DirtyLogMode, GuestRam, LoadParticipant, MigrateError, RamLoader, RamSaver, RegionInfo, Result,
     SaveParticipant, SectionDesc, SourceVm, TargetRam, TargetVm,
 };
 use tern_wire::Section;
@@ -141,7 +141,32 @@ impl GuestRam for Vm {
             .collect()
     }
 
-    fn start_dirty_log(&self) -> Result<()> {
+    fn start_dirty_log(&self, mode: DirtyLogMode) -> Result<DirtyLogMode> {
+        let rings = self.devices.dirty_rings.as_ref();
+        let manual = rings.is_none()
+            && mode == DirtyLogMode::Clear
+            && match crate::dirty::set_manual_protect(&self.vm_fd, true) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "manual dirty-log protect unavailable ({e}): using KVM_GET_DIRTY_LOG alone"
+                    );
+                    false
+                }
+            };
+        if !manual && rings.is_none() {
+            crate::dirty::set_manual_protect(&self.vm_fd, false)
+                .map_err(|e| MigrateError::Vm(format!("dirty-log mode: {e}")))?;
+        }
+        self.dirty_manual.store(manual, Ordering::SeqCst);
+        if let Some(r) = rings {
+            // Entries left from an earlier logging period name pages it already handled.
+            r.harvest(None)
+                .map_err(|e| MigrateError::Vm(format!("harvesting the dirty rings: {e}")))?;
+            r.reset();
+        }
+        // Logging starts with every page write-protected (KVM_DIRTY_LOG_INITIALLY_SET is not
+        // asked for), in every mode.
         set_memory_slots(
             &self.vm_fd,
             &self.ram,
@@ -152,32 +177,69 @@ impl GuestRam for Vm {
             std::ops::Deref::deref(region).bitmap().reset();
         }
         self.dirty_logging.store(true, Ordering::SeqCst);
-        Ok(())
+        Ok(match (rings.is_some(), manual) {
+            (true, _) => DirtyLogMode::Ring,
+            (false, true) => DirtyLogMode::Clear,
+            (false, false) => DirtyLogMode::Get,
+        })
     }
 
-    fn sync_dirty(&self, region: u32, bitmap: &mut [u64]) -> Result<()> {
+    fn sync_dirty(&self, region: u32, bitmap: &mut [u64]) -> Result<u64> {
         let (r, _) = self.region(region)?;
-        let kvm = self
-            .vm_fd
-            .get_dirty_log(region, r.size as usize)
-            .map_err(|e| MigrateError::Vm(format!("KVM_GET_DIRTY_LOG: {e}")))?;
-        let vmm = self
-            .ram
-            .memory()
-            .iter()
-            .nth(region as usize)
-            .map(|m| std::ops::Deref::deref(m).bitmap().get_and_reset())
-            .unwrap_or_default();
-        for (i, b) in bitmap.iter_mut().enumerate() {
-            *b |= kvm.get(i).copied().unwrap_or(0) | vmm.get(i).copied().unwrap_or(0);
+        let words = (r.size / PAGE).div_ceil(64) as usize;
+        if bitmap.len() < words {
+            return Err(MigrateError::Vm(format!(
+                "dirty bitmap of {} words for region {region} of {words}",
+                bitmap.len()
+            )));
         }
-        Ok(())
+        let mut new = match self.devices.dirty_rings.as_ref() {
+            Some(rings) => {
+                // Harvests every ring for every region: the first region's sync finds them
+                // all, the others find what was written since.
+                rings
+                    .harvest(None)
+                    .map_err(|e| MigrateError::Vm(format!("harvesting the dirty rings: {e}")))?;
+                rings.take_into(region as usize, bitmap)
+            }
+            None => self.dirty_buf.with(words, |kvm| {
+                crate::dirty::get_log(&self.vm_fd, region, kvm)
+                    .map_err(|e| MigrateError::Vm(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+                let mut new = 0;
+                for (b, k) in bitmap.iter_mut().zip(kvm.iter()) {
+                    new += u64::from((*k & !*b).count_ones());
+                    *b |= *k;
+                }
+                Ok::<_, MigrateError>(new)
+            })?,
+        };
+        if let Some(m) = self.ram.memory().iter().nth(region as usize) {
+            new += std::ops::Deref::deref(m).bitmap().take_into(bitmap);
+        }
+        Ok(new)
+    }
+
+    fn clear_dirty(&self, region: u32, first_page: u64, bits: &[u64]) -> Result<()> {
+        if !self.dirty_manual.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (r, _) = self.region(region)?;
+        let pages = r.size / PAGE;
+        let num = (bits.len() as u64 * 64).min(pages.saturating_sub(first_page));
+        let num = u32::try_from(num)
+            .map_err(|_| MigrateError::Vm("too many pages to clear at once".into()))?;
+        crate::dirty::clear_log(&self.vm_fd, region, first_page, num, bits)
+            .map_err(|e| MigrateError::Vm(format!("KVM_CLEAR_DIRTY_LOG: {e}")))
     }
 
     fn stop_dirty_log(&self) {
         if self.dirty_logging.swap(false, Ordering::SeqCst) {
             if let Err(e) = set_memory_slots(&self.vm_fd, &self.ram, 0) {
                 tracing::warn!("disabling the dirty log: {e:#}");
+            }
+            // Harvested or not, the rings' entries must be handed back, or they fill up.
+            if let Some(Err(e)) = self.devices.dirty_rings.as_ref().map(|r| r.harvest(None)) {
+                tracing::warn!("emptying the dirty rings: {e}");
             }
         }
     }

@@ -327,6 +327,22 @@ fn run_loop(
                 },
             )),
             Ok(VcpuExit::InternalError) => Step::InternalError,
+            Ok(VcpuExit::Unsupported(crate::dirty_ring::EXIT_DIRTY_RING_FULL)) => {
+                // The ring is full: this vCPU cannot run until it is harvested.
+                match devices
+                    .dirty_rings
+                    .as_ref()
+                    .map(|r| r.harvest(Some(index as usize)))
+                {
+                    Some(Ok(_)) => Step::Continue,
+                    Some(Err(e)) => Step::Exit(VmExit::Error(format!(
+                        "vCPU {index}: harvesting its dirty ring: {e}"
+                    ))),
+                    None => Step::Exit(VmExit::Error(format!(
+                        "vCPU {index}: dirty ring full without a ring"
+                    ))),
+                }
+            }
             Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Exit(VmExit::Error(format!(
                 "vCPU {index}: VM entry failed (hardware reason {reason:#x} on cpu {cpu})"
             ))),

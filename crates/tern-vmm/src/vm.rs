@@ -18,6 +18,7 @@ use crate::devices::cpu::Vcpu;
 use crate::devices::kvm::{Clock, IrqChip, Pit};
 use crate::devices::serial::{SerialPort, ShutdownPort};
 use crate::devices::{DeviceManager, LoadStage};
+use crate::dirty_ring::DirtyRings;
 use crate::error::kvm as kvm_err;
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::serial::{IrqTrigger, SerialDevice, SerialOutput, SerialSink, COM1_BASE, COM1_IRQ};
@@ -40,6 +41,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// What backs guest RAM.
     pub memory_backend: MemoryBackend,
+    /// Entries of each vCPU's dirty ring; 0 tracks writes with the dirty bitmap instead.
+    pub dirty_ring_size: u32,
     /// Number of vCPUs.
     pub vcpus: u32,
     /// Serial console output.
@@ -67,6 +70,8 @@ pub enum VmExit {
 /// The device manager and the exit notification, shared with the vCPU threads.
 pub(crate) struct Devices {
     pub(crate) manager: DeviceManager,
+    /// The dirty rings, if the VM tracks writes with them (vCPU threads harvest a full one).
+    pub(crate) dirty_rings: Option<Arc<DirtyRings>>,
     exit: Mutex<Option<VmExit>>,
     exit_cv: Condvar,
 }
@@ -101,6 +106,9 @@ pub struct Vm {
     pub(crate) supported_cpuid: CpuId,
     pub(crate) tsc_khz: Option<u32>,
     pub(crate) dirty_logging: std::sync::atomic::AtomicBool,
+    /// The dirty log runs in manual-protect mode.
+    pub(crate) dirty_manual: std::sync::atomic::AtomicBool,
+    pub(crate) dirty_buf: crate::dirty::LogBuffer,
     boot: Mutex<Option<BootInfo>>,
 }
 
@@ -138,6 +146,8 @@ pub(crate) fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
 pub struct MachineConfig {
     pub memory: u64,
     pub memory_backend: MemoryBackend,
+    /// Entries of each vCPU's dirty ring (QEMU's `dirty-ring-size`); 0: the dirty bitmap.
+    pub dirty_ring_size: u32,
     pub vcpus: u32,
     pub serial: SerialOutput,
     pub kvm_path: PathBuf,
@@ -149,6 +159,7 @@ impl Vm {
         let vm = Vm::create(&MachineConfig {
             memory: cfg.memory,
             memory_backend: cfg.memory_backend,
+            dirty_ring_size: cfg.dirty_ring_size,
             vcpus: cfg.vcpus,
             serial: cfg.serial.clone(),
             kvm_path: cfg.kvm_path.clone(),
@@ -246,6 +257,12 @@ impl Vm {
         manager.add_state(Arc::new(Clock), LoadStage::Clock);
         extra(&mut manager);
 
+        if cfg.dirty_ring_size > 0 {
+            DirtyRings::enable(&vm_fd, cfg.dirty_ring_size).map_err(|e| Error::Io {
+                what: "enabling the dirty ring".into(),
+                source: e,
+            })?;
+        }
         let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -269,6 +286,22 @@ impl Vm {
             vcpu_fds.push(fd);
         }
 
+        let dirty_rings = if cfg.dirty_ring_size > 0 {
+            let fds: Vec<_> = vcpu_fds.iter().map(|f| vcpu::lock(f)).collect();
+            let refs: Vec<&kvm_ioctls::VcpuFd> = fds.iter().map(|g| &**g).collect();
+            let sizes: Vec<u64> = ram.regions().iter().map(|r| r.size).collect();
+            let rings =
+                DirtyRings::new(&vm_fd, &refs, cfg.dirty_ring_size, &sizes).map_err(|e| {
+                    Error::Io {
+                        what: "mapping the dirty rings".into(),
+                        source: e,
+                    }
+                })?;
+            Some(Arc::new(rings))
+        } else {
+            None
+        };
+
         static SIGNAL: Once = Once::new();
         let mut sig_result = Ok(());
         SIGNAL.call_once(|| {
@@ -287,6 +320,7 @@ impl Vm {
             ram,
             devices: Arc::new(Devices {
                 manager,
+                dirty_rings,
                 exit: Mutex::new(None),
                 exit_cv: Condvar::new(),
             }),
@@ -299,6 +333,8 @@ impl Vm {
             supported_cpuid,
             tsc_khz,
             dirty_logging: std::sync::atomic::AtomicBool::new(false),
+            dirty_manual: std::sync::atomic::AtomicBool::new(false),
+            dirty_buf: Default::default(),
             boot: Mutex::new(None),
         }))
     }
@@ -379,6 +415,22 @@ impl Vm {
         }
         self.control.resume();
         *state = RunState::Running;
+    }
+
+    /// Writes `value` at guest address `addr` as a device would (recorded in the VMM's dirty
+    /// bitmap), only while the guest runs: a paused guest's memory is frozen — a migration may
+    /// be sending its last pages. Holding the run state's lock orders the write wholly before
+    /// or after a pause.
+    pub fn write_guest_u64(&self, addr: u64, value: u64) -> std::result::Result<(), String> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *state != RunState::Running {
+            return Err("the guest is paused: its memory is frozen".into());
+        }
+        use vm_memory::Bytes;
+        self.ram
+            .memory()
+            .write_obj(value, vm_memory::GuestAddress(addr))
+            .map_err(|e| format!("cannot write at {addr:#x}: {e}"))
     }
 
     /// Whether the guest runs.

@@ -8,7 +8,6 @@ use serde_json::{json, Value};
 
 use tern_migrate::transport::Uri;
 use tern_qmp::{Backend, Command, QmpError, COMMAND_NAMES};
-use tern_vmm::memory::vm_memory::{Bytes, GuestAddress};
 use tern_vmm::{RunState, Vm};
 
 use crate::machine::{App, Phase};
@@ -231,11 +230,7 @@ impl Backend for RunBackend {
                 .collect::<Vec<_>>())),
             // Test aid, named like QEMU's experimental commands: write a u64 into guest RAM.
             Command::XTernWriteGuestMemory { addr, value } => {
-                self.vm()?
-                    .ram()
-                    .memory()
-                    .write_obj(value, GuestAddress(addr))
-                    .map_err(|e| generic(format!("cannot write at {addr:#x}: {e}")))?;
+                self.vm()?.write_guest_u64(addr, value).map_err(generic)?;
                 Ok(json!({}))
             }
             Command::HumanMonitorCommand { command_line, .. } => {

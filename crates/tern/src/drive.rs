@@ -334,6 +334,7 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
         memory: None,
         vcpus: None,
         memory_backend: args.memory_backend,
+        dirty_ring_size: 0,
         consoles: args.consoles,
         incoming: Some(format!("file:{}", abs.display())),
         kvm_device: "/dev/kvm".into(),

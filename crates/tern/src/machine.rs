@@ -57,6 +57,7 @@ pub(crate) struct App {
 pub(crate) struct MachineSpec {
     pub(crate) memory: Option<u64>,
     pub(crate) memory_backend: tern_vmm::MemoryBackend,
+    pub(crate) dirty_ring_size: u32,
     pub(crate) vcpus: Option<u32>,
     pub(crate) serial: SerialOutput,
     pub(crate) kvm_path: PathBuf,
@@ -316,6 +317,7 @@ impl App {
             let vm = Vm::create(&MachineConfig {
                 memory: m.memory,
                 memory_backend: app.machine.memory_backend,
+                dirty_ring_size: app.machine.dirty_ring_size,
                 vcpus: m.vcpus,
                 serial: app.machine.serial.clone(),
                 kvm_path: app.machine.kvm_path.clone(),

@@ -284,8 +284,8 @@ pub fn render(t: &Value) -> Result<String> {
         ("MiB/s", 540.0),
         ("dirty MiB/s", 610.0),
         ("exp. downtime ms", 700.0),
-        ("throttle %", 820.0),
-        ("sync ms", 900.0),
+        ("throttle %", 810.0),
+        ("sync/rearm ms", 880.0),
     ];
     for (name, dx) in cols {
         let _ = write!(
@@ -309,7 +309,7 @@ pub fn render(t: &Value) -> Result<String> {
             format!("{:.0}", f(r, "dirty-rate") / MIB),
             format!("{:.1}", f(r, "expected-downtime-ms")),
             format!("{:.0}", f(r, "cpu-throttle-percentage")),
-            format!("{:.2}", f(r, "sync-ms")),
+            format!("{:.2}/{:.2}", f(r, "sync-ms"), f(r, "rearm-ms")),
         ];
         for ((_, dx), v) in cols.iter().zip(vals) {
             let _ = write!(

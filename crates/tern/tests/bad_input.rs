@@ -55,6 +55,16 @@ fn memory_zero_too_small_or_too_large() {
 }
 
 #[test]
+fn a_dirty_ring_of_a_size_kvm_does_not_take() {
+    for size in ["1000", "512", "1048576"] {
+        fails_clearly(
+            &["run", "--dirty-ring-size", size],
+            "dirty-ring-size must be a power of two from 1024 to",
+        );
+    }
+}
+
+#[test]
 fn vcpus_zero_or_too_many() {
     fails_clearly(
         &["run", "--vcpus", "0"],

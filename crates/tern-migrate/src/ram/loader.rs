@@ -189,6 +189,7 @@ impl LoadParticipant for RamLoader {
         Progress {
             data_pages: self.pages,
             zero_pages: self.zero,
+            ..Default::default()
         }
     }
 

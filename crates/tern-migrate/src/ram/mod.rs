@@ -8,7 +8,7 @@ use tern_wire::{Compression, Compressor, RamRun, RunData, StreamWriter, PAGE_SIZ
 
 use crate::participant::{Out, Progress, SaveParticipant};
 use crate::source::multifd::{DataChannels, Job};
-use crate::{RegionInfo, Result, SourceVm};
+use crate::{DirtyLogMode, RegionInfo, Result, SourceVm};
 
 mod loader;
 pub use loader::RamLoader;
@@ -34,21 +34,33 @@ fn is_zero(page: &[u8]) -> bool {
     })
 }
 
+/// Pages whose tracking is re-armed at once, ahead of the send cursor, in manual-protect mode
+/// (16 MiB; a multiple of 64 as KVM requires). Smaller chunks mean more ioctls; larger ones a
+/// wider window in which a page written after its re-arming but before its read is sent twice.
+const CLEAR_CHUNK_PAGES: u64 = 4096;
+
 /// Pages of one region still to send this round, as a bitmap.
 struct Dirty {
     info: RegionInfo,
     pages: u64,
     bits: Vec<u64>,
+    /// The bits set in `bits`, kept as they change: counting them would cost a pass over a
+    /// bitmap that grows with RAM at every sync.
+    left: u64,
+    /// Manual protect: tracking is re-armed this round for the pages below this one.
+    armed_to: u64,
 }
 
 impl Dirty {
     fn set_range(&mut self, r: std::ops::Range<u64>) {
         for p in r.start..r.end.min(self.pages) {
-            self.bits[(p / 64) as usize] |= 1 << (p % 64);
+            let (w, b) = ((p / 64) as usize, 1u64 << (p % 64));
+            self.left += u64::from(self.bits[w] & b == 0);
+            self.bits[w] |= b;
         }
     }
     fn count(&self) -> u64 {
-        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+        self.left
     }
     /// The next dirty page at or after `from`.
     fn next_set(&self, from: u64) -> Option<u64> {
@@ -73,9 +85,13 @@ impl Dirty {
         let (i, b) = ((p / 64) as usize, p % 64);
         let was = self.bits[i] & (1 << b) != 0;
         self.bits[i] &= !(1 << b);
+        self.left -= u64::from(was);
         was
     }
 }
+
+/// A batch of pages to send: the region and its runs of (first page, count).
+type Batch = (u32, Vec<(u64, u64)>);
 
 /// Counters the engine turns into statistics.
 #[derive(Clone, Copy, Debug, Default)]
@@ -86,6 +102,8 @@ pub struct RamCounters {
     pub zero: u64,
     /// Pages found dirty by the last sync.
     pub last_sync_dirty: u64,
+    /// Microseconds spent re-arming tracking (manual protect).
+    pub rearm_us: u64,
 }
 
 /// Sends guest RAM.
@@ -100,6 +118,10 @@ pub struct RamSaver {
     channels: Option<Arc<DataChannels>>,
     /// Compresses the pages sent on the main stream.
     compressor: Compressor,
+    /// The dirty-log mode asked for, then the one in use.
+    dirty_log: DirtyLogMode,
+    /// The guest is paused for good: nothing needs re-arming any more.
+    paused: bool,
 }
 
 impl RamSaver {
@@ -114,6 +136,8 @@ impl RamSaver {
                     info,
                     pages,
                     bits: vec![0; pages.div_ceil(64) as usize],
+                    left: 0,
+                    armed_to: 0,
                 }
             })
             .collect();
@@ -126,18 +150,46 @@ impl RamSaver {
             logging: false,
             channels: None,
             compressor: Compressor::new(Compression::None).expect("no compression needs nothing"),
+            dirty_log: DirtyLogMode::default(),
+            paused: false,
         }
+    }
+
+    /// Manual protect: re-arms tracking of the chunk that starts at page `q`'s word, for the
+    /// pages of it still to send this round (`q` and after), before any of them is read.
+    ///
+    /// The correctness argument of manual protect, in order: (1) a sync copies the hypervisor's
+    /// record of written pages into `bits`; those pages stay writable and recorded. (2) Here,
+    /// before a page is read, its tracking is re-armed: the record of it is dropped and its
+    /// next write is recorded again. (3) The page is read (on this thread, or on a data channel
+    /// after this call returns and the job is queued). A write before (2) is in what (3) reads;
+    /// a write after (2) is in the next sync, so the page goes again. Re-arming *after* the read
+    /// would lose a write between the two: the page was writable, so that write left no record,
+    /// and re-arming drops the record from (1). So only pages that are still to be read are
+    /// named here — never one already sent this round, which may have been written since —
+    /// and the mask is cut below `q`.
+    fn arm(&mut self, ri: usize, q: u64) -> Result<()> {
+        let r = &mut self.regions[ri];
+        let start = q & !63;
+        let end = (start + CLEAR_CHUNK_PAGES).min(r.pages);
+        let mut mask = r.bits[(start / 64) as usize..end.div_ceil(64) as usize].to_vec();
+        mask[0] &= !0u64 << (q % 64);
+        r.armed_to = end;
+        let t = std::time::Instant::now();
+        let res = self.vm.ram().clear_dirty(r.info.id, start, &mask);
+        self.counters.rearm_us += t.elapsed().as_micros() as u64;
+        res
     }
 
     /// Takes the next batch of dirty pages from the cursor, clearing them: (region, runs of
     /// (first page, count)). None once the round is done.
-    fn next_batch(&mut self) -> Option<(u32, Vec<(u64, u64)>)> {
+    fn next_batch(&mut self) -> Result<Option<Batch>> {
         let (mut ri, mut from) = self.cursor;
         // Find the next region with a dirty page.
         let first = loop {
             let Some(r) = self.regions.get(ri) else {
                 self.cursor = (ri, 0);
-                return None;
+                return Ok(None);
             };
             match r.next_set(from) {
                 Some(p) => break p,
@@ -147,14 +199,19 @@ impl RamSaver {
                 }
             }
         };
-        let region = &mut self.regions[ri];
+        let rearm = self.dirty_log == DirtyLogMode::Clear && !self.paused;
         // Collect up to BATCH_PAGES dirty pages as runs of consecutive pages.
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut taken = 0usize;
         let mut p = first;
         while taken < BATCH_PAGES {
-            let Some(q) = region.next_set(p) else { break };
-            region.test_and_clear(q);
+            let Some(q) = self.regions[ri].next_set(p) else {
+                break;
+            };
+            if rearm && q >= self.regions[ri].armed_to {
+                self.arm(ri, q)?;
+            }
+            self.regions[ri].test_and_clear(q);
             match runs.last_mut() {
                 Some((s, n)) if *s + *n == q => *n += 1,
                 _ => runs.push((q, 1)),
@@ -163,13 +220,13 @@ impl RamSaver {
             p = q + 1;
         }
         self.cursor = (ri, p);
-        Some((region.info.id, runs))
+        Ok(Some((self.regions[ri].info.id, runs)))
     }
 
     /// Sends one batch of dirty pages, on the stream or to the data channels. Returns false when
     /// the round is done.
     fn send_batch(&mut self, out: &mut Out<'_>) -> Result<bool> {
-        let Some((id, runs)) = self.next_batch() else {
+        let Some((id, runs)) = self.next_batch()? else {
             return Ok(false);
         };
         match &self.channels {
@@ -269,7 +326,7 @@ impl SaveParticipant for RamSaver {
     }
 
     fn save_setup(&mut self, out: &mut Out<'_>) -> Result<()> {
-        self.vm.ram().start_dirty_log()?;
+        self.dirty_log = self.vm.ram().start_dirty_log(self.dirty_log)?;
         self.logging = true;
         // Round 1: every page that may hold data; the rest is known zero, and goes now. One
         // look at what is populated serves both (the dirty log, on already, catches the rest).
@@ -297,15 +354,25 @@ impl SaveParticipant for RamSaver {
         true
     }
 
+    fn use_dirty_log(&mut self, mode: DirtyLogMode) {
+        self.dirty_log = mode;
+    }
+
+    fn dirty_log(&self) -> Option<DirtyLogMode> {
+        self.logging.then_some(self.dirty_log)
+    }
+
     fn sync(&mut self) -> Result<u64> {
-        let before: u64 = self.regions.iter().map(Dirty::count).sum();
+        let mut new = 0;
         for r in self.regions.iter_mut() {
-            self.vm.ram().sync_dirty(r.info.id, &mut r.bits)?;
+            let n = self.vm.ram().sync_dirty(r.info.id, &mut r.bits)?;
+            r.left += n;
+            new += n;
+            r.armed_to = 0;
         }
-        let after: u64 = self.regions.iter().map(Dirty::count).sum();
-        self.counters.last_sync_dirty = after - before;
+        self.counters.last_sync_dirty = new;
         self.cursor = (0, 0);
-        Ok((after - before) * PAGE)
+        Ok(new * PAGE)
     }
 
     fn progress(&self) -> Progress {
@@ -317,6 +384,7 @@ impl SaveParticipant for RamSaver {
         Progress {
             data_pages,
             zero_pages,
+            rearm_us: self.counters.rearm_us,
         }
     }
 
@@ -329,6 +397,9 @@ impl SaveParticipant for RamSaver {
     }
 
     fn complete_precopy(&mut self, out: &mut Out<'_>) -> Result<()> {
+        // The guest is paused and will not run here again unless the migration fails, which
+        // turns tracking off: what is left needs no re-arming.
+        self.paused = true;
         while self.send_batch(out)? {}
         Ok(())
     }
@@ -410,6 +481,8 @@ mod tests {
             },
             pages: 200,
             bits: vec![0; 4],
+            left: 0,
+            armed_to: 0,
         };
         d.set_range(3..5);
         d.set_range(130..131);

@@ -70,6 +70,7 @@ pub(super) fn setup(
     let compression = ctl.params.compression();
     for p in session.parts.iter_mut() {
         p.use_compression(compression)?;
+        p.use_dirty_log(ctl.params.dirty_log);
     }
     if !link.data_conns.is_empty() {
         // The target starts reading its data channels once the main channel described the VM:
@@ -98,6 +99,11 @@ pub(super) fn setup(
     }
     let mut s = ctl.stats();
     s.setup_time_ms = started.elapsed().as_millis() as u64;
+    s.dirty_log = session
+        .parts
+        .iter()
+        .find_map(|p| p.dirty_log())
+        .map(crate::DirtyLogMode::as_str);
     update_counters(&mut s, session, ctl.accepted());
     Ok(())
 }
@@ -202,6 +208,7 @@ pub(super) fn rounds(
                 bytes,
                 dirty_pages: dirtied / 4096,
                 sync_ms,
+                rearm_ms: (p1.rearm_us - p0.rearm_us) as f64 / 1000.0,
                 bandwidth: if dt > 0.0 { bytes as f64 / dt } else { 0.0 },
                 dirty_rate,
                 expected_downtime_ms: expected * 1000.0,

@@ -121,6 +121,7 @@ impl Shared {
         Progress {
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
+            ..Default::default()
         }
     }
 }

@@ -306,6 +306,7 @@ mod tests {
         MachineConfig {
             memory: 32 << 20,
             memory_backend: Default::default(),
+            dirty_ring_size: 0,
             vcpus: 2,
             serial: SerialOutput::Null,
             kvm_path: "/dev/kvm".into(),
