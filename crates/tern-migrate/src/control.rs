@@ -45,6 +45,8 @@ pub struct MigrationControl {
     conn: Mutex<Option<Canceller>>,
     /// Set once the channel was shut down (a cancel, a fault, the end).
     channel_shut: AtomicBool,
+    /// `migrate-start-postcopy` was asked for.
+    postcopy: AtomicBool,
     /// `max-bandwidth`, changeable while migrating.
     pub bandwidth_limit: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
@@ -74,6 +76,7 @@ impl MigrationControl {
             commit: Mutex::new(Commit::Open),
             cancelled: AtomicBool::new(false),
             conn: Mutex::new(None),
+            postcopy: AtomicBool::new(false),
             channel_shut: AtomicBool::new(false),
             bandwidth_limit: Arc::new(AtomicU64::new(params.max_bandwidth)),
             accepted: Arc::new(AtomicU64::new(0)),
@@ -149,6 +152,30 @@ impl MigrationControl {
 
     pub(crate) fn pass(&self, n: u64) {
         (self.events)(MigrationEvent::Pass(n));
+    }
+
+    /// `migrate-start-postcopy`: the source switches to postcopy at its next step (or right
+    /// after setup). Refused without the `postcopy-ram` capability, or once the migration ended.
+    pub fn start_postcopy(&self) -> std::result::Result<(), String> {
+        if !self.caps.postcopy_ram {
+            return Err(
+                "Enable postcopy with migrate_set_capability before the start of migration".into(),
+            );
+        }
+        let status = self.stats().status;
+        if status.is_final() || status == MigrationStatus::PostcopyActive {
+            return Err(format!(
+                "Postcopy cannot start: the migration is {}",
+                status.as_str()
+            ));
+        }
+        self.postcopy.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether `migrate-start-postcopy` was asked for.
+    pub(crate) fn postcopy_requested(&self) -> bool {
+        self.postcopy.load(Ordering::SeqCst)
     }
 
     /// The capabilities this migration runs with.

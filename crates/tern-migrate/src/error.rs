@@ -29,6 +29,12 @@ pub enum MigrateError {
     NotConverging(String),
     #[error("the stream does not match this machine: {0}")]
     Mismatch(String),
+    /// Postcopy, after RUN: the other side is gone, and with it the half of the guest it held.
+    #[error("the guest is lost: {0}")]
+    GuestLost(String),
+    /// Postcopy, after RUN: the other side stopped answering; this side keeps its half.
+    #[error("postcopy paused: {0}")]
+    PostcopyPaused(String),
 }
 
 impl MigrateError {

@@ -46,6 +46,7 @@ pub use ram::{RamLoader, RamSaver};
 pub use source::precopy::describe;
 pub use source::run_outgoing;
 pub use stats::{MigrationStats, MigrationStatus};
+pub use target::postcopy::FaultStats;
 pub use target::{run_incoming, IncomingOutcome};
 pub use tern_wire::{Section, SectionDesc, VmDescription};
 
@@ -152,6 +153,43 @@ pub trait TargetRam: Send + Sync {
         fill(&mut buf);
         self.write_pages(region, first_page, &buf)
     }
+    /// Postcopy (at ADVISE): checks that this RAM can have its missing pages fault in and
+    /// returns the means to do it, or says why not.
+    fn postcopy(&self) -> Result<Arc<dyn PostcopyRam>> {
+        Err(MigrateError::Vm(
+            "this target cannot serve page faults".into(),
+        ))
+    }
+}
+
+/// A page the guest touched before it arrived: the region, the page, the thread that waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageFault {
+    pub region: u32,
+    pub page: u64,
+    pub tid: u32,
+}
+
+/// Guest RAM on a postcopy target (`docs/stream-format.md`, *Postcopy*).
+pub trait PostcopyRam: Send + Sync {
+    /// Drops pages (DISCARD): once [`PostcopyRam::listen`] ran, the guest's next touch of them
+    /// faults.
+    fn discard(&self, region: u32, first_page: u64, count: u64) -> Result<()>;
+    /// From now on a touch of a missing page waits for it (LISTEN).
+    fn listen(&self) -> Result<()>;
+    /// Places whole pages atomically and wakes whoever waits on them; false if they were there
+    /// already (then nothing changed).
+    fn place(&self, region: u32, first_page: u64, data: &[u8]) -> Result<bool>;
+    /// Places zero pages, as [`PostcopyRam::place`].
+    fn place_zero(&self, region: u32, first_page: u64, count: u64) -> Result<bool>;
+    /// Waits up to `timeout` for faults; an empty list on a timeout.
+    fn faults(&self, timeout: std::time::Duration) -> Result<Vec<PageFault>>;
+    /// Every page is here: faults are served by the kernel again (missing pages are zero).
+    fn finish(&self) -> Result<()>;
+    /// The vCPU a thread runs, if it is one (for per-vCPU blocktime).
+    fn vcpu_of(&self, tid: u32) -> Option<usize>;
+    /// How many vCPUs the VM has.
+    fn vcpus(&self) -> usize;
 }
 
 /// The VM being migrated in.

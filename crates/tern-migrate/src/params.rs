@@ -149,6 +149,8 @@ pub struct MigrationParams {
     pub multifd_zstd_level: u8,
     /// How guest writes are tracked (`x-tern-dirty-log`).
     pub dirty_log: DirtyLogMode,
+    /// Bytes per second once postcopy runs (QEMU's `max-postcopy-bandwidth`); 0 = unlimited.
+    pub max_postcopy_bandwidth: u64,
 }
 
 /// How the hypervisor's record of guest writes is collected (`x-tern-dirty-log`).
@@ -230,6 +232,7 @@ impl Default for MigrationParams {
             multifd_compression: MultifdCompression::None,
             multifd_zstd_level: 1,
             dirty_log: DirtyLogMode::Clear,
+            max_postcopy_bandwidth: 0,
         }
     }
 }
@@ -237,7 +240,6 @@ impl Default for MigrationParams {
 /// Parameters QEMU has that tern does not implement yet (refused by name).
 const NOT_YET: &[&str] = &[
     "xbzrle-cache-size",
-    "max-postcopy-bandwidth",
     "avail-switchover-bandwidth",
     "tls-creds",
     "tls-hostname",
@@ -275,6 +277,7 @@ impl MigrationParams {
             "multifd-compression": self.multifd_compression.as_str(),
             "multifd-zstd-level": self.multifd_zstd_level,
             "x-tern-dirty-log": self.dirty_log.as_str(),
+            "max-postcopy-bandwidth": self.max_postcopy_bandwidth,
         })
     }
 
@@ -285,6 +288,9 @@ impl MigrationParams {
             match k.as_str() {
                 "downtime-limit" => p.downtime_limit_ms = int_in(k, v, 0, 2_000_000)?,
                 "max-bandwidth" => p.max_bandwidth = int_in(k, v, 0, i64::MAX as u64)?,
+                "max-postcopy-bandwidth" => {
+                    p.max_postcopy_bandwidth = int_in(k, v, 0, i64::MAX as u64)?
+                }
                 "cpu-throttle-initial" => p.cpu_throttle_initial = int_in(k, v, 1, 99)? as u8,
                 "cpu-throttle-increment" => p.cpu_throttle_increment = int_in(k, v, 1, 99)? as u8,
                 "max-cpu-throttle" => p.max_cpu_throttle = int_in(k, v, 1, 99)? as u8,
@@ -362,6 +368,12 @@ pub struct Capabilities {
     pub ram_digest: bool,
     /// RAM on parallel data channels (QEMU's `multifd`; `multifd-channels` of them).
     pub multifd: bool,
+    /// `migrate-start-postcopy` may switch this migration to postcopy (QEMU's `postcopy-ram`).
+    pub postcopy_ram: bool,
+    /// Postcopy's requested pages on a connection of their own (QEMU's `postcopy-preempt`).
+    pub postcopy_preempt: bool,
+    /// The target measures how long vCPUs wait for pages (QEMU's `postcopy-blocktime`).
+    pub postcopy_blocktime: bool,
 }
 
 impl Capabilities {
@@ -372,6 +384,9 @@ impl Capabilities {
             ("auto-converge", self.auto_converge),
             ("x-tern-ram-digest", self.ram_digest),
             ("multifd", self.multifd),
+            ("postcopy-ram", self.postcopy_ram),
+            ("postcopy-preempt", self.postcopy_preempt),
+            ("postcopy-blocktime", self.postcopy_blocktime),
         ]
     }
 
@@ -382,12 +397,13 @@ impl Capabilities {
             "auto-converge" => self.auto_converge = on,
             "x-tern-ram-digest" => self.ram_digest = on,
             "multifd" => self.multifd = on,
-            "postcopy-ram"
-            | "xbzrle"
+            "postcopy-ram" => self.postcopy_ram = on,
+            "postcopy-preempt" => self.postcopy_preempt = on,
+            "postcopy-blocktime" => self.postcopy_blocktime = on,
+            "xbzrle"
             | "return-path"
             | "pause-before-switchover"
             | "zero-copy-send"
-            | "postcopy-preempt"
             | "switchover-ack"
             | "dirty-limit"
             | "mapped-ram"
@@ -396,7 +412,6 @@ impl Capabilities {
             | "validate-uuid"
             | "late-block-activate"
             | "dirty-bitmaps"
-            | "postcopy-blocktime"
             | "release-ram"
             | "rdma-pin-all"
             | "zero-blocks"

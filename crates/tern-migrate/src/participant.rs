@@ -71,6 +71,26 @@ pub trait SaveParticipant: Send {
     fn progress(&self) -> Progress;
     /// After success or failure (stops tracking).
     fn cleanup(&mut self);
+    /// Postcopy, with the VM paused after the last sync: tells the target what it holds stale
+    /// or not at all (DISCARD). After it, [`Self::iterate`] sends what is left, once, without
+    /// tracking anything any more. A participant that cannot move by postcopy refuses.
+    fn postcopy_discard(&mut self, _out: &mut Out<'_>) -> Result<()> {
+        Err(crate::MigrateError::Vm(format!(
+            "'{}' cannot move by postcopy",
+            self.name()
+        )))
+    }
+    /// Postcopy: sends now what the target asked for, if it is this participant's and still to
+    /// send, and goes on from just after it. Returns the pages sent.
+    fn postcopy_serve(
+        &mut self,
+        _out: &mut Out<'_>,
+        _region: u32,
+        _first_page: u64,
+        _count: u64,
+    ) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// A participant on the target.

@@ -10,6 +10,10 @@ pub enum MigrationStatus {
     None,
     Setup,
     Active,
+    /// Postcopy: the guest runs on the target, pages still move (QEMU's name).
+    PostcopyActive,
+    /// Postcopy: the connection broke after RUN; each side keeps its half of the guest.
+    PostcopyPaused,
     Cancelling,
     Cancelled,
     Completed,
@@ -23,6 +27,8 @@ impl MigrationStatus {
             MigrationStatus::None => "none",
             MigrationStatus::Setup => "setup",
             MigrationStatus::Active => "active",
+            MigrationStatus::PostcopyActive => "postcopy-active",
+            MigrationStatus::PostcopyPaused => "postcopy-paused",
             MigrationStatus::Cancelling => "cancelling",
             MigrationStatus::Cancelled => "cancelled",
             MigrationStatus::Completed => "completed",
@@ -34,7 +40,10 @@ impl MigrationStatus {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            MigrationStatus::Cancelled | MigrationStatus::Completed | MigrationStatus::Failed
+            MigrationStatus::Cancelled
+                | MigrationStatus::Completed
+                | MigrationStatus::Failed
+                | MigrationStatus::PostcopyPaused
         )
     }
 }
@@ -91,6 +100,14 @@ pub struct MigrationStats {
     pub multifd_channel_busy_ms: Vec<u64>,
     /// How guest writes are tracked in this migration (`get`, `clear` or `ring`), once set up.
     pub dirty_log: Option<&'static str>,
+    /// Postcopy, both sides: pages asked for (source: requests served; target: sent).
+    pub postcopy_requests: u64,
+    /// Postcopy, source: bytes sent after RUN.
+    pub postcopy_bytes: u64,
+    /// Postcopy: when the guest started on the target (seconds since the start).
+    pub postcopy_start: Option<f64>,
+    /// Postcopy, target: what the faults cost (`postcopy-blocktime` and the latencies).
+    pub postcopy_faults: Option<crate::target::postcopy::FaultStats>,
 }
 
 /// One precopy round as measured by the source. Times are seconds since the migration began;
@@ -177,6 +194,10 @@ impl Default for MigrationStats {
             multifd_channel_bytes: Vec::new(),
             multifd_channel_busy_ms: Vec::new(),
             dirty_log: None,
+            postcopy_requests: 0,
+            postcopy_bytes: 0,
+            postcopy_start: None,
+            postcopy_faults: None,
         }
     }
 }
@@ -208,19 +229,22 @@ impl MigrationStats {
                 "dirty-pages-rate": self.dirty_pages_rate,
                 "mbps": self.mbps,
                 "dirty-sync-count": self.dirty_sync_count,
-                "postcopy-requests": 0,
+                "postcopy-requests": self.postcopy_requests,
                 "page-size": 4096,
                 "multifd-bytes": self.multifd_channel_bytes.iter().sum::<u64>(),
                 "pages-per-second": self.pages_per_second,
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,
-                "postcopy-bytes": 0,
+                "postcopy-bytes": self.postcopy_bytes,
                 "dirty-sync-missed-zero-copy": 0,
             });
         }
         v["total-time"] = json!(self.total_time_ms());
         v["setup-time"] = json!(self.setup_time_ms);
-        if self.status == MigrationStatus::Completed {
+        if matches!(
+            self.status,
+            MigrationStatus::Completed | MigrationStatus::PostcopyActive
+        ) {
             if let Some(d) = self.downtime_ms {
                 v["downtime"] = json!(d);
             }
@@ -244,6 +268,9 @@ impl MigrationStats {
         }
         if let Some(m) = self.dirty_log {
             v["x-tern-dirty-log"] = json!(m);
+        }
+        if let Some(f) = &self.postcopy_faults {
+            f.to_qmp(&mut v);
         }
         if !self.multifd_channel_bytes.is_empty() {
             // Per data channel: what it sent and how long it was busy sending it.
@@ -327,6 +354,9 @@ impl MigrationStats {
             "multifd-channel-bytes": self.multifd_channel_bytes,
             "multifd-channel-busy-ms": self.multifd_channel_busy_ms,
             "dirty-log": self.dirty_log,
+            "postcopy-start": self.postcopy_start,
+            "postcopy-requests": self.postcopy_requests,
+            "postcopy-bytes": self.postcopy_bytes,
             "rounds": rounds,
             "switchover": sw,
         })

@@ -45,6 +45,8 @@ pub enum Command {
     },
     #[serde(rename = "migrate_cancel")]
     MigrateCancel {},
+    #[serde(rename = "migrate-start-postcopy")]
+    MigrateStartPostcopy {},
     #[serde(rename = "migrate-incoming")]
     MigrateIncoming { uri: String },
     #[serde(rename = "query-migrate")]
@@ -100,6 +102,7 @@ pub const COMMAND_NAMES: &[&str] = &[
     "quit",
     "migrate",
     "migrate_cancel",
+    "migrate-start-postcopy",
     "migrate-incoming",
     "query-migrate",
     "query-migrate-parameters",
@@ -153,6 +156,7 @@ impl Command {
             Command::Quit {} => "quit",
             Command::Migrate { .. } => "migrate",
             Command::MigrateCancel {} => "migrate_cancel",
+            Command::MigrateStartPostcopy {} => "migrate-start-postcopy",
             Command::MigrateIncoming { .. } => "migrate-incoming",
             Command::QueryMigrate {} => "query-migrate",
             Command::QueryMigrateParameters {} => "query-migrate-parameters",

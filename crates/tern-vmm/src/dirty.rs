@@ -47,9 +47,12 @@ pub(crate) fn set_manual_protect(vm: &VmFd, on: bool) -> std::io::Result<()> {
     vm.enable_cap(&cap).map_err(std::io::Error::from)
 }
 
-/// Fetches the dirty bitmap of `slot` (one bit per page) into `out`, which holds at least one
-/// bit per page of the slot.
-pub(crate) fn get_log(vm: &VmFd, slot: u32, out: &mut [u64]) -> std::io::Result<()> {
+/// Fetches the dirty bitmap of `slot`, a slot of `pages` pages (one bit per page), into `out`,
+/// which must hold at least that many bits.
+pub(crate) fn get_log(vm: &VmFd, slot: u32, pages: u64, out: &mut [u64]) -> std::io::Result<()> {
+    if (out.len() as u64) < pages.div_ceil(64) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let log = kvm_dirty_log {
         slot,
         padding1: 0,
@@ -57,8 +60,9 @@ pub(crate) fn get_log(vm: &VmFd, slot: u32, out: &mut [u64]) -> std::io::Result<
             dirty_bitmap: out.as_mut_ptr().cast(),
         },
     };
-    // SAFETY: `vm` is a VM fd; KVM writes one bit per page of the slot into `dirty_bitmap`,
-    // and the caller gives a buffer of at least that many bits, alive for the call.
+    // SAFETY: `vm` is a VM fd; KVM writes one bit per page of the slot (rounded up to 64) into
+    // `dirty_bitmap`, and `out` was checked to hold that many bits for a slot of `pages` pages
+    // (the caller names the slot's size); it lives for the call.
     let ret = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &log) };
     if ret < 0 {
         return Err(std::io::Error::last_os_error());

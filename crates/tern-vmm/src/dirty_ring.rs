@@ -10,10 +10,12 @@
 //! the entry protocol and the reset ioctl are written here on kvm-bindings' structures.
 //!
 //! No page is lost: a write to a write-protected page makes KVM push an entry and unprotect the
-//! page; the entry is harvested into [`DirtyRings`]'s bitmaps, and the reset protects the page
-//! again *after* the harvest. A write between the harvest and the reset leaves no entry, but a
-//! harvested page is read to be sent only once the sync that harvested it has returned, which
-//! is after the reset, so that read sees the write.
+//! page. A harvester (the migration thread at a sync, or a vCPU whose ring is full) collects the
+//! entries, has KVM reset them — which write-protects those pages again — and only *then* marks
+//! the pages in [`DirtyRings`]'s bitmaps, where a sync can take them. A write between the
+//! collection and the reset leaves no entry, but the page cannot have been taken yet, so it is
+//! read after the reset and that read sees the write. (Marking before the reset would let a
+//! sync on another thread take the page, send it, and miss a write made before the reset.)
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -137,10 +139,10 @@ impl DirtyRings {
         })
     }
 
-    /// Harvests vCPU `index`'s ring (or every ring, with `None`) and lets KVM re-protect what
-    /// was harvested. Returns the entries harvested.
+    /// Harvests vCPU `index`'s ring (or every ring, with `None`), lets KVM re-protect what was
+    /// harvested, then records the pages. Returns the entries harvested.
     pub(crate) fn harvest(&self, index: Option<usize>) -> std::io::Result<u64> {
-        let mut n = 0;
+        let mut pages: Vec<(u32, u64)> = Vec::new();
         for (i, r) in self.rings.iter().enumerate() {
             if index.is_some_and(|x| x != i) {
                 continue;
@@ -162,22 +164,34 @@ impl DirtyRings {
                         std::ptr::read_volatile(std::ptr::addr_of!((*e).offset)),
                     )
                 };
-                if let Some(b) = self.harvested.get((slot & 0xffff) as usize) {
-                    b.mark_page(offset as usize);
-                }
+                pages.push((slot, offset));
                 flags.store(GFN_RESET, Ordering::Release);
                 r.fetch = r.fetch.wrapping_add(1);
-                n += 1;
             }
         }
-        if n > 0 {
+        // A vCPU with a full ring resets even when another thread collected its entries and
+        // has not reset them yet: otherwise it would exit with a full ring again at once.
+        if !pages.is_empty() || index.is_some() {
             // SAFETY: a VM fd; the ioctl takes no argument.
             let ret = unsafe { ioctl(&self.vm, KVM_RESET_DIRTY_RINGS()) };
             if ret < 0 {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        Ok(n)
+        for &(slot, offset) in &pages {
+            // Address space 0 only: tern creates no slots in another (SMM).
+            if slot >> 16 != 0 {
+                tracing::warn!(
+                    slot,
+                    "a dirty-ring entry for another address space; ignored"
+                );
+                continue;
+            }
+            if let Some(b) = self.harvested.get(slot as usize) {
+                b.mark_page(offset as usize);
+            }
+        }
+        Ok(pages.len() as u64)
     }
 
     /// ORs the pages harvested from `slot` into `out` and forgets them; returns how many bits

@@ -13,7 +13,9 @@ mod error;
 pub mod machine;
 pub mod memory;
 mod migration;
+mod postcopy;
 pub mod serial;
+pub mod uffd;
 mod vcpu;
 mod vm;
 

@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tern_migrate::{
-    DirtyLogMode, GuestRam, LoadParticipant, MigrateError, RamLoader, RamSaver, RegionInfo, Result,
-    SaveParticipant, SectionDesc, SourceVm, TargetRam, TargetVm,
+    DirtyLogMode, GuestRam, LoadParticipant, MigrateError, PostcopyRam, RamLoader, RamSaver,
+    RegionInfo, Result, SaveParticipant, SectionDesc, SourceVm, TargetRam, TargetVm,
 };
 use tern_wire::Section;
 use vm_memory::GuestMemoryBackend;
@@ -203,7 +203,7 @@ impl GuestRam for Vm {
                 rings.take_into(region as usize, bitmap)
             }
             None => self.dirty_buf.with(words, |kvm| {
-                crate::dirty::get_log(&self.vm_fd, region, kvm)
+                crate::dirty::get_log(&self.vm_fd, region, r.size / PAGE, kvm)
                     .map_err(|e| MigrateError::Vm(format!("KVM_GET_DIRTY_LOG: {e}")))?;
                 let mut new = 0;
                 for (b, k) in bitmap.iter_mut().zip(kvm.iter()) {
@@ -326,6 +326,14 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 impl TargetRam for Vm {
     fn regions(&self) -> Vec<RegionInfo> {
         GuestRam::regions(self)
+    }
+
+    fn postcopy(&self) -> Result<Arc<dyn PostcopyRam>> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| MigrateError::Vm("the VM is going away".into()))?;
+        Ok(Arc::new(crate::postcopy::VmPostcopy::new(me)?))
     }
 
     fn prefault(&self, region: u32, first_page: u64, count: u64) {

@@ -97,7 +97,7 @@ pub struct Vm {
     pub(crate) vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// This VM, for threads that must not keep it alive (the throttle timer).
-    me: std::sync::Weak<Vm>,
+    pub(crate) me: std::sync::Weak<Vm>,
     /// Whether the throttle timer thread runs.
     throttle_thread: Mutex<bool>,
     state: Mutex<RunState>,

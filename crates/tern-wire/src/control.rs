@@ -28,6 +28,10 @@ pub enum ReturnMessage {
     },
     /// GO was received and the vCPUs run.
     Running,
+    /// Postcopy: END was read and checked, and the target holds every page.
+    Complete {
+        records: u64,
+    },
 }
 
 impl ReturnMessage {
@@ -65,6 +69,10 @@ impl ReturnMessage {
                 b.extend_from_slice(&records.to_le_bytes());
             }
             ReturnMessage::Running => b.extend_from_slice(&[5, 0, 0, 0]),
+            ReturnMessage::Complete { records } => {
+                b.extend_from_slice(&[6, 0, 0, 0]);
+                b.extend_from_slice(&records.to_le_bytes());
+            }
         }
         b
     }
@@ -102,6 +110,7 @@ impl ReturnMessage {
             }),
             4 if d.len() == 8 => Ok(ReturnMessage::Loaded { records: u64_at(0) }),
             5 if d.is_empty() => Ok(ReturnMessage::Running),
+            6 if d.len() == 8 => Ok(ReturnMessage::Complete { records: u64_at(0) }),
             _ => Err(bad("unknown kind or wrong length")),
         }
     }

@@ -32,7 +32,10 @@ pub use state::{
     SectionBuilder, SectionReader, Subsection, SubsectionBuilder, SubsectionReader, SubsectionSpec,
     Value,
 };
-pub use stream::{PostcopyCommand, Record, StreamReader, StreamWriter, Totals, MAX_SKIPPED_KEPT};
+pub use stream::{
+    PostcopyCommand, Record, StreamReader, StreamWriter, Totals, MAX_DISCARD_RANGES,
+    MAX_SKIPPED_KEPT,
+};
 
 /// Stream magic.
 pub const MAGIC: [u8; 8] = *b"TERNSTRM";

@@ -55,7 +55,10 @@ impl Totals {
     }
 }
 
-/// Postcopy commands (specified now, used by postcopy later).
+/// Most ranges one DISCARD may carry.
+pub const MAX_DISCARD_RANGES: usize = 65_536;
+
+/// Postcopy commands (`docs/stream-format.md`, *Postcopy*).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PostcopyCommand {
     Advise {
@@ -125,6 +128,9 @@ impl PostcopyCommand {
             2 if d.len() >= 8 => {
                 let region = u32::from_le_bytes(d[0..4].try_into().expect("4"));
                 let n = u32::from_le_bytes(d[4..8].try_into().expect("4")) as usize;
+                if n > MAX_DISCARD_RANGES {
+                    return Err(bad("more than 65536 ranges in one DISCARD"));
+                }
                 if (d.len() - 8) != n.checked_mul(16).ok_or_else(|| bad("count overflows"))? {
                     return Err(bad("DISCARD count does not match its length"));
                 }
@@ -382,6 +388,11 @@ impl<R: Read> StreamReader<R> {
     /// Capacity of the record buffer (bounded by the record limit).
     pub fn buffer_capacity(&self) -> usize {
         self.r.buffer_capacity()
+    }
+
+    /// Records read so far (END excluded).
+    pub fn records_read(&self) -> u64 {
+        self.totals.records
     }
 
     /// The framed records that follow the stream on a live connection (GO after END).

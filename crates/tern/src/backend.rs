@@ -182,6 +182,13 @@ impl Backend for RunBackend {
                 self.app.mig.cancel().map_err(|e| generic(e.to_string()))?;
                 Ok(json!({}))
             }
+            Command::MigrateStartPostcopy {} => {
+                let ctl = self.app.mig.active().ok_or_else(|| {
+                    generic("migrate-start-postcopy: no outgoing migration is running".to_string())
+                })?;
+                ctl.start_postcopy().map_err(generic)?;
+                Ok(json!({}))
+            }
             Command::MigrateIncoming { uri } => {
                 self.app.start_incoming(&uri).map_err(generic)?;
                 Ok(json!({}))

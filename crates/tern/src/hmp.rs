@@ -32,6 +32,7 @@ info status -- show the current VM status (running|paused)
 migrate [-d] uri -- migrate to URI (tcp:HOST:PORT, unix:PATH, fd:NAME, exec:CMD, file:PATH)
 \t -d to return at once rather than wait for the end
 migrate_cancel -- cancel the current VM migration
+migrate_start_postcopy -- switch the running migration to postcopy
 migrate_incoming uri -- continue an incoming migration from URI
 migrate_set_capability capability state -- enable or disable a capability (on|off)
 migrate_set_parameter parameter value -- set a migration parameter
@@ -153,6 +154,9 @@ pub fn execute(backend: &RunBackend, line: &str) -> (String, bool) {
             _ => Err("usage: migrate_incoming URI".into()),
         },
         "migrate_cancel" => qmp(backend, "migrate_cancel", json!({})).map(|_| String::new()),
+        "migrate_start_postcopy" => {
+            qmp(backend, "migrate-start-postcopy", json!({})).map(|_| String::new())
+        }
         "migrate_set_capability" => match rest {
             [name, state] => match *state {
                 "on" | "off" => qmp(

@@ -208,7 +208,7 @@ fn deferred_incoming_and_qmp_parameters() {
     assert_eq!(e["error"]["desc"], "Parameter 'bogus' is unexpected");
     let e = src.q.execute(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
     );
     assert!(
         e["error"]["desc"]

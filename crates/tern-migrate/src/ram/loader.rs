@@ -82,6 +82,7 @@ pub struct RamLoader {
     holes: Vec<(u32, u64, u64)>,
     /// The prefault helper, once started; set to stop it.
     prefault_stop: Option<Arc<AtomicBool>>,
+    prefault_thread: Option<std::thread::JoinHandle<()>>,
     /// First page (counted across regions, in stream order) past the furthest page with data
     /// received so far: the prefault helper stays within [`PREFAULT_AHEAD`] of it.
     frontier: Arc<AtomicU64>,
@@ -151,8 +152,9 @@ impl RamLoader {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            tracing::debug!("no prefault helper: {e}");
+        match spawned {
+            Ok(t) => self.prefault_thread = Some(t),
+            Err(e) => tracing::debug!("no prefault helper: {e}"),
         }
     }
 }
@@ -174,6 +176,7 @@ impl RamLoader {
             zero: 0,
             holes: Vec::new(),
             prefault_stop: None,
+            prefault_thread: None,
             frontier: Arc::new(AtomicU64::new(0)),
             bases: Vec::new(),
         }
@@ -264,6 +267,11 @@ impl LoadParticipant for RamLoader {
     fn cleanup(&mut self) {
         if let Some(s) = &self.prefault_stop {
             s.store(true, Ordering::Relaxed);
+        }
+        // Joined: postcopy drops pages right after, and a populate still in flight could map
+        // a zero page over one just dropped (it stops within one 2 MiB chunk).
+        if let Some(t) = self.prefault_thread.take() {
+            let _ = t.join();
         }
     }
 }

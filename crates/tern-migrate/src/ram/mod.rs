@@ -11,6 +11,7 @@ use crate::source::multifd::{DataChannels, Job};
 use crate::{DirtyLogMode, RegionInfo, Result, SourceVm};
 
 mod loader;
+mod postcopy;
 pub use loader::RamLoader;
 pub(crate) use loader::{apply, Placer};
 
@@ -122,6 +123,8 @@ pub struct RamSaver {
     dirty_log: DirtyLogMode,
     /// The guest is paused for good: nothing needs re-arming any more.
     paused: bool,
+    /// Postcopy: the scan wraps around until every page went.
+    postcopy: bool,
 }
 
 impl RamSaver {
@@ -152,6 +155,7 @@ impl RamSaver {
             compressor: Compressor::new(Compression::None).expect("no compression needs nothing"),
             dirty_log: DirtyLogMode::default(),
             paused: false,
+            postcopy: false,
         }
     }
 
@@ -226,25 +230,40 @@ impl RamSaver {
     /// Sends one batch of dirty pages, on the stream or to the data channels. Returns false when
     /// the round is done.
     fn send_batch(&mut self, out: &mut Out<'_>) -> Result<bool> {
-        let Some((id, runs)) = self.next_batch()? else {
+        let batch = match self.next_batch()? {
+            // Postcopy moved the scan on after a requested page: what it skipped is still due.
+            None if self.postcopy && self.regions.iter().any(|r| r.left > 0) => {
+                self.cursor = (0, 0);
+                self.next_batch()?
+            }
+            b => b,
+        };
+        let Some((id, runs)) = batch else {
             return Ok(false);
         };
         match &self.channels {
             Some(ch) => ch.send(Job::Pages { region: id, runs })?,
             None => {
-                let (normal, zero) = send_pages(
-                    &*self.vm,
-                    out,
-                    id,
-                    &runs,
-                    &mut self.buf,
-                    &mut self.compressor,
-                )?;
-                self.counters.normal += normal;
-                self.counters.zero += zero;
+                self.send_runs(out, id, &runs)?;
             }
         }
         Ok(true)
+    }
+
+    /// Sends `runs` (at most BATCH_PAGES pages) of `region` on the main stream; returns the
+    /// pages sent.
+    fn send_runs(&mut self, out: &mut Out<'_>, region: u32, runs: &[(u64, u64)]) -> Result<u64> {
+        let (normal, zero) = send_pages(
+            &*self.vm,
+            out,
+            region,
+            runs,
+            &mut self.buf,
+            &mut self.compressor,
+        )?;
+        self.counters.normal += normal;
+        self.counters.zero += zero;
+        Ok(normal + zero)
     }
 }
 
@@ -402,6 +421,20 @@ impl SaveParticipant for RamSaver {
         self.paused = true;
         while self.send_batch(out)? {}
         Ok(())
+    }
+
+    fn postcopy_discard(&mut self, out: &mut Out<'_>) -> Result<()> {
+        self.discard_pending(out)
+    }
+
+    fn postcopy_serve(
+        &mut self,
+        out: &mut Out<'_>,
+        region: u32,
+        first_page: u64,
+        count: u64,
+    ) -> Result<u64> {
+        self.serve(out, region, first_page, count)
     }
 
     fn cleanup(&mut self) {

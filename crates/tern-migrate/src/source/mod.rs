@@ -11,6 +11,7 @@
 //! `switchover`; a return-path thread turns what the target says into typed events.
 
 pub(crate) mod multifd;
+mod postcopy;
 pub(crate) mod precopy;
 mod return_path;
 mod switchover;
@@ -142,6 +143,20 @@ pub fn run_outgoing(
     let status = match &result {
         Ok(()) => MigrationStatus::Completed,
         Err(MigrateError::Cancelled) => MigrationStatus::Cancelled,
+        Err(e @ (MigrateError::GuestLost(_) | MigrateError::PostcopyPaused(_))) => {
+            tracing::error!("{e}");
+            {
+                // The source stays paused: only the operator may take the guest back (`cont`
+                // resumes it as it was at the switch, without what it did on the target).
+                let mut s = ctl.stats();
+                s.error = Some(e.to_string());
+                s.in_doubt = true;
+            }
+            match e {
+                MigrateError::PostcopyPaused(_) => MigrationStatus::PostcopyPaused,
+                _ => MigrationStatus::Failed,
+            }
+        }
         Err(e @ MigrateError::InDoubt(_)) => {
             tracing::error!("{e}");
             let mut s = ctl.stats();
@@ -378,7 +393,11 @@ fn phases(ctl: &MigrationControl, session: &mut Session, link: &mut Link) -> Res
     session.enter(Phase::Precopy);
     ctl.set_active();
     let rounds = precopy::rounds(ctl, session, link, started)?;
-    switchover::run(ctl, session, link, started, rounds)
+    if ctl.postcopy_requested() {
+        postcopy::run(ctl, session, link, started, rounds)
+    } else {
+        switchover::run(ctl, session, link, started, rounds)
+    }
 }
 
 /// Copies the participants' progress into the statistics.

@@ -67,6 +67,9 @@ pub(super) fn setup(
         "x-tern-ram-digest": ctl.caps().ram_digest,
     }))?;
     out.description(&desc)?;
+    if ctl.caps().postcopy_ram {
+        super::postcopy::advise(ctl, &**vm, link.ret.is_some(), out)?;
+    }
     let compression = ctl.params.compression();
     for p in session.parts.iter_mut() {
         p.use_compression(compression)?;
@@ -127,6 +130,10 @@ pub(super) fn rounds(
     let (out, data) = (&mut link.out, &link.data);
     let mut alive = Instant::now();
     loop {
+        if ctl.postcopy_requested() {
+            ctl.stats().stop_reason = Some("postcopy");
+            return Ok(round - 1);
+        }
         ctl.pass(round);
         ctl.stats().dirty_sync_count = round;
         let t0 = Instant::now();
@@ -138,6 +145,11 @@ pub(super) fn rounds(
                 batches += 1;
                 if batches.is_multiple_of(16) {
                     ctl.check_cancel()?;
+                    if ctl.postcopy_requested() && data.is_none() {
+                        // The rest of this round goes by postcopy.
+                        ctl.stats().stop_reason = Some("postcopy");
+                        return Ok(round);
+                    }
                     if data.is_some() {
                         keepalive(out, &mut alive)?;
                     }

@@ -19,12 +19,12 @@ use crate::{MigrateError, Result};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the target may take to load the state after END. Waiting is safe (the target does
 /// not run before GO), so this is generous.
-const LOADED_TIMEOUT: Duration = Duration::from_secs(300);
+pub(super) const LOADED_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the switch-over's waits poll before they sleep (LOADED and RUNNING come within a
 /// few milliseconds; a sleeping thread's wake-up costs about that much on a virtualized host).
-const SWITCHOVER_SPIN: Duration = Duration::from_millis(20);
+pub(super) const SWITCHOVER_SPIN: Duration = Duration::from_millis(20);
 /// How long the target may take to start its vCPUs after GO.
-const RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(super) fn run(
     ctl: &MigrationControl,
@@ -195,7 +195,7 @@ fn drain(ctl: &MigrationControl, link: &mut Link, rounds: u64) -> Result<Duratio
 
 /// Writes END and flushes, leaving a writer that discards (the stream is over). Returns the
 /// stream's totals.
-fn end_stream(out: &mut Out<'static>) -> Result<tern_wire::Totals> {
+pub(super) fn end_stream(out: &mut Out<'static>) -> Result<tern_wire::Totals> {
     let blank: Out<'static> =
         StreamWriter::new(Box::new(std::io::sink()) as Box<dyn Write + Send>)?;
     let full = std::mem::replace(out, blank);

@@ -312,8 +312,11 @@ impl tern_wire::PagePlacer for ClaimingPlacer<'_> {
     }
 }
 
-fn record_name(r: &Record<'_>) -> &'static str {
+pub(super) fn record_name(r: &Record<'_>) -> &'static str {
     match r {
+        Record::Ram(_) => "RAM_PAGES",
+        Record::End(_) => "END",
+        Record::Description => "VM_DESCRIPTION",
         Record::Section(_) => "DEVICE_STATE",
         Record::Ping(_) => "PING",
         Record::SourceInfo(_) => "SOURCE_INFO",

@@ -13,15 +13,17 @@
 //! ([`State::Running`] is entered in one place). A one-way stream (a file, a pipe) has nobody to
 //! commit: its reader runs the guest once END was checked and the state loaded.
 
+mod accept;
 mod data;
+mod listen;
+pub(crate) mod postcopy;
 
 use std::io::BufReader;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_wire::{
-    record_type, ChannelHello, ChannelRole, Record, RecordReader, RecordWriter, ReturnMessage,
-    Section, StreamReader,
+    record_type, Record, RecordReader, RecordWriter, ReturnMessage, Section, StreamReader,
 };
 
 use crate::control::MigrationControl;
@@ -55,144 +57,7 @@ enum State {
     Running,
 }
 
-/// How long a new connection may take to say CHANNEL_HELLO before it is dropped.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Waits on `listener` for a migration source: a connection that does not open with a valid
-/// CHANNEL_HELLO within [`HELLO_TIMEOUT`] (a port scan, an idle client, a stray peer) is logged
-/// and dropped, and the listener keeps waiting; the source's connection waits in the backlog
-/// meanwhile.
-fn accept_source(
-    listener: &Listener,
-    cancelled: &dyn Fn() -> bool,
-) -> Result<(Channel, Option<ChannelHello>)> {
-    loop {
-        let ch = listener.accept_unless(cancelled)?;
-        if !ch.two_way() {
-            return Ok((ch, None));
-        }
-        ch.conn
-            .set_read_timeout(Some(HELLO_TIMEOUT))
-            .map_err(MigrateError::io("setting the hello timeout"))?;
-        match read_hello(&ch.conn).and_then(|h| {
-            if h.role != ChannelRole::Main || h.index != 0 {
-                return Err(MigrateError::Vm(format!(
-                    "a migration starts with its main channel, not {:?} #{}",
-                    h.role, h.index
-                )));
-            }
-            if h.channels > MAX_CHANNELS {
-                return Err(MigrateError::Vm(format!(
-                    "the source opens {} channels; this target takes at most {MAX_CHANNELS}",
-                    h.channels
-                )));
-            }
-            Ok(h)
-        }) {
-            Ok(h) => return Ok((ch, Some(h))),
-            Err(e) if listener.reusable() => {
-                tracing::warn!(
-                    "dropped a connection that is not a tern migration source ({e}); still waiting"
-                )
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// A read that hit the socket's timeout, said in words.
-fn timed_out(e: MigrateError, ms: u64) -> MigrateError {
-    match &e {
-        MigrateError::Wire(w)
-            if matches!(&w.kind, tern_wire::ErrorKind::Io(io)
-            if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)) =>
-        {
-            MigrateError::Vm(format!(
-                "the source sent nothing for {ms} ms (x-tern-read-timeout); giving up at byte {}",
-                w.offset
-            ))
-        }
-        _ => e,
-    }
-}
-
-/// Connections one migration may open (the main one and 255 data channels).
-const MAX_CHANNELS: u16 = 256;
-
-/// How long the data channels of a migration may take to connect after its main channel.
-const DATA_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// After the main channel: its `channels - 1` data channels, matched by session id and index;
-/// other connections are logged and dropped.
-fn accept_data(
-    listener: &Listener,
-    main: &ChannelHello,
-    cancelled: &dyn Fn() -> bool,
-) -> Result<Vec<Connection>> {
-    let n = usize::from(main.channels - 1);
-    let mut slots: Vec<Option<Connection>> = vec![None; n];
-    let deadline = Instant::now() + DATA_TIMEOUT;
-    while slots.iter().any(Option::is_none) {
-        let late = || Instant::now() > deadline;
-        let ch = match listener.accept_unless(&|| cancelled() || late()) {
-            Err(MigrateError::Cancelled) if late() && !cancelled() => {
-                return Err(MigrateError::Vm(format!(
-                    "only {} of {n} data channels connected within {} s",
-                    slots.iter().flatten().count(),
-                    DATA_TIMEOUT.as_secs()
-                )))
-            }
-            other => other?,
-        };
-        ch.conn
-            .set_read_timeout(Some(HELLO_TIMEOUT))
-            .map_err(MigrateError::io("setting the hello timeout"))?;
-        let fits = read_hello(&ch.conn).and_then(|h| {
-            let i = usize::from(h.index);
-            if h.session != main.session
-                || h.role != ChannelRole::Data
-                || h.channels != main.channels
-                || i >= n
-                || slots[i].is_some()
-            {
-                return Err(MigrateError::Vm(format!(
-                    "{:?} #{} of {} channels is not one this migration waits for",
-                    h.role, h.index, h.channels
-                )));
-            }
-            Ok(i)
-        });
-        match fits {
-            Ok(i) => slots[i] = Some(ch.conn),
-            Err(e) => tracing::warn!("dropped a connection ({e}); still waiting for data channels"),
-        }
-    }
-    Ok(slots.into_iter().flatten().collect())
-}
-
-/// A connection's channel hello.
-fn read_hello(conn: &Connection) -> Result<ChannelHello> {
-    let mut rr = RecordReader::new(conn.clone());
-    let rec = rr
-        .next_record()?
-        .ok_or_else(|| MigrateError::Vm("the connection closed before its hello".into()))?;
-    if rec.ty != record_type::CHANNEL_HELLO {
-        return Err(MigrateError::Vm(format!(
-            "a live migration starts with CHANNEL_HELLO, not {}",
-            record_type::name(rec.ty)
-        )));
-    }
-    let h = ChannelHello::decode(rec.body)
-        .map_err(|k| MigrateError::Vm(format!("bad channel hello: {k}")))?;
-    if h.role == ChannelRole::PostcopyUrgent {
-        return Err(MigrateError::Vm(
-            "a postcopy channel: this target does not do postcopy".into(),
-        ));
-    }
-    Ok(h)
-}
-
-/// Receives a migration on `listener` (see [`accept_source`]). On failure the source is told why
+/// Receives a migration on `listener` (see [`accept::accept_source`]). On failure the source is told why
 /// on the return path (if the channel has one).
 pub fn run_incoming(
     listener: &Listener,
@@ -200,9 +65,9 @@ pub fn run_incoming(
     ctl: &MigrationControl,
 ) -> Result<IncomingOutcome> {
     let cancelled = || ctl.is_cancelled();
-    let accepted = accept_source(listener, &cancelled).and_then(|(ch, hello)| {
+    let accepted = accept::accept_source(listener, &cancelled).and_then(|(ch, hello)| {
         let data = match &hello {
-            Some(h) if h.channels > 1 => accept_data(listener, h, &cancelled)?,
+            Some(h) if h.channels > 1 => accept::accept_data(listener, h, &cancelled)?,
             _ => Vec::new(),
         };
         Ok((ch, data))
@@ -248,11 +113,12 @@ pub fn run_incoming(
         section_bytes: 0,
         data_conns: data,
         data: None,
+        postcopy: None,
     };
     // A panic is a failed incoming migration (the guest never ran here unless GO came).
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rx.run(factory, ctl)))
         .unwrap_or_else(|p| Err(MigrateError::panicked(p)))
-        .map_err(|e| timed_out(e, ctl.params.read_timeout_ms));
+        .map_err(|e| accept::timed_out(e, ctl.params.read_timeout_ms));
     for p in rx.parts.iter_mut() {
         p.cleanup();
     }
@@ -287,7 +153,11 @@ pub fn run_incoming(
     }
 }
 
+/// Sends one return message whole: the postcopy fault thread sends too, and two records must
+/// not interleave on the connection.
 fn send(conn: &Connection, msg: &ReturnMessage) -> Result<()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     RecordWriter::new(conn.clone()).write(record_type::RETURN_MESSAGE, 0, &msg.encode())?;
     Ok(())
 }
@@ -304,6 +174,16 @@ struct Receiver {
     /// Parallel channels: their connections until the VM exists, then their readers.
     data_conns: Vec<Connection>,
     data: Option<data::DataReceivers>,
+    /// Postcopy, from ADVISE.
+    postcopy: Option<postcopy::Postcopy>,
+}
+
+/// How the records before the device state ended.
+enum Received {
+    /// END: its record count, and whether the source asked for the RAM digest.
+    End { records: u64, digest: bool },
+    /// Postcopy's LISTEN: the records before it.
+    Listen { records: u64 },
 }
 
 /// Device state a target keeps until END, at most (all of it is a few KiB today).
@@ -358,7 +238,13 @@ impl Receiver {
         // A socket stays open after END (GO comes on it); a file or pipe must end right after it.
         let mut r = if self.two_way { r.live() } else { r };
         self.enter(State::Receiving);
-        let (records, want_digest) = self.receive(&mut r, factory, ctl)?;
+        let (records, want_digest) = match self.receive(&mut r, factory, ctl)? {
+            Received::End { records, digest } => (records, digest),
+            Received::Listen { records } => return self.postcopy_run(&mut r, records, ctl),
+        };
+        if self.postcopy.take().is_some() {
+            tracing::info!("postcopy was advised and not used: the migration ended in precopy");
+        }
         self.enter(State::Ended);
         let vm = self
             .vm
@@ -399,14 +285,13 @@ impl Receiver {
         Ok(vm)
     }
 
-    /// Reads records until END. Returns END's record count and whether the source asked for
-    /// the RAM digest.
+    /// Reads records until END (or postcopy's LISTEN).
     fn receive(
         &mut self,
         r: &mut StreamReader<BufReader<Connection>>,
         factory: TargetFactory<'_>,
         ctl: &MigrationControl,
-    ) -> Result<(u64, bool)> {
+    ) -> Result<Received> {
         let mut factory = Some(factory);
         let mut want_digest = false;
         loop {
@@ -490,9 +375,9 @@ impl Receiver {
                         .unwrap_or(false);
                 }
                 Some(Record::Postcopy(c)) => {
-                    return Err(MigrateError::Vm(format!(
-                        "postcopy is not supported yet (got {c:?})"
-                    )));
+                    if let Some(records) = self.postcopy_command(c, r.records_read(), ctl)? {
+                        return Ok(Received::Listen { records });
+                    }
                 }
                 Some(Record::SkippedOptional { ty, .. }) => {
                     tracing::info!("skipped an optional record of unknown type {ty:#x}");
@@ -512,7 +397,10 @@ impl Receiver {
                     for p in self.parts.iter_mut() {
                         p.cleanup();
                     }
-                    return Ok((t.records, want_digest));
+                    return Ok(Received::End {
+                        records: t.records,
+                        digest: want_digest,
+                    });
                 }
             }
             if described {

@@ -1,0 +1,366 @@
+//! The source's postcopy (`docs/stream-format.md`, *Postcopy*): pause, DISCARD what the target
+//! holds stale or not at all, the device state, LISTEN; the two-phase commit with LOADED, RUN
+//! and RUNNING; then every page left, those the target asks for first; END and COMPLETE.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tern_wire::{PostcopyCommand, ReturnMessage};
+
+use super::return_path::TargetEvent;
+use super::switchover::{end_stream, LOADED_TIMEOUT, RUNNING_TIMEOUT, SWITCHOVER_SPIN};
+use super::{update_counters, Link, Phase, Session};
+use crate::control::MigrationControl;
+use crate::stats::{MigrationStatus, Switchover};
+use crate::{MigrateError, Result};
+
+/// How long the target may stay silent, after RUN, while pages are still to send or COMPLETE
+/// is awaited, before the source calls the migration paused.
+const SILENCE: Duration = Duration::from_secs(60);
+
+/// Says ADVISE at setup (the target checks it can serve page faults, and refuses now if not).
+pub(super) fn advise(
+    ctl: &MigrationControl,
+    vm: &dyn crate::SourceVm,
+    two_way: bool,
+    out: &mut crate::participant::Out<'_>,
+) -> Result<()> {
+    if !two_way {
+        return Err(MigrateError::Vm(
+            "postcopy needs a two-way channel (tcp:, unix: or a socket passed with fd:)".into(),
+        ));
+    }
+    if ctl.caps().multifd {
+        return Err(MigrateError::Vm(
+            "postcopy-ram with multifd is not supported by tern yet: turn one of them off".into(),
+        ));
+    }
+    let total_pages = vm.ram().regions().iter().map(|r| r.size / 4096).sum();
+    out.postcopy(&PostcopyCommand::Advise {
+        page_size: 4096,
+        total_pages,
+    })?;
+    Ok(())
+}
+
+pub(super) fn run(
+    ctl: &MigrationControl,
+    session: &mut Session,
+    link: &mut Link,
+    started: Instant,
+    rounds: u64,
+) -> Result<()> {
+    let secs = |t: Instant| t.duration_since(started).as_secs_f64();
+    session.enter(Phase::StopAndCopy);
+    let t_pause = Instant::now();
+    let b0 = ctl.accepted();
+    let p0 = session.progress();
+    if session.vm.is_running() {
+        session.vm.pause()?;
+        session.paused = true;
+    }
+    ctl.bandwidth_limit.store(0, Ordering::Relaxed);
+    let t_paused = t_pause.elapsed();
+    ctl.stats().dirty_sync_count = rounds + 1;
+    let out = &mut link.out;
+    let t_sync = Instant::now();
+    for p in session.parts.iter_mut() {
+        p.sync()?;
+    }
+    let sync_ms = t_sync.elapsed().as_secs_f64() * 1000.0;
+    // Everything still to send is stale or absent at the target: it faults from now on.
+    for p in session.parts.iter_mut() {
+        p.postcopy_discard(out)?;
+    }
+    let t_pages = t_pause.elapsed();
+    let b_state = ctl.accepted();
+    out.flush()?;
+    for s in &session.vm.save_state()? {
+        out.section(s)?;
+    }
+    let records = out.totals().records;
+    out.postcopy(&PostcopyCommand::Listen)?;
+    out.flush()?;
+    let t_state = t_pause.elapsed();
+    let state_sent = ctl.accepted() - b_state;
+    // (No RAM digest: the target runs the guest before its RAM is complete, so the two would
+    // never match; the guest's own self-check is the test.)
+    session.enter(Phase::AwaitLoaded);
+    link.ret
+        .as_mut()
+        .expect("advise checked the return path")
+        .set_spin(SWITCHOVER_SPIN);
+    // Loading vCPU state makes the target touch guest pages: their requests come meanwhile.
+    let loaded = serving(session, link, "LOADED", LOADED_TIMEOUT, |m| match m {
+        ReturnMessage::Loaded { records } => Some(*records),
+        _ => None,
+    })?;
+    if loaded != records {
+        return Err(MigrateError::Vm(format!(
+            "the target loaded {loaded} records, the stream had {records} before LISTEN"
+        )));
+    }
+    let t_loaded = t_pause.elapsed();
+    commit_serving(ctl, session, link)?;
+    // RUN goes whole or not at all: a failed write leaves an incomplete record, which the
+    // target does not act on, so the source still resumes.
+    link.out
+        .postcopy(&PostcopyCommand::Run)
+        .and_then(|()| link.out.flush())
+        .map_err(|e| {
+            MigrateError::Vm(format!(
+                "sending RUN failed ({e}); the target cannot have it, so the source runs on"
+            ))
+        })?;
+    session.enter(Phase::Committed);
+    tracing::info!("postcopy: RUN sent; the guest is the target's now");
+    serving(session, link, "RUNNING", RUNNING_TIMEOUT, |m| {
+        matches!(m, ReturnMessage::Running).then_some(())
+    })
+    .map_err(|e| MigrateError::InDoubt(format!("RUNNING did not arrive: {e}")))?;
+    let t_running = link
+        .ret
+        .as_ref()
+        .expect("two-way")
+        .arrived()
+        .map_or_else(|| t_pause.elapsed(), |at| at.duration_since(t_pause));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    {
+        let p1 = session.progress();
+        let mut s = ctl.stats();
+        s.downtime_ms = Some(t_running.as_millis() as u64);
+        s.switchover = Some(Switchover {
+            start: secs(t_pause),
+            drain_ms: 0.0,
+            pause_ms: ms(t_paused),
+            sync_ms,
+            pages_ms: ms(t_pages),
+            state_ms: ms(t_state),
+            end_ms: ms(t_state),
+            loaded_ms: ms(t_loaded),
+            ack_ms: ms(t_running),
+            pages: p1.data_pages - p0.data_pages,
+            zero_pages: p1.zero_pages - p0.zero_pages,
+            state_bytes: state_sent,
+            bytes: ctl.accepted() - b0,
+        });
+        s.postcopy_start = Some(secs(Instant::now()));
+        update_counters(&mut s, session, ctl.accepted());
+    }
+    ctl.set_status(MigrationStatus::PostcopyActive);
+    ctl.bandwidth_limit
+        .store(ctl.params.max_postcopy_bandwidth, Ordering::Relaxed);
+    let b_post = ctl.accepted();
+    after_run(ctl, session, link, b_post).map_err(|e| match e {
+        e @ (MigrateError::GuestLost(_) | MigrateError::PostcopyPaused(_)) => e,
+        // A write failed: the connection is gone from under us.
+        MigrateError::Wire(w) => MigrateError::GuestLost(format!(
+            "the connection to the target broke after it started the guest ({w}); the pages \
+             not yet sent are still here"
+        )),
+        other => other,
+    })
+}
+
+/// The point of no return, as in precopy (`switchover::commit`), except that page requests
+/// that came meanwhile are served, not dropped: the target asks for a page once.
+fn commit_serving(ctl: &MigrationControl, session: &mut Session, link: &mut Link) -> Result<()> {
+    ctl.check_cancel()?;
+    loop {
+        let ret = link.ret.as_mut().expect("two-way");
+        match ret.next(Duration::ZERO) {
+            None => break,
+            Some(TargetEvent::Message(ReturnMessage::PageRequest {
+                region,
+                first_page,
+                count,
+            })) => {
+                for p in session.parts.iter_mut() {
+                    p.postcopy_serve(&mut link.out, region, first_page, count)?;
+                }
+                link.out.flush()?;
+            }
+            Some(TargetEvent::Message(ReturnMessage::Error { message, .. })) => {
+                return Err(MigrateError::Vm(format!(
+                    "the target refused after LOADED ({message}); not committing"
+                )))
+            }
+            Some(TargetEvent::Message(m)) => {
+                tracing::warn!("unexpected return message {m:?}; ignored")
+            }
+            Some(TargetEvent::Closed(why)) => {
+                return Err(MigrateError::Vm(format!(
+                    "the target went away after LOADED ({}); not committing",
+                    why.unwrap_or_else(|| "it closed the connection".into())
+                )))
+            }
+        }
+    }
+    ctl.commit()
+}
+
+/// Waits for the message `want` takes, serving page requests meanwhile.
+fn serving<T>(
+    session: &mut Session,
+    link: &mut Link,
+    what: &str,
+    timeout: Duration,
+    want: impl Fn(&ReturnMessage) -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ret = link.ret.as_mut().expect("two-way");
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ret.next(left) {
+            None => {
+                return Err(MigrateError::Vm(format!(
+                    "the target did not send {what} within {} s",
+                    timeout.as_secs()
+                )))
+            }
+            Some(TargetEvent::Message(ReturnMessage::PageRequest {
+                region,
+                first_page,
+                count,
+            })) => {
+                for p in session.parts.iter_mut() {
+                    p.postcopy_serve(&mut link.out, region, first_page, count)?;
+                }
+                link.out.flush()?;
+            }
+            Some(TargetEvent::Message(m)) => match want(&m) {
+                Some(t) => return Ok(t),
+                None => {
+                    return Err(match m {
+                        ReturnMessage::Error { message, .. } => {
+                            MigrateError::TargetRefused(message)
+                        }
+                        other => MigrateError::Vm(format!(
+                            "the target sent {other:?} while {what} was expected"
+                        )),
+                    })
+                }
+            },
+            Some(TargetEvent::Closed(None)) => return Err(MigrateError::NoAck),
+            Some(TargetEvent::Closed(Some(why))) => {
+                return Err(MigrateError::Vm(format!(
+                    "the target's connection failed while {what} was expected: {why}"
+                )))
+            }
+        }
+    }
+}
+
+/// After RUN: requested pages first, then the background scan, until nothing is left; END;
+/// COMPLETE.
+fn after_run(
+    ctl: &MigrationControl,
+    session: &mut Session,
+    link: &mut Link,
+    b_post: u64,
+) -> Result<()> {
+    let ret = link.ret.as_mut().expect("two-way");
+    ret.set_spin(Duration::ZERO);
+    let mut requests = 0u64;
+    let mut batches = 0u64;
+    loop {
+        // Requests first: everything the target asked for so far.
+        let mut wanted = Vec::new();
+        loop {
+            match ret.next(Duration::ZERO) {
+                None => break,
+                Some(TargetEvent::Message(ReturnMessage::PageRequest {
+                    region,
+                    first_page,
+                    count,
+                })) => wanted.push((region, first_page, count)),
+                Some(TargetEvent::Message(ReturnMessage::Error { message, .. })) => {
+                    return Err(MigrateError::GuestLost(format!(
+                        "the target failed after it started the guest: {message}"
+                    )))
+                }
+                Some(TargetEvent::Message(m)) => {
+                    tracing::warn!("postcopy: unexpected return message {m:?}; ignored")
+                }
+                Some(TargetEvent::Closed(why)) => return Err(gone(why)),
+            }
+        }
+        for (region, first, count) in wanted {
+            requests += 1;
+            for p in session.parts.iter_mut() {
+                p.postcopy_serve(&mut link.out, region, first, count)?;
+            }
+        }
+        if requests > 0 {
+            link.out.flush()?;
+        }
+        let mut more = false;
+        for p in session.parts.iter_mut() {
+            if p.iterate(&mut link.out)? {
+                more = true;
+                break;
+            }
+        }
+        batches += 1;
+        if batches.is_multiple_of(16) || !more {
+            link.out.flush()?;
+            let mut s = ctl.stats();
+            update_counters(&mut s, session, ctl.accepted());
+            s.postcopy_requests = requests;
+            s.postcopy_bytes = ctl.accepted() - b_post;
+        }
+        if !more {
+            break;
+        }
+    }
+    let totals = end_stream(&mut link.out)?;
+    let ret = link.ret.as_mut().expect("two-way");
+    // Requests still in flight for pages that went meanwhile are answered by what was sent.
+    let deadline = Instant::now() + SILENCE;
+    loop {
+        match ret.next(deadline.saturating_duration_since(Instant::now())) {
+            None => {
+                return Err(MigrateError::PostcopyPaused(format!(
+                    "the target did not confirm it holds every page within {} s",
+                    SILENCE.as_secs()
+                )))
+            }
+            Some(TargetEvent::Message(ReturnMessage::Complete { records })) => {
+                if records != totals.records {
+                    tracing::warn!(
+                        "the target counted {records} records, the stream had {}",
+                        totals.records
+                    );
+                }
+                break;
+            }
+            Some(TargetEvent::Message(ReturnMessage::PageRequest { .. })) => {}
+            Some(TargetEvent::Message(ReturnMessage::Error { message, .. })) => {
+                return Err(MigrateError::GuestLost(format!(
+                    "the target failed after it started the guest: {message}"
+                )))
+            }
+            Some(TargetEvent::Message(m)) => {
+                tracing::warn!("postcopy: unexpected return message {m:?}; ignored")
+            }
+            Some(TargetEvent::Closed(why)) => return Err(gone(why)),
+        }
+    }
+    session.enter(Phase::Done);
+    let mut s = ctl.stats();
+    update_counters(&mut s, session, ctl.accepted());
+    s.remaining = 0;
+    s.postcopy_requests = requests;
+    s.postcopy_bytes = ctl.accepted() - b_post;
+    Ok(())
+}
+
+/// The target's end of the connection closed after RUN: its process is gone, and the guest
+/// that ran there with it.
+fn gone(why: Option<String>) -> MigrateError {
+    MigrateError::GuestLost(format!(
+        "the target closed the connection after it started the guest{}; this host holds only \
+         the pages not yet sent, and stays paused",
+        why.map(|w| format!(" ({w})")).unwrap_or_default()
+    ))
+}

@@ -1,0 +1,221 @@
+//! The target's side of the postcopy commands (`docs/stream-format.md`, *Postcopy*): ADVISE and
+//! DISCARD while receiving; after LISTEN the device state, LOADED, RUN — the guest starts
+//! here — and the pages, placed as they come, until END and COMPLETE.
+
+use std::io::BufReader;
+use std::sync::{mpsc, Arc};
+
+use tern_wire::{PostcopyCommand, Record, ReturnMessage, StreamReader};
+
+use super::postcopy::Postcopy;
+use super::{send, Receiver, State, GO_TIMEOUT};
+use crate::control::MigrationControl;
+use crate::params::SwitchoverStep;
+use crate::stats::MigrationStatus;
+use crate::transport::Connection;
+use crate::{MigrateError, Result, TargetVm};
+
+impl Receiver {
+    /// ADVISE and DISCARD: `None`. LISTEN: the records before it.
+    pub(super) fn postcopy_command(
+        &mut self,
+        c: PostcopyCommand,
+        records_read: u64,
+        ctl: &MigrationControl,
+    ) -> Result<Option<u64>> {
+        let Some(vm) = self.vm.clone() else {
+            return Err(MigrateError::Vm(
+                "a postcopy command before the VM description".into(),
+            ));
+        };
+        match c {
+            PostcopyCommand::Advise {
+                page_size,
+                total_pages,
+            } => {
+                if self.postcopy.is_some() {
+                    return Err(MigrateError::Vm("a second ADVISE".into()));
+                }
+                if !self.two_way {
+                    return Err(MigrateError::Vm(
+                        "postcopy on a one-way channel: nobody could ask for pages".into(),
+                    ));
+                }
+                if self.data.is_some() {
+                    return Err(MigrateError::Vm(
+                        "postcopy with data channels is not supported by tern yet".into(),
+                    ));
+                }
+                let regions = vm.ram().regions();
+                let mine: u64 = regions.iter().map(|r| r.size / 4096).sum();
+                if page_size != 4096 || total_pages != mine {
+                    return Err(MigrateError::Vm(format!(
+                        "ADVISE of {total_pages} pages of {page_size} bytes; this target has \
+                         {mine} pages of 4096"
+                    )));
+                }
+                // Checked now, so that a target that cannot fault pages in refuses before
+                // anything is copied.
+                let ram = vm.ram().postcopy()?;
+                self.postcopy = Some(Postcopy::new(ram, &regions, ctl.caps().postcopy_blocktime));
+                Ok(None)
+            }
+            PostcopyCommand::Discard { region, ranges } => {
+                // Precopy is over: helpers that fill RAM stop before a page is dropped.
+                self.stop_helpers();
+                match &self.postcopy {
+                    Some(p) if !p.listening => p.discard(region, &ranges).map(|()| None),
+                    _ => Err(MigrateError::Vm(
+                        "DISCARD without ADVISE, or after LISTEN".into(),
+                    )),
+                }
+            }
+            PostcopyCommand::Listen => {
+                self.stop_helpers();
+                match &self.postcopy {
+                    Some(p) if !p.listening => Ok(Some(records_read.saturating_sub(1))),
+                    _ => Err(MigrateError::Vm("LISTEN without ADVISE, or twice".into())),
+                }
+            }
+            PostcopyCommand::Run => Err(MigrateError::Vm("RUN before LISTEN".into())),
+        }
+    }
+
+    fn stop_helpers(&mut self) {
+        for p in self.parts.iter_mut() {
+            p.cleanup();
+        }
+    }
+
+    /// After LISTEN. The stream is read on a thread of its own from here, so that pages keep
+    /// arriving while the device state loads (loading vCPU state makes KVM touch guest pages —
+    /// the paravirtual clock — which may be missing: their faults are served like the guest's).
+    /// This thread loads the state and sends LOADED; on RUN, read by the stream thread, it
+    /// starts the guest and sends RUNNING; the stream thread places pages until END.
+    pub(super) fn postcopy_run(
+        &mut self,
+        r: &mut StreamReader<BufReader<Connection>>,
+        records: u64,
+        ctl: &MigrationControl,
+    ) -> Result<Arc<dyn TargetVm>> {
+        let vm = self
+            .vm
+            .clone()
+            .ok_or_else(|| MigrateError::Vm("the stream had no VM description".into()))?;
+        let mut pc = self.postcopy.take().expect("LISTEN came after ADVISE");
+        pc.listen(self.conn.clone())?;
+        let (run_tx, run_rx) = mpsc::channel::<()>();
+        let conn = self.conn.clone();
+        let outcome = std::thread::scope(|s| {
+            let pc = &pc;
+            let stream = s.spawn(move || stream_pages(pc, r, ctl, run_tx));
+            let started = self.start_on_run(&*vm, records, ctl, &run_rx);
+            if started.is_err() {
+                // The stream thread stops at once; the guest never ran here.
+                conn.shutdown();
+            }
+            let streamed = stream.join().unwrap_or_else(|_| {
+                Err(MigrateError::Vm(
+                    "the postcopy stream thread panicked".into(),
+                ))
+            });
+            (started, streamed)
+        });
+        match outcome {
+            (Err(e), _) => Err(e),
+            (Ok(()), Ok(records)) => {
+                let stats = pc.finish()?;
+                ctl.stats().postcopy_faults = Some(stats);
+                if let Err(e) = send(&self.conn, &ReturnMessage::Complete { records }) {
+                    tracing::warn!("COMPLETE could not be sent: {e}");
+                }
+                tracing::info!("postcopy: every page is here");
+                Ok(vm)
+            }
+            (Ok(()), Err(e)) => {
+                ctl.stats().postcopy_faults = Some(pc.stats());
+                pc.abandon();
+                Err(match e {
+                    e @ MigrateError::GuestLost(_) => e,
+                    e => MigrateError::GuestLost(format!(
+                        "the source's stream failed after the guest started here ({e}); the \
+                         pages not yet received are lost and the guest waits for them"
+                    )),
+                })
+            }
+        }
+    }
+
+    /// The state, LOADED, then RUN (within GO's time): the vCPUs start, RUNNING goes back.
+    fn start_on_run(
+        &mut self,
+        vm: &dyn TargetVm,
+        records: u64,
+        ctl: &MigrationControl,
+        run: &mpsc::Receiver<()>,
+    ) -> Result<()> {
+        self.enter(State::Ended);
+        vm.load_state(&self.sections)?;
+        ctl.fault_at(SwitchoverStep::BeforeLoaded);
+        send(&self.conn, &ReturnMessage::Loaded { records })?;
+        self.enter(State::Loaded);
+        ctl.fault_at(SwitchoverStep::BeforeGo);
+        run.recv_timeout(GO_TIMEOUT).map_err(|e| {
+            MigrateError::Vm(match e {
+                mpsc::RecvTimeoutError::Timeout => {
+                    "no RUN from the source in time; the guest was not started here".into()
+                }
+                mpsc::RecvTimeoutError::Disconnected => {
+                    "the stream failed before RUN; the guest was not started here".into()
+                }
+            })
+        })?;
+        if ctl.commit().is_err() {
+            tracing::warn!("a cancel raced RUN; the guest runs here, as the source expects");
+        }
+        self.enter(State::Running);
+        vm.resume()?;
+        ctl.set_status(MigrationStatus::PostcopyActive);
+        if let Err(e) = send(&self.conn, &ReturnMessage::Running) {
+            tracing::warn!("RUNNING could not be sent: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// The stream after LISTEN: pages (asked for, before RUN; then all the rest), RUN once, END.
+/// Returns END's record count.
+fn stream_pages(
+    pc: &Postcopy,
+    r: &mut StreamReader<BufReader<Connection>>,
+    ctl: &MigrationControl,
+    run: mpsc::Sender<()>,
+) -> Result<u64> {
+    let mut run = Some(run);
+    loop {
+        match r.next_record()? {
+            Some(Record::Ram(rec)) => {
+                let (d, z) = pc.place(&rec)?;
+                let mut s = ctl.stats();
+                s.normal += d;
+                s.duplicate += z;
+                s.transferred = r.offset();
+            }
+            Some(Record::Postcopy(PostcopyCommand::Run)) => match run.take() {
+                Some(tx) => {
+                    let _ = tx.send(());
+                }
+                None => return Err(MigrateError::Vm("a second RUN".into())),
+            },
+            Some(Record::Nop) | Some(Record::SkippedOptional { .. }) => {}
+            Some(Record::End(t)) if run.is_none() => return Ok(t.records),
+            Some(other) => {
+                return Err(MigrateError::Vm(format!(
+                    "{} after LISTEN (only pages, RUN and END may come)",
+                    super::data::record_name(&other)
+                )))
+            }
+            None => return Err(MigrateError::Vm("the stream ended without END".into())),
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The target's postcopy (`docs/stream-format.md`, *Postcopy*): which pages it holds, a fault
+//! thread that asks the source for the others, pages placed whole as they arrive, and what the
+//! faults cost (QEMU 10.1's `postcopy-blocktime`, `postcopy-latency` and their kin).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tern_wire::{RamRecord, ReturnMessage, ENC_RAW, ENC_ZERO, PAGE_SIZE};
+
+use crate::transport::Connection;
+use crate::{MigrateError, PostcopyRam, RegionInfo, Result};
+
+/// Buckets of `postcopy-latency-dist`: bucket i counts faults served in [2^i, 2^(i+1)) µs.
+const DIST_BUCKETS: usize = 32;
+
+/// What the faults cost, for `query-migrate` on the target.
+#[derive(Clone, Debug, Default)]
+pub struct FaultStats {
+    /// Pages asked of the source.
+    pub requests: u64,
+    /// Faults on pages known to be zero, served here.
+    pub zero_faults: u64,
+    /// Time during which every vCPU waited for a page at once, ms.
+    pub blocktime_ms: u64,
+    /// Time each vCPU waited for pages, ms.
+    pub vcpu_blocktime_ms: Vec<u64>,
+    /// Remote faults: count and summed latency (fault to page placed), ns; all and per vCPU.
+    pub faults: u64,
+    pub latency_ns_sum: u128,
+    pub vcpu_faults: Vec<u64>,
+    pub vcpu_latency_ns_sum: Vec<u128>,
+    /// Log2 buckets of remote-fault latency in µs.
+    pub dist: Vec<u64>,
+    /// Whether blocktime is reported (`postcopy-blocktime` on the target).
+    pub report_blocktime: bool,
+}
+
+impl FaultStats {
+    /// Adds QEMU's fields to a `query-migrate` reply.
+    pub fn to_qmp(&self, v: &mut Value) {
+        if let Some(ram) = v.get_mut("ram") {
+            ram["postcopy-requests"] = json!(self.requests);
+        }
+        if !self.report_blocktime {
+            return;
+        }
+        v["postcopy-blocktime"] = json!(self.blocktime_ms);
+        v["postcopy-vcpu-blocktime"] = json!(self.vcpu_blocktime_ms);
+        let mean = |n: u64, sum: u128| {
+            if n == 0 {
+                0
+            } else {
+                (sum / u128::from(n)) as u64
+            }
+        };
+        v["postcopy-latency"] = json!(mean(self.faults, self.latency_ns_sum));
+        v["postcopy-vcpu-latency"] = json!(self
+            .vcpu_faults
+            .iter()
+            .zip(&self.vcpu_latency_ns_sum)
+            .map(|(&n, &s)| mean(n, s))
+            .collect::<Vec<_>>());
+        v["postcopy-latency-dist"] = json!(self.dist);
+        v["x-tern-postcopy-zero-faults"] = json!(self.zero_faults);
+    }
+}
+
+/// Faults waiting for a page: when the first came, and which vCPUs wait.
+struct Waiting {
+    since: Instant,
+    vcpus: Vec<(usize, Instant)>,
+    others: u64,
+}
+
+/// The running account of who waits, for blocktime.
+struct Account {
+    stats: FaultStats,
+    pending: HashMap<(u32, u64), Waiting>,
+    blocked: Vec<bool>,
+    all_blocked_since: Option<Instant>,
+}
+
+impl Account {
+    fn block(&mut self, vcpu: usize, now: Instant) {
+        if vcpu < self.blocked.len() && !self.blocked[vcpu] {
+            self.blocked[vcpu] = true;
+            if self.blocked.iter().all(|&b| b) {
+                self.all_blocked_since = Some(now);
+            }
+        }
+    }
+
+    fn unblock(&mut self, vcpu: usize, since: Instant, now: Instant) {
+        if vcpu >= self.blocked.len() || !self.blocked[vcpu] {
+            return;
+        }
+        if let Some(t) = self.all_blocked_since.take() {
+            self.stats.blocktime_ms += now.duration_since(t).as_millis() as u64;
+        }
+        self.blocked[vcpu] = false;
+        self.stats.vcpu_blocktime_ms[vcpu] += now.duration_since(since).as_millis() as u64;
+    }
+
+    fn latency(&mut self, vcpu: Option<usize>, d: Duration) {
+        let ns = d.as_nanos();
+        self.stats.faults += 1;
+        self.stats.latency_ns_sum += ns;
+        if let Some(i) = vcpu.filter(|&i| i < self.stats.vcpu_faults.len()) {
+            self.stats.vcpu_faults[i] += 1;
+            self.stats.vcpu_latency_ns_sum[i] += ns;
+        }
+        let us = (d.as_micros() as u64).max(1);
+        let b = (63 - us.leading_zeros() as usize).min(DIST_BUCKETS - 1);
+        self.stats.dist[b] += 1;
+    }
+}
+
+/// One region's pages: set = the target holds the page (or knows it is zero).
+struct Held {
+    bits: Vec<AtomicU64>,
+    pages: u64,
+}
+
+impl Held {
+    fn get(&self, p: u64) -> bool {
+        self.bits[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+    }
+    fn set(&self, first: u64, count: u64, on: bool) {
+        for p in first..(first + count).min(self.pages) {
+            let b = 1u64 << (p % 64);
+            if on {
+                self.bits[(p / 64) as usize].fetch_or(b, Ordering::AcqRel);
+            } else {
+                self.bits[(p / 64) as usize].fetch_and(!b, Ordering::AcqRel);
+            }
+        }
+    }
+    fn missing(&self) -> u64 {
+        self.pages
+            - self
+                .bits
+                .iter()
+                .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+                .sum::<u64>()
+    }
+}
+
+/// Postcopy on the target, from ADVISE to END.
+pub(crate) struct Postcopy {
+    ram: Arc<dyn PostcopyRam>,
+    held: Arc<Vec<Held>>,
+    account: Arc<Mutex<Account>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+    pub(crate) listening: bool,
+}
+
+impl Postcopy {
+    /// At ADVISE: every page counts as held until DISCARD names it (the source has sent every
+    /// page at least once before the switch, or names it).
+    pub(crate) fn new(ram: Arc<dyn PostcopyRam>, regions: &[RegionInfo], report: bool) -> Self {
+        let vcpus = ram.vcpus();
+        let held = regions
+            .iter()
+            .map(|r| {
+                let pages = r.size / PAGE_SIZE as u64;
+                let words = pages.div_ceil(64) as usize;
+                let h = Held {
+                    bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+                    pages,
+                };
+                h.set(0, pages, true);
+                h
+            })
+            .collect();
+        Postcopy {
+            ram,
+            held: Arc::new(held),
+            account: Arc::new(Mutex::new(Account {
+                stats: FaultStats {
+                    vcpu_blocktime_ms: vec![0; vcpus],
+                    vcpu_faults: vec![0; vcpus],
+                    vcpu_latency_ns_sum: vec![0; vcpus],
+                    dist: vec![0; DIST_BUCKETS],
+                    report_blocktime: report,
+                    ..Default::default()
+                },
+                pending: HashMap::new(),
+                blocked: vec![false; vcpus],
+                all_blocked_since: None,
+            })),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+            listening: false,
+        }
+    }
+
+    /// DISCARD: the pages fault from now on.
+    pub(crate) fn discard(&self, region: u32, ranges: &[(u64, u64)]) -> Result<()> {
+        let h = self
+            .held
+            .get(region as usize)
+            .ok_or_else(|| MigrateError::Vm(format!("DISCARD names unknown region {region}")))?;
+        for &(first, count) in ranges {
+            if count == 0 || first.checked_add(count).is_none_or(|e| e > h.pages) {
+                return Err(MigrateError::Vm(format!(
+                    "DISCARD of pages {first}+{count} past region {region}'s end"
+                )));
+            }
+            self.ram.discard(region, first, count)?;
+            h.set(first, count, false);
+        }
+        Ok(())
+    }
+
+    /// LISTEN: missing pages fault; the fault thread asks the source for them on `conn`.
+    pub(crate) fn listen(&mut self, conn: Connection) -> Result<()> {
+        self.ram.listen()?;
+        self.listening = true;
+        let (ram, held, account, stop) = (
+            self.ram.clone(),
+            self.held.clone(),
+            self.account.clone(),
+            self.stop.clone(),
+        );
+        let t = std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || fault_loop(&*ram, &held, &account, &stop, &conn))
+            .map_err(MigrateError::io("starting the postcopy fault thread"))?;
+        self.thread = Some(t);
+        Ok(())
+    }
+
+    /// Places a record's pages (after RUN). Returns (pages with data, zero pages).
+    pub(crate) fn place(&self, rec: &RamRecord<'_>) -> Result<(u64, u64)> {
+        let h = self
+            .held
+            .get(rec.region as usize)
+            .ok_or_else(|| MigrateError::Vm(format!("pages of unknown region {}", rec.region)))?;
+        let (mut data, mut zero) = (0, 0);
+        for run in &rec.runs {
+            let count = u64::from(run.count);
+            match run.encoding {
+                ENC_ZERO => {
+                    self.ram.place_zero(rec.region, run.first_page, count)?;
+                    zero += count;
+                }
+                ENC_RAW => {
+                    self.ram.place(rec.region, run.first_page, rec.data(run))?;
+                    data += count;
+                }
+                enc => {
+                    let mut buf = vec![0u8; count as usize * PAGE_SIZE];
+                    tern_wire::decompress_run(enc, rec.data(run), &mut buf)
+                        .map_err(|k| MigrateError::Vm(k.to_string()))?;
+                    self.ram.place(rec.region, run.first_page, &buf)?;
+                    data += count;
+                }
+            }
+            h.set(run.first_page, count, true);
+            self.arrived(rec.region, run.first_page, count);
+        }
+        Ok((data, zero))
+    }
+
+    /// Pages arrived: whoever waited for them runs again.
+    fn arrived(&self, region: u32, first: u64, count: u64) {
+        let now = Instant::now();
+        let mut a = self.account.lock().unwrap_or_else(|e| e.into_inner());
+        if a.pending.is_empty() {
+            return;
+        }
+        for p in first..first + count {
+            if let Some(w) = a.pending.remove(&(region, p)) {
+                for (vcpu, since) in w.vcpus {
+                    a.unblock(vcpu, since, now);
+                    a.latency(Some(vcpu), now.duration_since(since));
+                }
+                for _ in 0..w.others {
+                    a.latency(None, now.duration_since(w.since));
+                }
+            }
+        }
+    }
+
+    /// END: every page must be here; fault handling ends. Returns the final statistics.
+    pub(crate) fn finish(&mut self) -> Result<FaultStats> {
+        let missing: u64 = self.held.iter().map(Held::missing).sum();
+        if missing > 0 {
+            return Err(MigrateError::GuestLost(format!(
+                "the stream ended with {missing} pages never received"
+            )));
+        }
+        self.stop_thread()?;
+        self.ram.finish()?;
+        Ok(self.stats())
+    }
+
+    /// The statistics so far.
+    pub(crate) fn stats(&self) -> FaultStats {
+        self.account
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats
+            .clone()
+    }
+
+    fn stop_thread(&mut self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(MigrateError::Vm(
+                "the postcopy fault thread panicked".into(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// After RUN, on failure: the guest waits for pages that will not come. The fault
+    /// handling is kept registered (closing it would let the guest read zeros where its pages
+    /// should be): its descriptor is deliberately never closed.
+    pub(crate) fn abandon(mut self) {
+        let _ = self.stop_thread();
+        std::mem::forget(self.ram.clone());
+    }
+}
+
+fn fault_loop(
+    ram: &dyn PostcopyRam,
+    held: &[Held],
+    account: &Mutex<Account>,
+    stop: &AtomicBool,
+    conn: &Connection,
+) -> Result<()> {
+    while !stop.load(Ordering::SeqCst) {
+        for f in ram.faults(Duration::from_millis(50))? {
+            let Some(h) = held.get(f.region as usize) else {
+                continue;
+            };
+            if h.get(f.page) {
+                // Held but not mapped: a page that was never written, so zero.
+                ram.place_zero(f.region, f.page, 1)?;
+                account
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .stats
+                    .zero_faults += 1;
+                continue;
+            }
+            let now = Instant::now();
+            let vcpu = ram.vcpu_of(f.tid);
+            let first = {
+                let mut a = account.lock().unwrap_or_else(|e| e.into_inner());
+                let first = !a.pending.contains_key(&(f.region, f.page));
+                let w = a.pending.entry((f.region, f.page)).or_insert(Waiting {
+                    since: now,
+                    vcpus: Vec::new(),
+                    others: 0,
+                });
+                match vcpu {
+                    Some(v) if !w.vcpus.iter().any(|&(x, _)| x == v) => w.vcpus.push((v, now)),
+                    Some(_) => {}
+                    None => w.others += 1,
+                }
+                if let Some(v) = vcpu {
+                    a.block(v, now);
+                }
+                // It may have arrived between the check above and here: the loader marks a
+                // page held before it looks for waiters (under this lock), so either it found
+                // this entry or this check sees the page.
+                if h.get(f.page) {
+                    if let Some(w) = a.pending.remove(&(f.region, f.page)) {
+                        for (v, since) in w.vcpus {
+                            a.unblock(v, since, now);
+                        }
+                    }
+                    continue;
+                }
+                if first {
+                    a.stats.requests += 1;
+                }
+                first
+            };
+            if first {
+                super::send(
+                    conn,
+                    &ReturnMessage::PageRequest {
+                        region: f.region,
+                        first_page: f.page,
+                        count: 1,
+                    },
+                )?;
+            }
+        }
+    }
+    Ok(())
+}

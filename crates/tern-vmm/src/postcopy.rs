@@ -1,0 +1,131 @@
+//! The target's guest RAM under postcopy: pages dropped at DISCARD, MISSING faults through a
+//! userfaultfd ([`crate::uffd`]), pages placed whole.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_migrate::{MigrateError, PageFault, PostcopyRam, Result};
+
+use crate::memory::MemoryBackend;
+use crate::uffd::{Placed, Userfault};
+use crate::vm::Vm;
+
+const PAGE: u64 = 4096;
+
+/// Postcopy on a [`Vm`]: its RAM regions and the userfaultfd that serves them.
+pub(crate) struct VmPostcopy {
+    vm: Arc<Vm>,
+    uf: Userfault,
+    /// (host address, size) per region.
+    regions: Vec<(u64, u64)>,
+}
+
+impl VmPostcopy {
+    /// Checks that the VM's RAM can fault in page by page and opens the userfaultfd.
+    pub(crate) fn new(vm: Arc<Vm>) -> Result<Self> {
+        let backend = vm.ram().backend();
+        if backend == MemoryBackend::MemfdHugetlb {
+            return Err(MigrateError::Vm(
+                "postcopy cannot place reserved huge pages page by page (memory-backend \
+                 memfd-hugetlb on the target): use anon or memfd"
+                    .into(),
+            ));
+        }
+        let uf = Userfault::open(backend != MemoryBackend::Anon)
+            .map_err(|e| MigrateError::Vm(format!("postcopy needs userfaultfd here: {e}")))?;
+        let regions = vm
+            .ram()
+            .regions()
+            .iter()
+            .zip(vm.ram().host_addrs())
+            .map(|(r, h)| (h, r.size))
+            .collect();
+        Ok(VmPostcopy { vm, uf, regions })
+    }
+
+    fn at(&self, region: u32, first_page: u64, bytes: u64) -> Result<u64> {
+        let (host, size) = *self
+            .regions
+            .get(region as usize)
+            .ok_or_else(|| MigrateError::Vm(format!("no RAM region {region}")))?;
+        let end = first_page
+            .checked_mul(PAGE)
+            .and_then(|s| s.checked_add(bytes))
+            .ok_or_else(|| MigrateError::Vm("page range overflows".into()))?;
+        if end > size {
+            return Err(MigrateError::Vm(format!(
+                "pages past the end of region {region}"
+            )));
+        }
+        Ok(host + first_page * PAGE)
+    }
+}
+
+fn err(e: std::io::Error) -> MigrateError {
+    MigrateError::Vm(format!("postcopy: {e}"))
+}
+
+impl PostcopyRam for VmPostcopy {
+    fn discard(&self, region: u32, first_page: u64, count: u64) -> Result<()> {
+        self.at(region, first_page, count.saturating_mul(PAGE))?;
+        if !self.vm.ram().discard(region as usize, first_page, count) {
+            return Err(MigrateError::Vm(format!(
+                "cannot drop {count} pages at page {first_page} of region {region}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn listen(&self) -> Result<()> {
+        for &(host, size) in &self.regions {
+            self.uf.register(host, size).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn place(&self, region: u32, first_page: u64, data: &[u8]) -> Result<bool> {
+        let dst = self.at(region, first_page, data.len() as u64)?;
+        Ok(self.uf.copy(dst, data).map_err(err)? == Placed::Done)
+    }
+
+    fn place_zero(&self, region: u32, first_page: u64, count: u64) -> Result<bool> {
+        let len = count.saturating_mul(PAGE);
+        let dst = self.at(region, first_page, len)?;
+        Ok(self.uf.zero(dst, len).map_err(err)? == Placed::Done)
+    }
+
+    fn faults(&self, timeout: Duration) -> Result<Vec<PageFault>> {
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        let faults = self.uf.faults(ms).map_err(err)?;
+        Ok(faults
+            .into_iter()
+            .filter_map(|f| {
+                self.regions
+                    .iter()
+                    .position(|&(h, s)| f.addr >= h && f.addr < h + s)
+                    .map(|i| PageFault {
+                        region: i as u32,
+                        page: (f.addr - self.regions[i].0) / PAGE,
+                        tid: f.tid,
+                    })
+            })
+            .collect())
+    }
+
+    fn finish(&self) -> Result<()> {
+        for &(host, size) in &self.regions {
+            self.uf.unregister(host, size).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn vcpu_of(&self, tid: u32) -> Option<usize> {
+        // vCPU threads are named vcpuN (vm.rs).
+        let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+        comm.trim().strip_prefix("vcpu")?.parse().ok()
+    }
+
+    fn vcpus(&self) -> usize {
+        self.vm.vcpus() as usize
+    }
+}
