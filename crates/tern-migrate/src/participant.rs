@@ -80,6 +80,11 @@ pub trait SaveParticipant: Send {
             self.name()
         )))
     }
+    /// Postcopy-preempt, after [`Self::postcopy_discard`]: the sender of requested pages for
+    /// the urgent stream, if this participant has pages.
+    fn postcopy_urgent(&mut self) -> Option<std::sync::Arc<dyn UrgentPages>> {
+        None
+    }
     /// Postcopy: sends now what the target asked for, if it is this participant's and still to
     /// send, and goes on from just after it. Returns the pages sent.
     fn postcopy_serve(
@@ -91,6 +96,13 @@ pub trait SaveParticipant: Send {
     ) -> Result<u64> {
         Ok(0)
     }
+}
+
+/// Postcopy-preempt: sends the pages the target asked for on the urgent stream, from a thread
+/// of its own, each page at most once between it and the participant's own scan.
+pub trait UrgentPages: Send + Sync {
+    /// Sends those of the pages still to send; returns how many went.
+    fn send(&self, out: &mut Out<'_>, region: u32, first_page: u64, count: u64) -> Result<u64>;
 }
 
 /// A participant on the target.

@@ -415,9 +415,12 @@ fn compressed_pages_arrive_whole_on_channels_and_on_the_main_stream() {
                 ..Default::default()
             },
         );
+        // At least the 1333 pages `fill` wrote went with data (how many more depends on how
+        // often the dirtier rewrote a page after it was sent: with manual protect, a page
+        // written many times between its re-arming and the next sync goes once).
         let data = s.normal * 4096;
         assert!(
-            data >= 2000 * 4096 && s.transferred < data / 10,
+            data >= 1333 * 4096 && s.transferred < data / 10,
             "{what}: {} bytes sent for {data} bytes of pages",
             s.transferred
         );

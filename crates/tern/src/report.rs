@@ -191,6 +191,20 @@ pub fn render(t: &Value) -> Result<String> {
             f(sw, "ack-ms")
         );
     }
+    // Postcopy: from RUN to the end the guest ran on the target while its pages moved.
+    if let Some(pc) = t.get("postcopy-start").and_then(Value::as_f64) {
+        let (x0, x1) = (x(pc), x(total_s));
+        let _ = writeln!(
+            s,
+            r##"<rect x="{x0:.1}" y="{PLOT_Y}" width="{:.1}" height="{PLOT_H}" fill="#9467bd" fill-opacity="0.15"/>
+<text x="{:.1}" y="{:.1}" fill="#6a3d9a">postcopy: {:.0} page requests, {:.1} MiB</text>"##,
+            (x1 - x0).max(2.0),
+            x0 + 3.0,
+            PLOT_Y + 44.0,
+            f(t, "postcopy-requests"),
+            f(t, "postcopy-bytes") / MIB
+        );
+    }
     // Series: step lines per round.
     for (key, color, label, dy) in [
         (

@@ -16,7 +16,7 @@ const LINK: u64 = 128 << 20;
 const GUEST: &str = "tern.wss=512 tern.rate=1024 tern.check=1";
 
 fn postcopy_pair(d: &std::path::Path, tag: &str, pattern: &str) -> (Vmm, Vmm) {
-    postcopy_pair_with(d, tag, pattern, json!({}))
+    postcopy_pair_with(d, tag, pattern, json!({}), false)
 }
 
 /// [`postcopy_pair`] with the target's migration parameters.
@@ -25,6 +25,7 @@ fn postcopy_pair_with(
     tag: &str,
     pattern: &str,
     dst_params: Value,
+    preempt: bool,
 ) -> (Vmm, Vmm) {
     let cmdline = format!("{GUEST} tern.pattern={pattern}");
     let mut src = source(d, &format!("src-{tag}"), "1G", &cmdline);
@@ -39,7 +40,8 @@ fn postcopy_pair_with(
     dst.q.ok("migrate-incoming", json!({"uri": uri}));
     src.q.ok(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
+                                {"capability": "postcopy-preempt", "state": preempt}]}),
     );
     src.q.ok(
         "migrate-set-parameters",
@@ -63,17 +65,20 @@ fn wait_until(q: &mut Qmp, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
 }
 
 #[test]
-fn postcopy_moves_a_guest_precopy_cannot_after_a_round_and_from_the_start() {
+fn postcopy_moves_a_guest_precopy_cannot_after_a_round_and_from_the_start_with_and_without_preempt()
+{
     let _g = exclusive();
     let d = dir("postcopy");
-    for (tag, pattern, at_start) in [
-        ("seq-round", "seq", false),
-        ("random-start", "random", true),
-        ("hot-round", "hot", false),
-        ("seq-start", "seq", true),
+    for (tag, pattern, at_start, preempt) in [
+        ("seq-round", "seq", false, false),
+        ("random-start", "random", true, false),
+        ("hot-round", "hot", false, false),
+        ("seq-start-preempt", "seq", true, true),
+        ("random-round-preempt", "random", false, true),
+        ("hot-start-preempt", "hot", true, true),
     ] {
         let what = format!("postcopy {tag}");
-        let (mut src, mut dst) = postcopy_pair(&d, tag, pattern);
+        let (mut src, mut dst) = postcopy_pair_with(&d, tag, pattern, json!({}), preempt);
         if !at_start {
             // A full round, and precopy is still far from done.
             let r = wait_until(&mut src.q, &what, |r| {
@@ -134,6 +139,7 @@ fn a_target_killed_before_run_leaves_the_source_running() {
         "before",
         "seq",
         json!({"x-tern-switchover-fault": "before-loaded:hold:20000"}),
+        false,
     );
     src.q.ok("migrate-start-postcopy", json!({}));
     let t = Instant::now();

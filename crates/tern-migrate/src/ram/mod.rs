@@ -125,6 +125,8 @@ pub struct RamSaver {
     paused: bool,
     /// Postcopy: the scan wraps around until every page went.
     postcopy: bool,
+    /// Postcopy: who sends each page still to send (the scan or the urgent sender).
+    claims: Option<Arc<postcopy::Claims>>,
 }
 
 impl RamSaver {
@@ -156,6 +158,7 @@ impl RamSaver {
             dirty_log: DirtyLogMode::default(),
             paused: false,
             postcopy: false,
+            claims: None,
         }
     }
 
@@ -216,6 +219,11 @@ impl RamSaver {
                 self.arm(ri, q)?;
             }
             self.regions[ri].test_and_clear(q);
+            if self.claims.as_ref().is_some_and(|c| !c.take(ri, q)) {
+                // The urgent sender sent it.
+                p = q + 1;
+                continue;
+            }
             match runs.last_mut() {
                 Some((s, n)) if *s + *n == q => *n += 1,
                 _ => runs.push((q, 1)),
@@ -400,6 +408,10 @@ impl SaveParticipant for RamSaver {
             data_pages += ch.counters.normal.load(Ordering::Relaxed);
             zero_pages += ch.counters.zero.load(Ordering::Relaxed);
         }
+        if let Some(c) = &self.claims {
+            data_pages += c.normal.load(Ordering::Relaxed);
+            zero_pages += c.zero.load(Ordering::Relaxed);
+        }
         Progress {
             data_pages,
             zero_pages,
@@ -435,6 +447,10 @@ impl SaveParticipant for RamSaver {
         count: u64,
     ) -> Result<u64> {
         self.serve(out, region, first_page, count)
+    }
+
+    fn postcopy_urgent(&mut self) -> Option<Arc<dyn crate::participant::UrgentPages>> {
+        self.urgent_sender()
     }
 
     fn cleanup(&mut self) {

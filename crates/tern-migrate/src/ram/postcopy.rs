@@ -1,9 +1,79 @@
 //! RAM under postcopy (`docs/stream-format.md`, *Postcopy*): what the target must drop, and
 //! the pages it asks for.
 
-use super::{RamSaver, BATCH_PAGES};
-use crate::participant::Out;
-use crate::Result;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tern_wire::{Compression, Compressor, PAGE_SIZE};
+
+use super::{send_pages, RamSaver, BATCH_PAGES};
+use crate::participant::{Out, UrgentPages};
+use crate::{Result, SourceVm};
+
+/// The pages still to send after the switch, per region (by index): whoever sends a page first
+/// — the scan or, with postcopy-preempt, the urgent sender — claims it, so each goes once.
+pub(crate) struct Claims {
+    regions: Vec<Vec<AtomicU64>>,
+    /// Pages the urgent sender sent, with data and as zeros.
+    pub(crate) normal: AtomicU64,
+    pub(crate) zero: AtomicU64,
+}
+
+impl Claims {
+    /// Claims page `p` of region index `ri`: true if it was still to send.
+    pub(crate) fn take(&self, ri: usize, p: u64) -> bool {
+        let Some(w) = self.regions.get(ri).and_then(|r| r.get((p / 64) as usize)) else {
+            return false;
+        };
+        let b = 1u64 << (p % 64);
+        w.fetch_and(!b, Ordering::AcqRel) & b != 0
+    }
+}
+
+/// Sends requested pages on the urgent stream (postcopy-preempt).
+struct Urgent {
+    vm: Arc<dyn SourceVm>,
+    claims: Arc<Claims>,
+    /// Region ids, by index, and their pages.
+    regions: Vec<(u32, u64)>,
+    buf: Mutex<(Vec<u8>, Compressor)>,
+}
+
+impl UrgentPages for Urgent {
+    fn send(&self, out: &mut Out<'_>, region: u32, first_page: u64, count: u64) -> Result<u64> {
+        let Some(ri) = self.regions.iter().position(|r| r.0 == region) else {
+            return Ok(0);
+        };
+        let end = first_page.saturating_add(count).min(self.regions[ri].1);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut sent = 0;
+        let mut b = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let (buf, compressor) = &mut *b;
+        for p in first_page..end {
+            if !self.claims.take(ri, p) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == p => *n += 1,
+                _ => runs.push((p, 1)),
+            }
+            if runs.iter().map(|r| r.1).sum::<u64>() == BATCH_PAGES as u64 {
+                let (n, z) = send_pages(&*self.vm, out, region, &runs, buf, compressor)?;
+                self.claims.normal.fetch_add(n, Ordering::Relaxed);
+                self.claims.zero.fetch_add(z, Ordering::Relaxed);
+                sent += n + z;
+                runs.clear();
+            }
+        }
+        if !runs.is_empty() {
+            let (n, z) = send_pages(&*self.vm, out, region, &runs, buf, compressor)?;
+            self.claims.normal.fetch_add(n, Ordering::Relaxed);
+            self.claims.zero.fetch_add(z, Ordering::Relaxed);
+            sent += n + z;
+        }
+        Ok(sent)
+    }
+}
 
 impl RamSaver {
     /// Postcopy, the guest paused after the last sync: DISCARD for every page still to send
@@ -18,6 +88,15 @@ impl RamSaver {
         self.paused = true;
         self.postcopy = true;
         self.cursor = (0, 0);
+        self.claims = Some(Arc::new(Claims {
+            regions: self
+                .regions
+                .iter()
+                .map(|r| r.bits.iter().map(|&w| AtomicU64::new(w)).collect())
+                .collect(),
+            normal: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+        }));
         for r in &self.regions {
             let mut ranges: Vec<(u64, u64)> = Vec::new();
             let mut p = 0;
@@ -59,7 +138,8 @@ impl RamSaver {
         let end = first_page.saturating_add(count).min(self.regions[ri].pages);
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for p in first_page..end {
-            if self.regions[ri].test_and_clear(p) {
+            let claimed = self.claims.as_ref().is_none_or(|c| c.take(ri, p));
+            if self.regions[ri].test_and_clear(p) && claimed {
                 match runs.last_mut() {
                     Some((s, n)) if *s + *n == p => *n += 1,
                     _ => runs.push((p, 1)),
@@ -93,5 +173,19 @@ impl RamSaver {
         // The scan goes on just after the request: the pages near a fault come next.
         self.cursor = (ri, end);
         Ok(sent)
+    }
+
+    /// Postcopy-preempt: the sender of requested pages, sharing this saver's claims.
+    pub(super) fn urgent_sender(&mut self) -> Option<Arc<dyn UrgentPages>> {
+        let claims = self.claims.clone()?;
+        Some(Arc::new(Urgent {
+            vm: self.vm.clone(),
+            claims,
+            regions: self.regions.iter().map(|r| (r.info.id, r.pages)).collect(),
+            buf: Mutex::new((
+                vec![0; BATCH_PAGES * PAGE_SIZE],
+                Compressor::new(Compression::None).expect("no compression needs nothing"),
+            )),
+        }))
     }
 }

@@ -90,6 +90,11 @@ impl Drop for Session {
 /// The channel as the phases use it.
 pub(crate) struct Link {
     pub(crate) out: Out<'static>,
+    /// Postcopy-preempt: the stream of the pages the target asks for, and its connection.
+    pub(crate) urgent: Option<Out<'static>>,
+    pub(crate) urgent_conn: Option<Connection>,
+    /// Postcopy-preempt: the urgent sender, which gives the stream back when it ends.
+    pub(crate) urgent_thread: Option<std::thread::JoinHandle<Result<Out<'static>>>>,
     /// The return path (two-way channels only).
     pub(crate) ret: Option<ReturnPath>,
     pub(crate) end: Option<ChannelEnd>,
@@ -215,7 +220,7 @@ fn outgoing(
     // Each connection says hello as soon as it is open, the main one first: the target reads the
     // main hello before it accepts the data channels.
     let session = session_id();
-    let data = match data_channels(&channel.conn, uri, session, ctl) {
+    let (data, urgent) = match data_channels(&channel.conn, uri, session, ctl) {
         Ok(d) => d,
         Err(e) => {
             ctl.shut_channel();
@@ -226,7 +231,7 @@ fn outgoing(
     };
     let Channel { conn, end } = channel;
     let mut end = Some(end);
-    let result = transfer(vm, ctl, conn, data, &mut end);
+    let result = transfer(vm, ctl, conn, data, urgent, &mut end);
     if result.is_err() {
         // Stop the other end: a socket is shut down, a command is killed.
         ctl.shut_channel();
@@ -242,28 +247,46 @@ fn outgoing(
 /// Says the main channel's hello and, with the `multifd` capability, connects and greets
 /// `multifd-channels` data channels to `uri` (a `tcp:` or `unix:` one, checked before: the target
 /// must be able to accept several connections).
+/// ... and, with `postcopy-ram` and `postcopy-preempt`, the postcopy-urgent connection, last.
 fn data_channels(
     main: &Connection,
     uri: &Uri,
     session: [u8; 16],
     ctl: &MigrationControl,
-) -> Result<Vec<Connection>> {
+) -> Result<(Vec<Connection>, Option<Connection>)> {
     let n = if ctl.caps().multifd {
         u16::from(ctl.params.multifd_channels)
     } else {
         0
     };
-    if main.two_way() {
-        hello(main, session, ChannelRole::Main, 0, 1 + n)?;
+    let caps = ctl.caps();
+    let urgent = caps.postcopy_ram && caps.postcopy_preempt && main.two_way();
+    if urgent && !matches!(uri, Uri::Tcp(..) | Uri::Unix(_)) {
+        return Err(MigrateError::Vm(format!(
+            "postcopy-preempt needs a tcp: or unix: URI (the target accepts a second connection), not {uri}"
+        )));
     }
-    (0..n)
+    let all = 1 + n + u16::from(urgent);
+    if main.two_way() {
+        hello(main, session, ChannelRole::Main, 0, all)?;
+    }
+    let data = (0..n)
         .map(|i| {
             ctl.check_cancel()?;
             let c = Channel::connect(uri, None)?.conn;
-            hello(&c, session, ChannelRole::Data, i, 1 + n)?;
+            hello(&c, session, ChannelRole::Data, i, all)?;
             Ok(c)
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let urgent = if urgent {
+        ctl.check_cancel()?;
+        let c = Channel::connect(uri, None)?.conn;
+        hello(&c, session, ChannelRole::PostcopyUrgent, 0, all)?;
+        Some(c)
+    } else {
+        None
+    };
+    Ok((data, urgent))
 }
 
 /// Everything between the connection and its teardown. `end` is taken while the stream runs and
@@ -273,13 +296,15 @@ fn transfer(
     ctl: &MigrationControl,
     conn: Connection,
     data: Vec<Connection>,
+    urgent: Option<Connection>,
     end: &mut Option<ChannelEnd>,
 ) -> Result<()> {
     ctl.check_cancel()?;
     let two_way = conn.two_way().then(|| conn.clone());
-    if let (Some(c), false) = (&two_way, data.is_empty()) {
+    if let (Some(c), false) = (&two_way, data.is_empty() && urgent.is_none()) {
         let all = std::iter::once(c)
             .chain(&data)
+            .chain(&urgent)
             .map(|c| Canceller::Socket(c.clone()))
             .collect();
         ctl.set_conn(Canceller::Many(all));
@@ -294,8 +319,17 @@ fn transfer(
         Some(c) => Some(ReturnPath::start(c.clone())?),
         None => None,
     };
+    let urgent_out = match urgent.clone() {
+        Some(c) => Some(StreamWriter::new(
+            Box::new(BufWriter::with_capacity(64 << 10, c)) as Box<dyn Write + Send>,
+        )?),
+        None => None,
+    };
     let mut link = Link {
         out,
+        urgent: urgent_out,
+        urgent_conn: urgent,
+        urgent_thread: None,
         ret,
         end: end.take(),
         conn: two_way,
@@ -354,6 +388,9 @@ fn transfer(
         d.stop();
     }
     if let Some(c) = &link.conn {
+        c.shutdown();
+    }
+    if let Some(c) = &link.urgent_conn {
         c.shutdown();
     }
     // The stream's writer goes (a command sees end of input); `link` itself lives on for its

@@ -3,6 +3,7 @@
 //! and RUNNING; then every page left, those the target asks for first; END and COMPLETE.
 
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tern_wire::{PostcopyCommand, ReturnMessage};
@@ -11,6 +12,7 @@ use super::return_path::TargetEvent;
 use super::switchover::{end_stream, LOADED_TIMEOUT, RUNNING_TIMEOUT, SWITCHOVER_SPIN};
 use super::{update_counters, Link, Phase, Session};
 use crate::control::MigrationControl;
+use crate::participant::Out;
 use crate::stats::{MigrationStatus, Switchover};
 use crate::{MigrateError, Result};
 
@@ -72,6 +74,35 @@ pub(super) fn run(
     for p in session.parts.iter_mut() {
         p.postcopy_discard(out)?;
     }
+    if link.urgent.is_some() {
+        // Postcopy-preempt: from now on requests are served on the urgent stream, by a thread
+        // of its own, straight from the return path.
+        let senders: Vec<_> = session
+            .parts
+            .iter_mut()
+            .filter_map(|p| p.postcopy_urgent())
+            .collect();
+        let mut uout = link.urgent.take().expect("checked");
+        let (tx, rx) = mpsc::channel::<(u32, u64, u64)>();
+        let t = std::thread::Builder::new()
+            .name("postcopy-urgent".into())
+            .spawn(move || -> Result<Out<'static>> {
+                while let Ok((region, first, count)) = rx.recv() {
+                    for s in &senders {
+                        s.send(&mut uout, region, first, count)?;
+                    }
+                    uout.flush()?;
+                }
+                Ok(uout)
+            })
+            .map_err(MigrateError::io("starting the postcopy urgent sender"))?;
+        link.urgent_thread = Some(t);
+        link.ret
+            .as_ref()
+            .expect("advise checked the return path")
+            .route_requests(Some(tx));
+    }
+    let out = &mut link.out;
     let t_pages = t_pause.elapsed();
     let b_state = ctl.accepted();
     out.flush()?;
@@ -313,7 +344,21 @@ fn after_run(
             break;
         }
     }
+    if let Some(t) = link.urgent_thread.take() {
+        // Every page went: the urgent stream ends first (the target holds both ENDs).
+        link.ret.as_ref().expect("two-way").route_requests(None);
+        let mut uout = t
+            .join()
+            .map_err(|_| MigrateError::Vm("the postcopy urgent sender panicked".into()))??;
+        let t = end_stream(&mut uout)?;
+        tracing::debug!(records = t.records, "postcopy: urgent stream ended");
+    }
     let totals = end_stream(&mut link.out)?;
+    tracing::debug!(
+        records = totals.records,
+        requests,
+        "postcopy: every page sent, END"
+    );
     let ret = link.ret.as_mut().expect("two-way");
     // Requests still in flight for pages that went meanwhile are answered by what was sent.
     let deadline = Instant::now() + SILENCE;

@@ -70,6 +70,11 @@ pub(super) fn setup(
     if ctl.caps().postcopy_ram {
         super::postcopy::advise(ctl, &**vm, link.ret.is_some(), out)?;
     }
+    if let Some(u) = link.urgent.as_mut() {
+        // Postcopy-preempt: the urgent stream describes the same VM, then waits.
+        u.description(&desc)?;
+        u.flush()?;
+    }
     let compression = ctl.params.compression();
     for p in session.parts.iter_mut() {
         p.use_compression(compression)?;

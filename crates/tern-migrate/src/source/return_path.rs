@@ -2,7 +2,8 @@
 //! the sender never blocks on a read while it has pages to send (postcopy's page requests will
 //! arrive the same way).
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,12 @@ pub(crate) enum TargetEvent {
 }
 
 /// The receiving end of the return path.
+/// Where page requests go instead of the events, if anywhere.
+type Router = Arc<Mutex<Option<Sender<(u32, u64, u64)>>>>;
+
 pub(crate) struct ReturnPath {
     events: Receiver<(TargetEvent, Instant)>,
+    router: Router,
     /// How long a wait polls before it sleeps.
     spin: Duration,
     /// When the last event taken arrived on the socket (the sender may wake later: the
@@ -37,9 +42,12 @@ impl ReturnPath {
     /// ends when the socket is shut down or the target closes it).
     pub(crate) fn start(conn: Connection) -> Result<ReturnPath> {
         let (tx, rx) = mpsc::channel();
+        let router: Router = Arc::new(Mutex::new(None));
+        let routes = router.clone();
         let thread = std::thread::Builder::new()
             .name("migration-ret".into())
             .spawn(move || {
+                let router = routes;
                 // A longer message is refused from its header, never read into memory.
                 let mut r = RecordReader::new(conn).with_max_body(MAX_RETURN_MESSAGE);
                 loop {
@@ -60,6 +68,20 @@ impl ReturnPath {
                             )))
                         }
                         Ok(Some(rec)) => match ReturnMessage::decode(rec.body) {
+                            // Postcopy-preempt: page requests go straight to the urgent
+                            // sender, never behind the main thread's work.
+                            Ok(ReturnMessage::PageRequest {
+                                region,
+                                first_page,
+                                count,
+                            }) if router
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .as_ref()
+                                .is_some_and(|tx| tx.send((region, first_page, count)).is_ok()) =>
+                            {
+                                continue
+                            }
                             Ok(m) => TargetEvent::Message(m),
                             Err(k) => TargetEvent::Closed(Some(format!("bad return message: {k}"))),
                         },
@@ -78,7 +100,13 @@ impl ReturnPath {
             arrived: None,
             thread: Some(thread),
             closed: None,
+            router,
         })
+    }
+
+    /// Postcopy-preempt: page requests go to `to` from now on (`None`: back to the events).
+    pub(crate) fn route_requests(&self, to: Option<Sender<(u32, u64, u64)>>) {
+        *self.router.lock().unwrap_or_else(|e| e.into_inner()) = to;
     }
 
     /// The next event, waiting at most `timeout`; `None` on timeout. After `Closed` every call

@@ -75,17 +75,19 @@ const MAX_CHANNELS: u16 = 256;
 /// How long the data channels of a migration may take to connect after its main channel.
 const DATA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// After the main channel: its `channels - 1` data channels, matched by session id and index;
-/// other connections are logged and dropped.
+/// After the main channel: its other `channels - 1` connections — data channels, and at most
+/// one postcopy-urgent one — matched by session id, role and index; other connections are
+/// logged and dropped. Returns the data channels in index order and the urgent one.
 pub(super) fn accept_data(
     listener: &Listener,
     main: &ChannelHello,
     cancelled: &dyn Fn() -> bool,
-) -> Result<Vec<Connection>> {
+) -> Result<(Vec<Connection>, Option<Connection>)> {
     let n = usize::from(main.channels - 1);
     let mut slots: Vec<Option<Connection>> = vec![None; n];
+    let mut urgent: Option<Connection> = None;
     let deadline = Instant::now() + DATA_TIMEOUT;
-    while slots.iter().any(Option::is_none) {
+    while slots.iter().flatten().count() + usize::from(urgent.is_some()) < n {
         let late = || Instant::now() > deadline;
         let ch = match listener.accept_unless(&|| cancelled() || late()) {
             Err(MigrateError::Cancelled) if late() && !cancelled() => {
@@ -102,25 +104,32 @@ pub(super) fn accept_data(
             .map_err(MigrateError::io("setting the hello timeout"))?;
         let fits = read_hello(&ch.conn).and_then(|h| {
             let i = usize::from(h.index);
-            if h.session != main.session
-                || h.role != ChannelRole::Data
-                || h.channels != main.channels
-                || i >= n
-                || slots[i].is_some()
-            {
+            let slot_free = match h.role {
+                ChannelRole::Data => i < n && slots[i].is_none(),
+                ChannelRole::PostcopyUrgent => i == 0 && urgent.is_none(),
+                ChannelRole::Main => false,
+            };
+            if h.session != main.session || h.channels != main.channels || !slot_free {
                 return Err(MigrateError::Vm(format!(
                     "{:?} #{} of {} channels is not one this migration waits for",
                     h.role, h.index, h.channels
                 )));
             }
-            Ok(i)
+            Ok((h.role, i))
         });
         match fits {
-            Ok(i) => slots[i] = Some(ch.conn),
+            Ok((ChannelRole::PostcopyUrgent, _)) => urgent = Some(ch.conn),
+            Ok((_, i)) => slots[i] = Some(ch.conn),
             Err(e) => tracing::warn!("dropped a connection ({e}); still waiting for data channels"),
         }
     }
-    Ok(slots.into_iter().flatten().collect())
+    let data: Vec<Connection> = slots.iter().flatten().cloned().collect();
+    if slots[..data.len()].iter().any(Option::is_none) {
+        return Err(MigrateError::Vm(
+            "the data channels' indexes are not 0..n".into(),
+        ));
+    }
+    Ok((data, urgent))
 }
 
 /// A connection's channel hello.
@@ -137,10 +146,5 @@ fn read_hello(conn: &Connection) -> Result<ChannelHello> {
     }
     let h = ChannelHello::decode(rec.body)
         .map_err(|k| MigrateError::Vm(format!("bad channel hello: {k}")))?;
-    if h.role == ChannelRole::PostcopyUrgent {
-        return Err(MigrateError::Vm(
-            "a postcopy channel: this target does not do postcopy".into(),
-        ));
-    }
     Ok(h)
 }

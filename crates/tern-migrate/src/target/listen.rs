@@ -106,19 +106,43 @@ impl Receiver {
         pc.listen(self.conn.clone())?;
         let (run_tx, run_rx) = mpsc::channel::<()>();
         let conn = self.conn.clone();
+        let urgent = self.urgent.clone();
+        let desc = r.description().cloned();
         let outcome = std::thread::scope(|s| {
             let pc = &pc;
             let stream = s.spawn(move || stream_pages(pc, r, ctl, run_tx));
+            // Postcopy-preempt: the pages asked for come on a connection of their own.
+            let urgent_stream = urgent.clone().map(|u| {
+                let desc = desc.clone();
+                s.spawn(move || urgent_pages(pc, u, desc, ctl))
+            });
             let started = self.start_on_run(&*vm, records, ctl, &run_rx);
             if started.is_err() {
-                // The stream thread stops at once; the guest never ran here.
+                // The stream threads stop at once; the guest never ran here.
                 conn.shutdown();
+                if let Some(u) = &urgent {
+                    u.shutdown();
+                }
             }
-            let streamed = stream.join().unwrap_or_else(|_| {
-                Err(MigrateError::Vm(
-                    "the postcopy stream thread panicked".into(),
-                ))
-            });
+            let joined = |t: std::thread::ScopedJoinHandle<'_, Result<u64>>| {
+                t.join().unwrap_or_else(|_| {
+                    Err(MigrateError::Vm("a postcopy stream thread panicked".into()))
+                })
+            };
+            let mut streamed = joined(stream);
+            if let Some(t) = urgent_stream {
+                if streamed.is_err() {
+                    if let Some(u) = &urgent {
+                        u.shutdown();
+                    }
+                }
+                let u = joined(t);
+                if streamed.is_ok() {
+                    if let Err(e) = u {
+                        streamed = Err(e);
+                    }
+                }
+            }
             (started, streamed)
         });
         match outcome {
@@ -208,7 +232,10 @@ fn stream_pages(
                 None => return Err(MigrateError::Vm("a second RUN".into())),
             },
             Some(Record::Nop) | Some(Record::SkippedOptional { .. }) => {}
-            Some(Record::End(t)) if run.is_none() => return Ok(t.records),
+            Some(Record::End(t)) if run.is_none() => {
+                tracing::debug!(records = t.records, "postcopy: END on the main channel");
+                return Ok(t.records);
+            }
             Some(other) => {
                 return Err(MigrateError::Vm(format!(
                     "{} after LISTEN (only pages, RUN and END may come)",
@@ -216,6 +243,53 @@ fn stream_pages(
                 )))
             }
             None => return Err(MigrateError::Vm("the stream ended without END".into())),
+        }
+    }
+}
+
+/// Postcopy-preempt: the urgent connection's stream (header, the same VM description as the
+/// main stream's, RAM_PAGES, END), read from LISTEN on.
+fn urgent_pages(
+    pc: &Postcopy,
+    conn: Connection,
+    desc: Option<tern_wire::VmDescription>,
+    ctl: &MigrationControl,
+) -> Result<u64> {
+    // Live: the source keeps the connection open after END (a reader of a file checks that
+    // nothing follows END, which here would wait for the connection to close).
+    let mut r = StreamReader::new(BufReader::with_capacity(64 << 10, conn))?.live();
+    loop {
+        match r.next_record()? {
+            Some(Record::Description) => {
+                if r.description() != desc.as_ref() {
+                    return Err(MigrateError::Vm(
+                        "the urgent channel describes another VM than the main channel".into(),
+                    ));
+                }
+            }
+            Some(Record::Ram(rec)) => {
+                tracing::trace!(region = rec.region, "postcopy: urgent pages");
+                let (d, z) = pc.place(&rec)?;
+                let mut s = ctl.stats();
+                s.normal += d;
+                s.duplicate += z;
+            }
+            Some(Record::Nop) | Some(Record::SkippedOptional { .. }) => {}
+            Some(Record::End(t)) => {
+                tracing::debug!(records = t.records, "postcopy: END on the urgent channel");
+                return Ok(t.records);
+            }
+            Some(other) => {
+                return Err(MigrateError::Vm(format!(
+                    "{} on the urgent channel (only pages may come)",
+                    super::data::record_name(&other)
+                )))
+            }
+            None => {
+                return Err(MigrateError::Vm(
+                    "the urgent channel ended without END".into(),
+                ))
+            }
         }
     }
 }

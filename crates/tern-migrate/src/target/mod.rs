@@ -66,13 +66,13 @@ pub fn run_incoming(
 ) -> Result<IncomingOutcome> {
     let cancelled = || ctl.is_cancelled();
     let accepted = accept::accept_source(listener, &cancelled).and_then(|(ch, hello)| {
-        let data = match &hello {
+        let (data, urgent) = match &hello {
             Some(h) if h.channels > 1 => accept::accept_data(listener, h, &cancelled)?,
-            _ => Vec::new(),
+            _ => (Vec::new(), None),
         };
-        Ok((ch, data))
+        Ok((ch, data, urgent))
     });
-    let (channel, data) = accepted.inspect_err(|e| {
+    let (channel, data, urgent) = accepted.inspect_err(|e| {
         ctl.stats().error = Some(e.to_string());
         ctl.finalize(if ctl.is_cancelled() {
             MigrationStatus::Cancelled
@@ -93,11 +93,18 @@ pub fn run_incoming(
     if two_way {
         let all = std::iter::once(&conn)
             .chain(&data)
+            .chain(&urgent)
             .map(|c| Canceller::Socket(c.clone()))
             .collect();
         ctl.set_conn(Canceller::Many(all));
         // A source that stops sending is given up on (the switch-over's waits set their own).
         let t = Duration::from_millis(ctl.params.read_timeout_ms);
+        // The urgent connection of postcopy-preempt idles whenever the guest faults nothing:
+        // it has no timeout of its own (the main channel's covers the source).
+        if let Some(u) = &urgent {
+            u.set_read_timeout(None)
+                .map_err(MigrateError::io("clearing the urgent channel's timeout"))?;
+        }
         for c in std::iter::once(&conn).chain(&data) {
             c.set_read_timeout(Some(t))
                 .map_err(MigrateError::io("setting the read timeout"))?;
@@ -114,6 +121,7 @@ pub fn run_incoming(
         data_conns: data,
         data: None,
         postcopy: None,
+        urgent,
     };
     // A panic is a failed incoming migration (the guest never ran here unless GO came).
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rx.run(factory, ctl)))
@@ -176,6 +184,8 @@ struct Receiver {
     data: Option<data::DataReceivers>,
     /// Postcopy, from ADVISE.
     postcopy: Option<postcopy::Postcopy>,
+    /// Postcopy-preempt: the connection that carries the pages the target asked for.
+    urgent: Option<Connection>,
 }
 
 /// How the records before the device state ended.
