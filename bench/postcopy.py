@@ -7,8 +7,8 @@
 The guest is the ELF `tern guest write` gives (1 GiB, 1 vCPU, a 512 MiB working set dirtied at
 1024 MiB/s with --pattern, heartbeat every 10 ms, self-check every second), which precopy cannot
 move over a link capped at 128 MiB/s (max-bandwidth). Each run boots a fresh source and target,
-waits for the first precopy round to end (dirty-sync-count 2), then asks for postcopy
-(`migrate-start-postcopy`); postcopy runs uncapped. VMMs: tern and QEMU, each without and with
+waits for the first precopy round to end (dirty-sync-count 2; or, with --switch start, does not
+wait), then asks for postcopy (`migrate-start-postcopy`); postcopy runs uncapped. VMMs: tern and QEMU, each without and with
 postcopy-preempt (`tern-preempt`, `qemu-preempt`); postcopy-blocktime is on at the target.
 
 Reported per VMM (median over the runs, and the range): total time, downtime (as the VMM
@@ -30,7 +30,7 @@ from compare import Proc, Qmp, TERN, ROOT, hb  # noqa: E402
 VMMS = ("tern", "tern-preempt", "qemu", "qemu-preempt")
 
 
-def run_one(vmm, elf, d, tag, pattern, timeout):
+def run_one(vmm, elf, d, tag, pattern, timeout, switch):
     cmdline = "tern.wss=512 tern.rate=1024 tern.hb=10 tern.check=1 tern.pattern=%s" % pattern
     sq, dq = os.path.join(d, "s.qmp"), os.path.join(d, "d.qmp")
     uri = "unix:" + os.path.join(d, "mig-%s.sock" % tag)
@@ -47,7 +47,7 @@ def run_one(vmm, elf, d, tag, pattern, timeout):
                 "-kernel", elf, "-append", cmdline]
         src = Proc(base + ["-qmp", "unix:%s,server=on,wait=off" % sq])
         dst = Proc(base + ["-qmp", "unix:%s,server=on,wait=off" % dq, "-incoming", "defer"])
-    res = {"vmm": vmm, "pattern": pattern}
+    res = {"vmm": vmm, "pattern": pattern, "switch": switch}
     try:
         src.wait_line(lambda l: l == "tern-guest ready", 300)
         time.sleep(2)
@@ -60,11 +60,15 @@ def run_one(vmm, elf, d, tag, pattern, timeout):
         s.ex("migrate-set-capabilities", {"capabilities": caps})
         t.ex("migrate-set-capabilities", {"capabilities": tcaps})
         s.ex("migrate-set-parameters", {"max-bandwidth": 128 << 20, "downtime-limit": 300})
+        timeline = None
+        if vmm.startswith("tern"):
+            timeline = os.path.join(d, "timeline-%s.json" % tag)
+            s.ex("migrate-set-parameters", {"x-tern-timeline": timeline})
         t.ex("migrate-incoming", {"uri": uri})
         n_src = len(src.lines)
         t0 = time.monotonic()
         s.ex("migrate", {"uri": uri})
-        while True:
+        while switch == "round":
             r = s.ex("query-migrate")
             if r.get("ram", {}).get("dirty-sync-count", 0) >= 2 or r.get("status") in ("failed", "completed"):
                 break
@@ -103,6 +107,9 @@ def run_one(vmm, elf, d, tag, pattern, timeout):
         res["guest_gap_ms"] = round(max(gaps) / 1000, 1) if gaps else None
         c = dst.wait_line(lambda l: l.startswith("tern-guest check"), 60)
         res["dst_check"] = c.split()[2]
+        if timeline and os.path.exists(timeline):
+            sw = json.load(open(timeline)).get("switchover") or {}
+            res["downtime_split_ms"] = sw.get("downtime")
         return res
     except Exception as e:  # a VMM that breaks is a result too
         res.update({"status": "error", "why": str(e)[:300]})
@@ -142,6 +149,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--vmms", default=",".join(VMMS))
     ap.add_argument("--pattern", default="random", choices=("seq", "random", "hot"))
+    ap.add_argument("--switch", default="round", choices=("round", "start"),
+                    help="ask for postcopy after the first precopy round, or right away")
     ap.add_argument("--timeout", type=int, default=120)
     ap.add_argument("--out", default="/tmp/tern-postcopy-bench")
     ap.add_argument("--from", dest="from_json", help="only print the table of an earlier results.json")
@@ -160,7 +169,7 @@ def main():
     for run in range(a.runs):
         order = vmms[run % len(vmms):] + vmms[:run % len(vmms)]
         for vmm in order:
-            r = run_one(vmm, elf, a.out, "%s-%d" % (vmm, run), a.pattern, a.timeout)
+            r = run_one(vmm, elf, a.out, "%s-%d" % (vmm, run), a.pattern, a.timeout, a.switch)
             r["run"] = run
             print(json.dumps(r), flush=True)
             results.append(r)

@@ -175,6 +175,13 @@ pub trait PostcopyRam: Send + Sync {
     /// Drops pages (DISCARD): once [`PostcopyRam::listen`] ran, the guest's next touch of them
     /// faults.
     fn discard(&self, region: u32, first_page: u64, count: u64) -> Result<()>;
+    /// [`PostcopyRam::discard`] for many ranges (first page, count) of one region.
+    fn discard_ranges(&self, region: u32, ranges: &[(u64, u64)]) -> Result<()> {
+        for &(first, count) in ranges {
+            self.discard(region, first, count)?;
+        }
+        Ok(())
+    }
     /// From now on a touch of a missing page waits for it (LISTEN).
     fn listen(&self) -> Result<()>;
     /// Places whole pages atomically and wakes whoever waits on them; false if they were there

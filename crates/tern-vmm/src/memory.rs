@@ -352,6 +352,86 @@ impl GuestRam {
         };
         rc == 0
     }
+
+    /// [`Self::discard`] for many ranges of region `index` (first page, count) at once: on
+    /// anonymous memory one process_madvise(2) per 1024 ranges, which also batches the TLB
+    /// flushes (a postcopy switch drops thousands of scattered pages while the guest is paused:
+    /// one madvise each cost ~3 µs here). False if any range could not be dropped.
+    pub fn discard_ranges(&self, index: usize, ranges: &[(u64, u64)]) -> bool {
+        let Some((r, host)) = self.region_at(index) else {
+            return false;
+        };
+        let in_region = |&(first, count): &(u64, u64)| {
+            first
+                .checked_add(count)
+                .and_then(|e| e.checked_mul(PAGE))
+                .is_some_and(|end| end <= r.size)
+        };
+        if self.memfd.is_some() || !ranges.iter().all(in_region) {
+            return ranges.iter().all(|&(f, c)| self.discard(index, f, c));
+        }
+        let Some(pidfd) = self_pidfd() else {
+            return ranges.iter().all(|&(f, c)| self.discard(index, f, c));
+        };
+        // Two threads share a long list (the other side waits meanwhile: it is downtime).
+        if ranges.len() >= 4096 {
+            let (a, b) = ranges.split_at(ranges.len() / 2);
+            return std::thread::scope(|s| {
+                let other = s.spawn(|| self.madvise_ranges(&pidfd, host, index, b));
+                let mine = self.madvise_ranges(&pidfd, host, index, a);
+                other.join().unwrap_or(false) && mine
+            });
+        }
+        self.madvise_ranges(&pidfd, host, index, ranges)
+    }
+
+    fn madvise_ranges(
+        &self,
+        pidfd: &std::os::fd::OwnedFd,
+        host: u64,
+        index: usize,
+        ranges: &[(u64, u64)],
+    ) -> bool {
+        for chunk in ranges.chunks(1024) {
+            let iov: Vec<libc::iovec> = chunk
+                .iter()
+                .map(|&(first, count)| libc::iovec {
+                    iov_base: (host + first * PAGE) as *mut libc::c_void,
+                    iov_len: (count * PAGE) as usize,
+                })
+                .collect();
+            let want: usize = iov.iter().map(|v| v.iov_len).sum();
+            // SAFETY: every range lies inside this region's private anonymous mapping
+            // (checked above); after MADV_DONTNEED its pages read as zero or fault, which is
+            // what the caller asks for. The kernel only reads the iovec array we own.
+            let done = unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    pidfd.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len(),
+                    libc::MADV_DONTNEED,
+                    0u32,
+                )
+            };
+            if done < 0 || done as usize != want {
+                // An older kernel without MADV_DONTNEED here, or a partial run: the rest one
+                // by one (dropping a page twice is harmless).
+                if !chunk.iter().all(|&(f, c)| self.discard(index, f, c)) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// A pidfd of this process, for process_madvise(2).
+fn self_pidfd() -> Option<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open(2) of our own pid takes no pointers; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    // SAFETY: a new descriptor owned by nothing else.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The ranges of a memfd region that hold data (SEEK_DATA/SEEK_HOLE), or None if the file

@@ -76,6 +76,19 @@ impl PostcopyRam for VmPostcopy {
         Ok(())
     }
 
+    fn discard_ranges(&self, region: u32, ranges: &[(u64, u64)]) -> Result<()> {
+        for &(first, count) in ranges {
+            self.at(region, first, count.saturating_mul(PAGE))?;
+        }
+        if !self.vm.ram().discard_ranges(region as usize, ranges) {
+            return Err(MigrateError::Vm(format!(
+                "cannot drop {} ranges of pages of region {region}",
+                ranges.len()
+            )));
+        }
+        Ok(())
+    }
+
     fn listen(&self) -> Result<()> {
         for &(host, size) in &self.regions {
             self.uf.register(host, size).map_err(err)?;

@@ -69,14 +69,21 @@ fn postcopy_moves_a_guest_precopy_cannot_after_a_round_and_from_the_start_with_a
 {
     let _g = exclusive();
     let d = dir("postcopy");
-    for (tag, pattern, at_start, preempt) in [
-        ("seq-round", "seq", false, false),
-        ("random-start", "random", true, false),
-        ("hot-round", "hot", false, false),
-        ("seq-start-preempt", "seq", true, true),
-        ("random-round-preempt", "random", false, true),
-        ("hot-start-preempt", "hot", true, true),
-    ] {
+    let mut cases = Vec::new();
+    for pattern in ["seq", "random", "hot"] {
+        for at_start in [false, true] {
+            for preempt in [false, true] {
+                cases.push((pattern, at_start, preempt));
+            }
+        }
+    }
+    for (pattern, at_start, preempt) in cases {
+        let tag = format!(
+            "{pattern}-{}{}",
+            if at_start { "start" } else { "round" },
+            if preempt { "-preempt" } else { "" }
+        );
+        let tag = tag.as_str();
         let what = format!("postcopy {tag}");
         let (mut src, mut dst) = postcopy_pair_with(&d, tag, pattern, json!({}), preempt);
         if !at_start {
@@ -179,4 +186,136 @@ fn a_target_killed_after_run_is_reported_as_the_guest_lost() {
         src.q.ok("query-status", json!({})),
         json!({"running": false, "status": "paused"})
     );
+}
+
+/// Two network namespaces joined by a veth pair shaped to `rate` with htb (both ways), removed
+/// on drop.
+struct Link {
+    ns: [String; 2],
+}
+
+fn ip(args: &str) {
+    let ok = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ip {args}"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "ip {args}");
+}
+
+impl Link {
+    fn up(rate: &str) -> Link {
+        let id = std::process::id();
+        let ns = [format!("ternpc-src-{id}"), format!("ternpc-dst-{id}")];
+        let dev = [format!("tps{id}"), format!("tpd{id}")];
+        let l = Link { ns: ns.clone() };
+        for n in &ns {
+            ip(&format!("netns add {n}"));
+            ip(&format!("-n {n} link set lo up"));
+        }
+        ip(&format!(
+            "link add {} netns {} type veth peer name {} netns {}",
+            dev[0], ns[0], dev[1], ns[1]
+        ));
+        for (i, (n, d)) in ns.iter().zip(&dev).enumerate() {
+            ip(&format!("-n {n} addr add 10.78.0.{}/24 dev {d}", i + 1));
+            ip(&format!("-n {n} link set {d} up"));
+            let tc = |a: &str| {
+                let ok = std::process::Command::new("tc")
+                    .args(["-n", n])
+                    .args(a.split_whitespace())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                assert!(ok, "tc {a}");
+            };
+            tc(&format!("qdisc add dev {d} root handle 1: htb default 10"));
+            tc(&format!(
+                "class add dev {d} parent 1: classid 1:10 htb rate {rate} ceil {rate}"
+            ));
+        }
+        l
+    }
+
+    /// `tern run` in namespace `i`.
+    fn tern(&self, i: usize, args: &[&str]) -> Proc {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns[i], tern_bin(), "run"])
+            .args(args);
+        Proc::spawn(&mut cmd)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn postcopy_between_two_namespaces_at_1gbit_with_the_guest_dirtying_256_mib_s() {
+    let _g = exclusive();
+    let d = dir("postcopy-netns");
+    let link = Link::up("1gbit");
+    let (sq, dq) = (d.join("src.qmp"), d.join("dst.qmp"));
+    let (sa, da) = (
+        format!("unix:{}", sq.display()),
+        format!("unix:{}", dq.display()),
+    );
+    let mut sp = link.tern(
+        0,
+        &[
+            "--memory",
+            "1G",
+            "--vcpus",
+            "2",
+            "--cmdline",
+            "tern.wss=512 tern.rate=256 tern.check=1 tern.pattern=random",
+            "--qmp",
+            &sa,
+        ],
+    );
+    sp.wait_for("ready", BOOT, |l| l == "tern-guest ready");
+    let uri = "tcp:10.78.0.2:47700";
+    let dp = link.tern(1, &["--incoming", uri, "--qmp", &da]);
+    let mut src = Vmm {
+        p: sp,
+        q: Qmp::connect(&sq, LINE),
+    };
+    let mut dst = Vmm {
+        p: dp,
+        q: Qmp::connect(&dq, LINE),
+    };
+    src.q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
+                                {"capability": "postcopy-preempt", "state": true}]}),
+    );
+    src.q.ok("migrate", json!({"uri": uri}));
+    // One round over the link, then postcopy.
+    let r = wait_until(&mut src.q, "a first round", |r| {
+        r["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 || r["status"] == "failed"
+    });
+    assert_eq!(r["status"], "active", "{r}");
+    src.q.ok("migrate-start-postcopy", json!({}));
+    let r = wait_until(&mut src.q, "postcopy over the link", |r| {
+        !matches!(
+            r["status"].as_str(),
+            Some("active" | "setup" | "postcopy-active")
+        )
+    });
+    assert_eq!(r["status"], "completed", "{r}");
+    let n = paused_last_hb(&mut src.p);
+    continues_on(&mut dst.p, n);
+    eprintln!(
+        "postcopy over 1 Gbit/s: total {} ms, downtime {} ms, {} requests",
+        r["total-time"], r["downtime"], r["ram"]["postcopy-requests"]
+    );
+    quit(src);
+    quit(dst);
 }

@@ -95,6 +95,8 @@ pub(crate) struct Link {
     pub(crate) urgent_conn: Option<Connection>,
     /// Postcopy-preempt: the urgent sender, which gives the stream back when it ends.
     pub(crate) urgent_thread: Option<std::thread::JoinHandle<Result<Out<'static>>>>,
+    /// Page requests the urgent sender served.
+    pub(crate) urgent_requests: Arc<std::sync::atomic::AtomicU64>,
     /// The return path (two-way channels only).
     pub(crate) ret: Option<ReturnPath>,
     pub(crate) end: Option<ChannelEnd>,
@@ -330,6 +332,7 @@ fn transfer(
         urgent: urgent_out,
         urgent_conn: urgent,
         urgent_thread: None,
+        urgent_requests: Arc::default(),
         ret,
         end: end.take(),
         conn: two_way,

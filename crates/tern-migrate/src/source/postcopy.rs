@@ -84,10 +84,12 @@ pub(super) fn run(
             .collect();
         let mut uout = link.urgent.take().expect("checked");
         let (tx, rx) = mpsc::channel::<(u32, u64, u64)>();
+        let served = link.urgent_requests.clone();
         let t = std::thread::Builder::new()
             .name("postcopy-urgent".into())
             .spawn(move || -> Result<Out<'static>> {
                 while let Ok((region, first, count)) = rx.recv() {
+                    served.fetch_add(1, Ordering::Relaxed);
                     for s in &senders {
                         s.send(&mut uout, region, first, count)?;
                     }
@@ -337,7 +339,7 @@ fn after_run(
             link.out.flush()?;
             let mut s = ctl.stats();
             update_counters(&mut s, session, ctl.accepted());
-            s.postcopy_requests = requests;
+            s.postcopy_requests = requests + link.urgent_requests.load(Ordering::Relaxed);
             s.postcopy_bytes = ctl.accepted() - b_post;
         }
         if !more {
@@ -395,7 +397,7 @@ fn after_run(
     let mut s = ctl.stats();
     update_counters(&mut s, session, ctl.accepted());
     s.remaining = 0;
-    s.postcopy_requests = requests;
+    s.postcopy_requests = requests + link.urgent_requests.load(Ordering::Relaxed);
     s.postcopy_bytes = ctl.accepted() - b_post;
     Ok(())
 }

@@ -63,8 +63,12 @@ impl Receiver {
             PostcopyCommand::Discard { region, ranges } => {
                 // Precopy is over: helpers that fill RAM stop before a page is dropped.
                 self.stop_helpers();
+                let t = std::time::Instant::now();
                 match &self.postcopy {
-                    Some(p) if !p.listening => p.discard(region, &ranges).map(|()| None),
+                    Some(p) if !p.listening => p.discard(region, &ranges).map(|()| {
+                        tracing::debug!(region, ranges = ranges.len(), took = ?t.elapsed(), "postcopy: DISCARD");
+                        None
+                    }),
                     _ => Err(MigrateError::Vm(
                         "DISCARD without ADVISE, or after LISTEN".into(),
                     )),
@@ -103,7 +107,9 @@ impl Receiver {
             .clone()
             .ok_or_else(|| MigrateError::Vm("the stream had no VM description".into()))?;
         let mut pc = self.postcopy.take().expect("LISTEN came after ADVISE");
+        let t = std::time::Instant::now();
         pc.listen(self.conn.clone())?;
+        tracing::debug!(took = ?t.elapsed(), "postcopy: LISTEN (registered)");
         let (run_tx, run_rx) = mpsc::channel::<()>();
         let conn = self.conn.clone();
         let urgent = self.urgent.clone();
@@ -179,7 +185,9 @@ impl Receiver {
         run: &mpsc::Receiver<()>,
     ) -> Result<()> {
         self.enter(State::Ended);
+        let t = std::time::Instant::now();
         vm.load_state(&self.sections)?;
+        tracing::debug!(took = ?t.elapsed(), "postcopy: device state loaded");
         ctl.fault_at(SwitchoverStep::BeforeLoaded);
         send(&self.conn, &ReturnMessage::Loaded { records })?;
         self.enter(State::Loaded);

@@ -211,7 +211,9 @@ impl Postcopy {
                     "DISCARD of pages {first}+{count} past region {region}'s end"
                 )));
             }
-            self.ram.discard(region, first, count)?;
+        }
+        self.ram.discard_ranges(region, ranges)?;
+        for &(first, count) in ranges {
             h.set(first, count, false);
         }
         Ok(())
