@@ -27,6 +27,7 @@ const FEATURE_THREAD_ID: u64 = 1 << 8;
 const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 const REGISTER_MODE_MISSING: u64 = 1;
 const EVENT_PAGEFAULT: u8 = 0x12;
+const PAGE: u64 = 4096;
 
 #[repr(C)]
 #[derive(Default)]
@@ -154,8 +155,9 @@ impl Userfault {
         Ok(())
     }
 
-    /// Places `data` (whole pages) at `dst` atomically and wakes the threads waiting on them.
-    /// `data` is a buffer of ours, not guest memory.
+    /// Places `data` (whole pages) at `dst` atomically and wakes the threads waiting on them;
+    /// pages already mapped are left as they are and the others still placed. `data` is a
+    /// buffer of ours, not guest memory. `Present` if any page was there already.
     pub fn copy(&self, dst: u64, data: &[u8]) -> std::io::Result<Placed> {
         let mut c = UffdioCopy {
             dst,
@@ -164,28 +166,33 @@ impl Userfault {
             mode: 0,
             copy: 0,
         };
-        loop {
-            // SAFETY: a userfaultfd; the kernel reads `len` bytes at `src` (our buffer, alive for
-            // the call) and fills pages at `dst` only where none is mapped, inside a registered
-            // range of guest RAM.
+        let mut placed = Placed::Done;
+        while c.len > 0 {
+            // SAFETY: a userfaultfd; the kernel reads `len` bytes at `src` (inside our buffer,
+            // alive for the call) and fills pages at `dst` only where none is mapped, inside a
+            // registered range of guest RAM.
             let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut c) };
-            if ret >= 0 {
-                return Ok(Placed::Done);
-            }
-            match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::EEXIST) => return Ok(Placed::Present),
-                // Interrupted part way (`copy` holds what was done): the rest again.
-                Some(libc::EAGAIN) if c.copy > 0 => {
-                    let done = c.copy as u64;
-                    c.dst += done;
-                    c.src += done;
-                    c.len -= done;
-                    c.copy = 0;
+            let done = if ret >= 0 {
+                c.len
+            } else {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    // Stopped part way at a page that exists (or interrupted): what was done
+                    // is in `copy`; an existing page is skipped and the rest placed.
+                    Some(libc::EAGAIN) if c.copy > 0 => c.copy as u64,
+                    Some(libc::EAGAIN) => 0,
+                    Some(libc::EEXIST) => {
+                        placed = Placed::Present;
+                        PAGE
+                    }
+                    _ => return Err(os_err("UFFDIO_COPY")),
                 }
-                Some(libc::EAGAIN) => {}
-                _ => return Err(os_err("UFFDIO_COPY")),
-            }
+            };
+            c.dst += done;
+            c.src += done;
+            c.len -= done;
+            c.copy = 0;
         }
+        Ok(placed)
     }
 
     /// Places zero pages over `[dst, dst + len)` and wakes the threads waiting on them.
@@ -195,25 +202,30 @@ impl Userfault {
             mode: 0,
             zeropage: 0,
         };
-        loop {
+        let mut placed = Placed::Done;
+        while z.range.len > 0 {
             // SAFETY: a userfaultfd; the kernel maps zero pages only where none is mapped,
             // inside a registered range of guest RAM.
             let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut z) };
-            if ret >= 0 {
-                return Ok(Placed::Done);
-            }
-            match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::EEXIST) => return Ok(Placed::Present),
-                Some(libc::EAGAIN) if z.zeropage > 0 => {
-                    let done = z.zeropage as u64;
-                    z.range.start += done;
-                    z.range.len -= done;
-                    z.zeropage = 0;
+            let done = if ret >= 0 {
+                z.range.len
+            } else {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EAGAIN) if z.zeropage > 0 => z.zeropage as u64,
+                    Some(libc::EAGAIN) => 0,
+                    // A page that exists is skipped; the rest still placed.
+                    Some(libc::EEXIST) => {
+                        placed = Placed::Present;
+                        PAGE
+                    }
+                    _ => return Err(os_err("UFFDIO_ZEROPAGE")),
                 }
-                Some(libc::EAGAIN) => {}
-                _ => return Err(os_err("UFFDIO_ZEROPAGE")),
-            }
+            };
+            z.range.start += done;
+            z.range.len -= done;
+            z.zeropage = 0;
         }
+        Ok(placed)
     }
 
     /// Waits up to `timeout_ms` for faults and returns those that came (none on a timeout).
@@ -261,5 +273,47 @@ impl Userfault {
                 return Ok(out);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run that meets a page already in place places all the others (a page both requested
+    /// and scanned arrives twice, in runs that overlap).
+    #[test]
+    fn a_copy_over_a_present_page_places_the_rest() {
+        let len = 4 * PAGE as usize;
+        // SAFETY: a fresh private anonymous mapping of our own, unmapped at the end.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let at = base as u64;
+        let uf =
+            Userfault::open(false).expect("userfaultfd (root, or vm.unprivileged_userfaultfd)");
+        uf.register(at, len as u64).unwrap();
+        assert_eq!(
+            uf.copy(at + PAGE, &[7u8; PAGE as usize]).unwrap(),
+            Placed::Done
+        );
+        let data: Vec<u8> = (0..4u8).flat_map(|p| [p + 1; PAGE as usize]).collect();
+        assert_eq!(uf.copy(at, &data).unwrap(), Placed::Present);
+        assert_eq!(uf.zero(at, len as u64).unwrap(), Placed::Present);
+        uf.unregister(at, len as u64).unwrap();
+        // SAFETY: the mapping is ours and fully populated now; read it, then unmap it.
+        let got = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
+        let firsts: Vec<u8> = got.chunks(PAGE as usize).map(|p| p[0]).collect();
+        assert_eq!(firsts, vec![1, 7, 3, 4], "page 1 kept, the others placed");
+        // SAFETY: unmapping our own mapping, not used after.
+        unsafe { libc::munmap(base, len) };
     }
 }

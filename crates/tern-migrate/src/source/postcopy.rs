@@ -85,15 +85,28 @@ pub(super) fn run(
         let mut uout = link.urgent.take().expect("checked");
         let (tx, rx) = mpsc::channel::<(u32, u64, u64)>();
         let served = link.urgent_requests.clone();
+        let main_conn = link.conn.clone();
         let t = std::thread::Builder::new()
             .name("postcopy-urgent".into())
             .spawn(move || -> Result<Out<'static>> {
-                while let Ok((region, first, count)) = rx.recv() {
-                    served.fetch_add(1, Ordering::Relaxed);
-                    for s in &senders {
-                        s.send(&mut uout, region, first, count)?;
+                let r = (|| {
+                    while let Ok((region, first, count)) = rx.recv() {
+                        served.fetch_add(1, Ordering::Relaxed);
+                        for s in &senders {
+                            s.send(&mut uout, region, first, count)?;
+                        }
+                        uout.flush()?;
                     }
-                    uout.flush()?;
+                    Ok(())
+                })();
+                if let Err(e) = r {
+                    // Pages it claimed will not arrive: the failure must show now, not after
+                    // the whole scan (the main connection is shut: the main loop fails).
+                    tracing::error!("postcopy urgent sender: {e}");
+                    if let Some(c) = &main_conn {
+                        c.shutdown();
+                    }
+                    return Err(e);
                 }
                 Ok(uout)
             })
@@ -191,7 +204,12 @@ pub(super) fn run(
             "the connection to the target broke after it started the guest ({w}); the pages \
              not yet sent are still here"
         )),
-        other => other,
+        // Whatever else failed after RUN, the guest ran on the target: never a plain failure
+        // that would let the source be resumed or migrated as if nothing happened.
+        other => MigrateError::GuestLost(format!(
+            "postcopy failed after the target started the guest ({other}); the pages not yet \
+             sent are still here"
+        )),
     })
 }
 

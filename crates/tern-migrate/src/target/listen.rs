@@ -3,6 +3,7 @@
 //! here — and the pages, placed as they come, until END and COMPLETE.
 
 use std::io::BufReader;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
 use tern_wire::{PostcopyCommand, Record, ReturnMessage, StreamReader};
@@ -114,13 +115,31 @@ impl Receiver {
         let conn = self.conn.clone();
         let urgent = self.urgent.clone();
         let desc = r.description().cloned();
+        let ran = AtomicBool::new(false);
         let outcome = std::thread::scope(|s| {
             let pc = &pc;
-            let stream = s.spawn(move || stream_pages(pc, r, ctl, run_tx));
-            // Postcopy-preempt: the pages asked for come on a connection of their own.
+            let ran = &ran;
+            let main_conn = conn.clone();
+            let stream = s.spawn(move || {
+                let r = stream_pages(pc, r, ctl, run_tx, ran);
+                if r.is_err() && !ran.load(Ordering::SeqCst) {
+                    // The guest cannot start any more: let a state load that waits on a
+                    // page go.
+                    pc.release();
+                }
+                r
+            });
+            // Postcopy-preempt: the pages asked for come on a connection of their own. If it
+            // fails, the main connection is shut too, so that the failure shows at once.
             let urgent_stream = urgent.clone().map(|u| {
                 let desc = desc.clone();
-                s.spawn(move || urgent_pages(pc, u, desc, ctl))
+                s.spawn(move || {
+                    let r = urgent_pages(pc, u, desc, ctl);
+                    if r.is_err() {
+                        main_conn.shutdown();
+                    }
+                    r
+                })
             });
             let started = self.start_on_run(&*vm, records, ctl, &run_rx);
             if started.is_err() {
@@ -152,6 +171,11 @@ impl Receiver {
             (started, streamed)
         });
         match outcome {
+            (Err(e), _) if self.state == State::Running => {
+                // The vCPUs were started (some of them at least): keep what they wait on.
+                pc.abandon();
+                Err(e)
+            }
             (Err(e), _) => Err(e),
             (Ok(()), Ok(records)) => {
                 let stats = pc.finish()?;
@@ -203,7 +227,12 @@ impl Receiver {
             })
         })?;
         if ctl.commit().is_err() {
-            tracing::warn!("a cancel raced RUN; the guest runs here, as the source expects");
+            // Cancelled as RUN came: the channel is shut, no page could come any more.
+            return Err(MigrateError::Vm(
+                "cancelled as RUN arrived: the guest was not started here (the source holds \
+                 it, in doubt)"
+                    .into(),
+            ));
         }
         self.enter(State::Running);
         vm.resume()?;
@@ -222,6 +251,7 @@ fn stream_pages(
     r: &mut StreamReader<BufReader<Connection>>,
     ctl: &MigrationControl,
     run: mpsc::Sender<()>,
+    ran: &AtomicBool,
 ) -> Result<u64> {
     let mut run = Some(run);
     loop {
@@ -235,6 +265,7 @@ fn stream_pages(
             }
             Some(Record::Postcopy(PostcopyCommand::Run)) => match run.take() {
                 Some(tx) => {
+                    ran.store(true, Ordering::SeqCst);
                     let _ = tx.send(());
                 }
                 None => return Err(MigrateError::Vm("a second RUN".into())),

@@ -252,7 +252,14 @@ impl Receiver {
             Received::End { records, digest } => (records, digest),
             Received::Listen { records } => return self.postcopy_run(&mut r, records, ctl),
         };
-        if self.postcopy.take().is_some() {
+        if let Some(pc) = self.postcopy.take() {
+            if pc.discarded.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(MigrateError::Vm(
+                    "END after DISCARD without LISTEN: pages were dropped, the guest cannot run \
+                     here without postcopy"
+                        .into(),
+                ));
+            }
             tracing::info!("postcopy was advised and not used: the migration ended in precopy");
         }
         self.enter(State::Ended);

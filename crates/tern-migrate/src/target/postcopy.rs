@@ -157,6 +157,10 @@ pub(crate) struct Postcopy {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<()>>>,
     pub(crate) listening: bool,
+    /// Guest RAM is registered for faults (from the first DISCARD on).
+    registered: AtomicBool,
+    /// A DISCARD came: pages are missing, so the guest may only run through postcopy.
+    pub(crate) discarded: AtomicBool,
 }
 
 impl Postcopy {
@@ -196,11 +200,26 @@ impl Postcopy {
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
             listening: false,
+            registered: AtomicBool::new(false),
+            discarded: AtomicBool::new(false),
         }
+    }
+
+    /// Registers guest RAM for faults, once: before the first page is dropped, so that nothing
+    /// (khugepaged collapsing a huge page over dropped pages, say) can map a zero page where a
+    /// dropped page will come; nothing touches guest RAM between DISCARD and LISTEN, when the
+    /// fault thread starts.
+    fn register(&self) -> Result<()> {
+        if !self.registered.swap(true, Ordering::SeqCst) {
+            self.ram.listen()?;
+        }
+        Ok(())
     }
 
     /// DISCARD: the pages fault from now on.
     pub(crate) fn discard(&self, region: u32, ranges: &[(u64, u64)]) -> Result<()> {
+        self.register()?;
+        self.discarded.store(true, Ordering::SeqCst);
         let h = self
             .held
             .get(region as usize)
@@ -221,7 +240,7 @@ impl Postcopy {
 
     /// LISTEN: missing pages fault; the fault thread asks the source for them on `conn`.
     pub(crate) fn listen(&mut self, conn: Connection) -> Result<()> {
-        self.ram.listen()?;
+        self.register()?;
         self.listening = true;
         let (ram, held, account, stop) = (
             self.ram.clone(),
@@ -297,9 +316,20 @@ impl Postcopy {
                 "the stream ended with {missing} pages never received"
             )));
         }
-        self.stop_thread()?;
+        // Every page is here: faults go back to the kernel first, then the thread stops.
         self.ram.finish()?;
+        if let Err(e) = self.stop_thread() {
+            tracing::warn!("postcopy fault thread: {e}");
+        }
         Ok(self.stats())
+    }
+
+    /// Before RUN, on failure: the guest never ran, so fault handling may end whatever is
+    /// missing (a load of the device state waiting on a page is let go).
+    pub(crate) fn release(&self) {
+        if self.registered.load(Ordering::SeqCst) {
+            let _ = self.ram.finish();
+        }
     }
 
     /// The statistics so far.
@@ -328,6 +358,14 @@ impl Postcopy {
     pub(crate) fn abandon(mut self) {
         let _ = self.stop_thread();
         std::mem::forget(self.ram.clone());
+    }
+}
+
+impl Drop for Postcopy {
+    /// The fault thread ends with it (whatever way postcopy ended; `abandon` keeps the
+    /// registration itself).
+    fn drop(&mut self) {
+        let _ = self.stop_thread();
     }
 }
 
