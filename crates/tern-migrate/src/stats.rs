@@ -106,6 +106,9 @@ pub struct MigrationStats {
     pub postcopy_bytes: u64,
     /// Postcopy: when the guest started on the target (seconds since the start).
     pub postcopy_start: Option<f64>,
+    /// Postcopy, source: every ~100 ms after RUN, (seconds since the start, MiB/s sent, page
+    /// requests per second).
+    pub postcopy_series: Vec<(f64, f64, f64)>,
     /// Postcopy, target: what the faults cost (`postcopy-blocktime` and the latencies).
     pub postcopy_faults: Option<crate::target::postcopy::FaultStats>,
 }
@@ -197,6 +200,7 @@ impl Default for MigrationStats {
             postcopy_requests: 0,
             postcopy_bytes: 0,
             postcopy_start: None,
+            postcopy_series: Vec::new(),
             postcopy_faults: None,
         }
     }
@@ -357,6 +361,11 @@ impl MigrationStats {
             "postcopy-start": self.postcopy_start,
             "postcopy-requests": self.postcopy_requests,
             "postcopy-bytes": self.postcopy_bytes,
+            "postcopy-series": self
+                .postcopy_series
+                .iter()
+                .map(|&(t, mibs, reqs)| json!({"t": t, "mib-per-s": mibs, "requests-per-s": reqs}))
+                .collect::<Vec<_>>(),
             "rounds": rounds,
             "switchover": sw,
         })

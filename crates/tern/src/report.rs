@@ -53,12 +53,17 @@ pub fn render(t: &Value) -> Result<String> {
         ),
     );
     let total_s = if total_s > 0.0 { total_s } else { 1.0 };
+    let postcopy_peak = t["postcopy-series"]
+        .as_array()
+        .map(|a| a.iter().map(|p| f(p, "mib-per-s")).fold(0.0, f64::max))
+        .unwrap_or(0.0);
     let ymax = nice(
-        rounds
+        (rounds
             .iter()
             .map(|r| f(r, "bandwidth").max(f(r, "dirty-rate")))
             .fold(0.0, f64::max)
-            / MIB,
+            / MIB)
+            .max(postcopy_peak),
     );
     let x = |s: f64| PLOT_X + s / total_s * PLOT_W;
     let y = |mib: f64| PLOT_Y + PLOT_H - (mib / ymax).min(1.0) * PLOT_H;
@@ -204,6 +209,21 @@ pub fn render(t: &Value) -> Result<String> {
             f(t, "postcopy-requests"),
             f(t, "postcopy-bytes") / MIB
         );
+        // What went after RUN, in the plot's unit (MiB/s).
+        let pts: String = t["postcopy-series"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| format!("{:.1},{:.1} ", x(f(p, "t")), y(f(p, "mib-per-s"))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !pts.is_empty() {
+            let _ = writeln!(
+                s,
+                r##"<polyline points="{pts}" fill="none" stroke="#6a3d9a" stroke-width="1.5"/>"##
+            );
+        }
     }
     // Series: step lines per round.
     for (key, color, label, dy) in [

@@ -43,9 +43,11 @@ fn postcopy_pair_with(
         json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
                                 {"capability": "postcopy-preempt", "state": preempt}]}),
     );
+    let timeline = d.join(format!("timeline-{tag}.json"));
     src.q.ok(
         "migrate-set-parameters",
-        json!({"max-bandwidth": LINK, "downtime-limit": 300}),
+        json!({"max-bandwidth": LINK, "downtime-limit": 300,
+               "x-tern-timeline": timeline.to_str().unwrap()}),
     );
     src.q.ok("migrate", json!({"uri": uri}));
     (src, dst)
@@ -124,6 +126,24 @@ fn postcopy_moves_a_guest_precopy_cannot_after_a_round_and_from_the_start_with_a
         assert!(
             r["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0,
             "{what}: {r}"
+        );
+        // Over time: the faults the target served, and what the source sent after RUN.
+        assert!(
+            rd["x-tern-postcopy-latency-series"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()),
+            "{what}: {rd}"
+        );
+        let t: Value = serde_json::from_str(
+            &std::fs::read_to_string(d.join(format!("timeline-{tag}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert!(t["postcopy-start"].is_f64(), "{what}: {t}");
+        assert!(
+            t["postcopy-series"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()),
+            "{what}: {t}"
         );
         eprintln!(
             "{what}: total {} ms, downtime {} ms, {requests} requests, blocktime {} ms, mean latency {} us",

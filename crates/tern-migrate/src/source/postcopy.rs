@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tern_wire::{PostcopyCommand, ReturnMessage};
 
 use super::return_path::TargetEvent;
-use super::switchover::{end_stream, LOADED_TIMEOUT, RUNNING_TIMEOUT, SWITCHOVER_SPIN};
+use super::switchover::{
+    end_stream, stop_and_sync, Stopped, LOADED_TIMEOUT, RUNNING_TIMEOUT, SWITCHOVER_SPIN,
+};
 use super::{update_counters, Link, Phase, Session};
 use crate::control::MigrationControl;
 use crate::participant::Out;
@@ -53,23 +55,14 @@ pub(super) fn run(
     rounds: u64,
 ) -> Result<()> {
     let secs = |t: Instant| t.duration_since(started).as_secs_f64();
-    session.enter(Phase::StopAndCopy);
-    let t_pause = Instant::now();
-    let b0 = ctl.accepted();
-    let p0 = session.progress();
-    if session.vm.is_running() {
-        session.vm.pause()?;
-        session.paused = true;
-    }
-    ctl.bandwidth_limit.store(0, Ordering::Relaxed);
-    let t_paused = t_pause.elapsed();
-    ctl.stats().dirty_sync_count = rounds + 1;
+    let Stopped {
+        t_pause,
+        b0,
+        p0,
+        t_paused,
+        sync_ms,
+    } = stop_and_sync(ctl, session, rounds)?;
     let out = &mut link.out;
-    let t_sync = Instant::now();
-    for p in session.parts.iter_mut() {
-        p.sync()?;
-    }
-    let sync_ms = t_sync.elapsed().as_secs_f64() * 1000.0;
     // Everything still to send is stale or absent at the target: it faults from now on.
     for p in session.parts.iter_mut() {
         p.postcopy_discard(out)?;
@@ -213,6 +206,21 @@ pub(super) fn run(
     })
 }
 
+/// Sends what the target asked for (every participant that has it), now.
+fn serve(
+    session: &mut Session,
+    link: &mut Link,
+    region: u32,
+    first_page: u64,
+    count: u64,
+) -> Result<()> {
+    for p in session.parts.iter_mut() {
+        p.postcopy_serve(&mut link.out, region, first_page, count)?;
+    }
+    link.out.flush()?;
+    Ok(())
+}
+
 /// The point of no return, as in precopy (`switchover::commit`), except that page requests
 /// that came meanwhile are served, not dropped: the target asks for a page once.
 fn commit_serving(ctl: &MigrationControl, session: &mut Session, link: &mut Link) -> Result<()> {
@@ -225,12 +233,7 @@ fn commit_serving(ctl: &MigrationControl, session: &mut Session, link: &mut Link
                 region,
                 first_page,
                 count,
-            })) => {
-                for p in session.parts.iter_mut() {
-                    p.postcopy_serve(&mut link.out, region, first_page, count)?;
-                }
-                link.out.flush()?;
-            }
+            })) => serve(session, link, region, first_page, count)?,
             Some(TargetEvent::Message(ReturnMessage::Error { message, .. })) => {
                 return Err(MigrateError::Vm(format!(
                     "the target refused after LOADED ({message}); not committing"
@@ -273,12 +276,7 @@ fn serving<T>(
                 region,
                 first_page,
                 count,
-            })) => {
-                for p in session.parts.iter_mut() {
-                    p.postcopy_serve(&mut link.out, region, first_page, count)?;
-                }
-                link.out.flush()?;
-            }
+            })) => serve(session, link, region, first_page, count)?,
             Some(TargetEvent::Message(m)) => match want(&m) {
                 Some(t) => return Ok(t),
                 None => {
@@ -314,6 +312,9 @@ fn after_run(
     ret.set_spin(Duration::ZERO);
     let mut requests = 0u64;
     let mut batches = 0u64;
+    // The timeline's postcopy series: what went and what was asked for, every ~100 ms.
+    let started = ctl.stats().started.unwrap_or_else(Instant::now);
+    let mut sample = (Instant::now(), ctl.accepted(), 0u64);
     loop {
         // Requests first: everything the target asked for so far.
         let mut wanted = Vec::new();
@@ -353,6 +354,17 @@ fn after_run(
             }
         }
         batches += 1;
+        if sample.0.elapsed() >= Duration::from_millis(100) || !more {
+            let asked = requests + link.urgent_requests.load(Ordering::Relaxed);
+            let dt = sample.0.elapsed().as_secs_f64().max(1e-6);
+            let point = (
+                sample.0.duration_since(started).as_secs_f64() + dt,
+                (ctl.accepted() - sample.1) as f64 / dt / f64::from(1u32 << 20),
+                (asked - sample.2) as f64 / dt,
+            );
+            ctl.stats().postcopy_series.push(point);
+            sample = (Instant::now(), ctl.accepted(), asked);
+        }
         if batches.is_multiple_of(16) || !more {
             link.out.flush()?;
             let mut s = ctl.stats();

@@ -37,26 +37,14 @@ pub(super) fn run(
     let drain = drain(ctl, link, rounds)?;
 
     // Stop and copy.
-    session.enter(Phase::StopAndCopy);
-    let t_pause = Instant::now();
-    let b0 = ctl.accepted();
-    let p0 = session.progress();
-    if session.vm.is_running() {
-        session.vm.pause()?;
-        session.paused = true;
-    }
-    // max-bandwidth shares the link while the guest runs; with the guest stopped every
-    // millisecond is downtime, so the last pages and the state go at full speed.
-    ctl.bandwidth_limit.store(0, Ordering::Relaxed);
-    let t_paused = t_pause.elapsed();
-    ctl.stats().dirty_sync_count = rounds + 1;
+    let Stopped {
+        t_pause,
+        b0,
+        p0,
+        t_paused,
+        sync_ms,
+    } = stop_and_sync(ctl, session, rounds)?;
     let out = &mut link.out;
-    // The last sync, timed on its own: with the guest paused its cost is downtime.
-    let t_sync = Instant::now();
-    for p in session.parts.iter_mut() {
-        p.sync()?;
-    }
-    let sync_ms = t_sync.elapsed().as_secs_f64() * 1000.0;
     for p in session.parts.iter_mut() {
         p.complete_precopy(out)?;
     }
@@ -170,6 +158,49 @@ pub(super) fn run(
         bytes: s.downtime_bytes,
     });
     Ok(())
+}
+
+/// The guest stopped and the last sync made (precopy's stop-and-copy and postcopy's switch).
+pub(super) struct Stopped {
+    pub(super) t_pause: Instant,
+    /// Bytes accepted and progress when the pause began.
+    pub(super) b0: u64,
+    pub(super) p0: crate::participant::Progress,
+    pub(super) t_paused: Duration,
+    pub(super) sync_ms: f64,
+}
+
+/// Pauses the guest (if it runs) and makes the last sync, timed on its own: with the guest
+/// paused its cost is downtime.
+pub(super) fn stop_and_sync(
+    ctl: &MigrationControl,
+    session: &mut Session,
+    rounds: u64,
+) -> Result<Stopped> {
+    session.enter(Phase::StopAndCopy);
+    let t_pause = Instant::now();
+    let b0 = ctl.accepted();
+    let p0 = session.progress();
+    if session.vm.is_running() {
+        session.vm.pause()?;
+        session.paused = true;
+    }
+    // max-bandwidth shares the link while the guest runs; with the guest stopped every
+    // millisecond is downtime, so what is left goes at full speed.
+    ctl.bandwidth_limit.store(0, Ordering::Relaxed);
+    let t_paused = t_pause.elapsed();
+    ctl.stats().dirty_sync_count = rounds + 1;
+    let t_sync = Instant::now();
+    for p in session.parts.iter_mut() {
+        p.sync()?;
+    }
+    Ok(Stopped {
+        t_pause,
+        b0,
+        p0,
+        t_paused,
+        sync_ms: t_sync.elapsed().as_secs_f64() * 1000.0,
+    })
 }
 
 /// Lets the target catch up before the guest stops: whatever it still has to load would

@@ -35,6 +35,8 @@ pub struct FaultStats {
     pub vcpu_latency_ns_sum: Vec<u128>,
     /// Log2 buckets of remote-fault latency in µs.
     pub dist: Vec<u64>,
+    /// Remote faults over time: per 100 ms since LISTEN, (faults served, summed latency ns).
+    pub series: Vec<(u64, u128)>,
     /// Whether blocktime is reported (`postcopy-blocktime` on the target).
     pub report_blocktime: bool,
 }
@@ -65,6 +67,17 @@ impl FaultStats {
             .map(|(&n, &s)| mean(n, s))
             .collect::<Vec<_>>());
         v["postcopy-latency-dist"] = json!(self.dist);
+        v["x-tern-postcopy-latency-series"] = json!(self
+            .series
+            .iter()
+            .enumerate()
+            .filter(|(_, &(n, _))| n > 0)
+            .map(|(i, &(n, sum))| json!({
+                "t": i as f64 / 10.0,
+                "faults": n,
+                "mean-latency-us": (sum / u128::from(n) / 1000) as u64,
+            }))
+            .collect::<Vec<_>>());
         v["x-tern-postcopy-zero-faults"] = json!(self.zero_faults);
     }
 }
@@ -79,6 +92,8 @@ struct Waiting {
 /// The running account of who waits, for blocktime.
 struct Account {
     stats: FaultStats,
+    /// When fault handling began (the series counts from here).
+    start: Instant,
     pending: HashMap<(u32, u64), Waiting>,
     blocked: Vec<bool>,
     all_blocked_since: Option<Instant>,
@@ -112,6 +127,15 @@ impl Account {
         if let Some(i) = vcpu.filter(|&i| i < self.stats.vcpu_faults.len()) {
             self.stats.vcpu_faults[i] += 1;
             self.stats.vcpu_latency_ns_sum[i] += ns;
+        }
+        // At most 10 minutes of 100 ms buckets are kept (a bounded report).
+        let bucket = (self.start.elapsed().as_millis() / 100) as usize;
+        if bucket < 6000 {
+            if self.stats.series.len() <= bucket {
+                self.stats.series.resize(bucket + 1, (0, 0));
+            }
+            self.stats.series[bucket].0 += 1;
+            self.stats.series[bucket].1 += ns;
         }
         let us = (d.as_micros() as u64).max(1);
         let b = (63 - us.leading_zeros() as usize).min(DIST_BUCKETS - 1);
@@ -193,6 +217,7 @@ impl Postcopy {
                     report_blocktime: report,
                     ..Default::default()
                 },
+                start: Instant::now(),
                 pending: HashMap::new(),
                 blocked: vec![false; vcpus],
                 all_blocked_since: None,
@@ -242,6 +267,7 @@ impl Postcopy {
     pub(crate) fn listen(&mut self, conn: Connection) -> Result<()> {
         self.register()?;
         self.listening = true;
+        self.account.lock().unwrap_or_else(|e| e.into_inner()).start = Instant::now();
         let (ram, held, account, stop) = (
             self.ram.clone(),
             self.held.clone(),
