@@ -208,6 +208,7 @@ mod tests {
             },
             ReturnMessage::Loaded { records: 1234 },
             ReturnMessage::Running,
+            ReturnMessage::Complete { records: 77 },
         ] {
             assert_eq!(ReturnMessage::decode(&m.encode()).unwrap(), m);
         }
@@ -215,6 +216,7 @@ mod tests {
             &[][..],
             &[5, 0, 0, 0, 1][..],
             &[4, 0, 0, 0][..],
+            &[6, 0, 0, 0, 1, 2][..],
             &[9, 0, 0, 0][..],
         ] {
             assert!(ReturnMessage::decode(bad).is_err(), "{bad:?}");
