@@ -173,6 +173,11 @@ impl MigrationControl {
         Ok(())
     }
 
+    /// The source's own decision to switch (`x-tern-auto-postcopy`).
+    pub(crate) fn request_postcopy(&self) {
+        self.postcopy.store(true, Ordering::SeqCst);
+    }
+
     /// Whether `migrate-start-postcopy` was asked for.
     pub(crate) fn postcopy_requested(&self) -> bool {
         self.postcopy.load(Ordering::SeqCst)

@@ -38,8 +38,8 @@ pub use control::{CancelRefused, MigrationControl, MigrationEvent};
 pub use error::MigrateError;
 pub use manager::MigrationManager;
 pub use params::{
-    Capabilities, DirtyLogMode, FaultAction, LimitAction, MigrationParams, MultifdCompression,
-    SwitchoverFault, SwitchoverStep,
+    AutoPostcopy, Capabilities, DirtyLogMode, FaultAction, LimitAction, MigrationParams,
+    MultifdCompression, SwitchoverFault, SwitchoverStep,
 };
 pub use participant::{LoadParticipant, Progress, SaveParticipant};
 pub use ram::{RamLoader, RamSaver};

@@ -151,6 +151,45 @@ pub struct MigrationParams {
     pub dirty_log: DirtyLogMode,
     /// Bytes per second once postcopy runs (QEMU's `max-postcopy-bandwidth`); 0 = unlimited.
     pub max_postcopy_bandwidth: u64,
+    /// Whether precopy switches to postcopy by itself (`x-tern-auto-postcopy`).
+    pub auto_postcopy: AutoPostcopy,
+}
+
+/// `x-tern-auto-postcopy`: when precopy hands over to postcopy by itself (with `postcopy-ram`).
+///
+/// The rule: after a round, precopy cannot get under `downtime-limit` when the guest dirtied
+/// memory at least as fast as the link carried it in that round (≥ 95% of the measured
+/// bandwidth, the margin for measurement noise): the set still to send cannot shrink, so the
+/// expected downtime cannot fall. `predict` switches at the first such round (round 1 already
+/// measures both rates); `cautious` waits for three such rounds in a row, for a guest whose
+/// dirtying comes in bursts. A round that converged ends precopy as usual first. With
+/// `auto-converge` on too, postcopy acts first: throttling costs the guest seconds of its CPU,
+/// postcopy only the faults on pages not yet moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AutoPostcopy {
+    #[default]
+    Off,
+    Predict,
+    Cautious,
+}
+
+impl AutoPostcopy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AutoPostcopy::Off => "off",
+            AutoPostcopy::Predict => "predict",
+            AutoPostcopy::Cautious => "cautious",
+        }
+    }
+
+    /// Rounds in a row that must say "cannot converge" before the switch.
+    pub fn rounds(self) -> u64 {
+        match self {
+            AutoPostcopy::Off => u64::MAX,
+            AutoPostcopy::Predict => 1,
+            AutoPostcopy::Cautious => 3,
+        }
+    }
 }
 
 /// How the hypervisor's record of guest writes is collected (`x-tern-dirty-log`).
@@ -233,6 +272,7 @@ impl Default for MigrationParams {
             multifd_zstd_level: 1,
             dirty_log: DirtyLogMode::Clear,
             max_postcopy_bandwidth: 0,
+            auto_postcopy: AutoPostcopy::Off,
         }
     }
 }
@@ -278,6 +318,7 @@ impl MigrationParams {
             "multifd-zstd-level": self.multifd_zstd_level,
             "x-tern-dirty-log": self.dirty_log.as_str(),
             "max-postcopy-bandwidth": self.max_postcopy_bandwidth,
+            "x-tern-auto-postcopy": self.auto_postcopy.as_str(),
         })
     }
 
@@ -329,6 +370,18 @@ impl MigrationParams {
                     }
                 }
                 "multifd-zstd-level" => p.multifd_zstd_level = int_in(k, v, 0, 20)? as u8,
+                "x-tern-auto-postcopy" => {
+                    p.auto_postcopy = match v.as_str() {
+                        Some("off") => AutoPostcopy::Off,
+                        Some("predict") => AutoPostcopy::Predict,
+                        Some("cautious") => AutoPostcopy::Cautious,
+                        _ => {
+                            return Err(format!(
+                                "Parameter '{k}' expects 'off', 'predict' or 'cautious'"
+                            ))
+                        }
+                    }
+                }
                 "x-tern-dirty-log" => {
                     p.dirty_log = match v.as_str() {
                         Some("get") => DirtyLogMode::Get,

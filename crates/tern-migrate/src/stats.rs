@@ -106,6 +106,8 @@ pub struct MigrationStats {
     pub postcopy_bytes: u64,
     /// Postcopy: when the guest started on the target (seconds since the start).
     pub postcopy_start: Option<f64>,
+    /// `x-tern-auto-postcopy`: when and why precopy handed over.
+    pub auto_postcopy: Option<String>,
     /// Postcopy, source: every ~100 ms after RUN, (seconds since the start, MiB/s sent, page
     /// requests per second).
     pub postcopy_series: Vec<(f64, f64, f64)>,
@@ -200,6 +202,7 @@ impl Default for MigrationStats {
             postcopy_requests: 0,
             postcopy_bytes: 0,
             postcopy_start: None,
+            auto_postcopy: None,
             postcopy_series: Vec::new(),
             postcopy_faults: None,
         }
@@ -272,6 +275,9 @@ impl MigrationStats {
         }
         if let Some(m) = self.dirty_log {
             v["x-tern-dirty-log"] = json!(m);
+        }
+        if let Some(why) = &self.auto_postcopy {
+            v["x-tern-auto-postcopy"] = json!(why);
         }
         if let Some(f) = &self.postcopy_faults {
             f.to_qmp(&mut v);
@@ -359,6 +365,7 @@ impl MigrationStats {
             "multifd-channel-busy-ms": self.multifd_channel_busy_ms,
             "dirty-log": self.dirty_log,
             "postcopy-start": self.postcopy_start,
+            "auto-postcopy": self.auto_postcopy,
             "postcopy-requests": self.postcopy_requests,
             "postcopy-bytes": self.postcopy_bytes,
             "postcopy-series": self

@@ -49,6 +49,13 @@ fn postcopy_pair_with(
         json!({"max-bandwidth": LINK, "downtime-limit": 300,
                "x-tern-timeline": timeline.to_str().unwrap()}),
     );
+    // x-tern-auto-postcopy, if the tag asks for it.
+    if let Some(mode) = tag.strip_prefix("auto-") {
+        src.q.ok(
+            "migrate-set-parameters",
+            json!({"x-tern-auto-postcopy": mode}),
+        );
+    }
     src.q.ok("migrate", json!({"uri": uri}));
     (src, dst)
 }
@@ -338,4 +345,61 @@ fn postcopy_between_two_namespaces_at_1gbit_with_the_guest_dirtying_256_mib_s() 
     );
     quit(src);
     quit(dst);
+}
+
+#[test]
+fn auto_postcopy_switches_by_itself_when_precopy_cannot_converge() {
+    let _g = exclusive();
+    let d = dir("postcopy-auto");
+    for (tag, mode, min_round) in [
+        ("auto-predict", "predict", 1),
+        ("auto-cautious", "cautious", 3),
+    ] {
+        let what = format!("x-tern-auto-postcopy {mode}");
+        // Nobody asks for postcopy: the source decides.
+        let (mut src, mut dst) = postcopy_pair(&d, tag, "random");
+        let r = wait_migration(&mut src.q, MIGRATE);
+        assert_eq!(r["status"], "completed", "{what}: {r}");
+        let why = r["x-tern-auto-postcopy"].as_str().unwrap_or("");
+        assert!(why.starts_with("switched at round "), "{what}: {r}");
+        let round: u64 = why["switched at round ".len()..]
+            .split(':')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(round >= min_round, "{what}: {why}");
+        assert!(
+            why.contains("dirty") && why.contains("link"),
+            "{what}: {why}"
+        );
+        let n = paused_last_hb(&mut src.p);
+        continues_on(&mut dst.p, n);
+        eprintln!("{what}: {why}");
+        quit(src);
+        quit(dst);
+    }
+}
+
+#[test]
+fn auto_postcopy_without_postcopy_ram_is_refused_and_the_source_runs_on() {
+    let _g = exclusive();
+    let d = dir("postcopy-auto-refused");
+    let mut src = source(&d, "src", "1G", GUEST);
+    let uri = format!("unix:{}", d.join("m.sock").display());
+    let _dst = target(&d, "dst", &uri, &[]);
+    src.q.ok(
+        "migrate-set-parameters",
+        json!({"x-tern-auto-postcopy": "predict"}),
+    );
+    src.q.ok("migrate", json!({"uri": uri}));
+    let r = wait_migration(&mut src.q, MIGRATE);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["error-desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("needs the postcopy-ram capability"),
+        "{r}"
+    );
+    source_still_fine(&mut src.p, &mut src.q);
 }

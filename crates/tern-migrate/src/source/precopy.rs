@@ -67,6 +67,11 @@ pub(super) fn setup(
         "x-tern-ram-digest": ctl.caps().ram_digest,
     }))?;
     out.description(&desc)?;
+    if ctl.params.auto_postcopy != crate::AutoPostcopy::Off && !ctl.caps().postcopy_ram {
+        return Err(MigrateError::Vm(
+            "x-tern-auto-postcopy needs the postcopy-ram capability".into(),
+        ));
+    }
     if ctl.caps().postcopy_ram {
         super::postcopy::advise(ctl, &**vm, link.ret.is_some(), out)?;
     }
@@ -131,6 +136,8 @@ pub(super) fn rounds(
     let mut bandwidth = 0.0f64;
     let mut last_sync = Instant::now();
     let mut throttle = Throttle::default();
+    // Rounds in a row after which precopy could not converge (x-tern-auto-postcopy).
+    let mut hopeless = 0u64;
     let secs = |t: Instant| t.duration_since(started).as_secs_f64();
     let (out, data) = (&mut link.out, &link.data);
     let mut alive = Instant::now();
@@ -244,6 +251,34 @@ pub(super) fn rounds(
         if convergence::converged(&m, limit_ms) {
             ctl.stats().stop_reason = Some("converged");
             return Ok(round);
+        }
+        // x-tern-auto-postcopy (the rule is written at `AutoPostcopy`): before the limits and
+        // before auto-converge.
+        if ctl.caps().postcopy_ram && params.auto_postcopy != crate::AutoPostcopy::Off {
+            hopeless = if dirty_rate >= 0.95 * m.bandwidth {
+                hopeless + 1
+            } else {
+                0
+            };
+            if hopeless >= params.auto_postcopy.rounds() {
+                let why = format!(
+                    "switched at round {round}: expected downtime {:.0} ms > {limit_ms} ms; dirty {:.0} MiB/s, link {:.0} MiB/s",
+                    expected * 1000.0,
+                    dirty_rate / (1 << 20) as f64,
+                    m.bandwidth / (1 << 20) as f64,
+                );
+                tracing::info!(
+                    "x-tern-auto-postcopy ({}): {why}",
+                    params.auto_postcopy.as_str()
+                );
+                {
+                    let mut s = ctl.stats();
+                    s.stop_reason = Some("auto-postcopy");
+                    s.auto_postcopy = Some(why);
+                }
+                ctl.request_postcopy();
+                return Ok(round);
+            }
         }
         let limit = if params.max_rounds > 0 && round >= params.max_rounds {
             Some(("round limit", format!("{round} rounds")))
