@@ -13,6 +13,7 @@ mod desc;
 mod error;
 mod frame;
 pub mod inspect;
+mod postcopy;
 mod ram;
 mod state;
 mod stream;
@@ -23,6 +24,7 @@ pub use crc32c::crc32c;
 pub use desc::{FieldDesc, RamRegionDesc, SectionDesc, SubsectionDesc, VmDescription};
 pub use error::{ErrorKind, StateError, WireError};
 pub use frame::{record_size, PagePlacer, RawRecord, RecordReader, RecordWriter};
+pub use postcopy::{PostcopyCommand, MAX_DISCARD_RANGES};
 pub use ram::{
     encoding_name, RamRecord, RamRun, RunData, RunRef, ENC_LZ4, ENC_RAW, ENC_XOR_DELTA, ENC_ZERO,
     ENC_ZSTD, MAX_COMPRESSED_PAGES,
@@ -32,10 +34,7 @@ pub use state::{
     SectionBuilder, SectionReader, Subsection, SubsectionBuilder, SubsectionReader, SubsectionSpec,
     Value,
 };
-pub use stream::{
-    PostcopyCommand, Record, StreamReader, StreamWriter, Totals, MAX_DISCARD_RANGES,
-    MAX_SKIPPED_KEPT,
-};
+pub use stream::{Record, StreamReader, StreamWriter, Totals, MAX_SKIPPED_KEPT};
 
 /// Stream magic.
 pub const MAGIC: [u8; 8] = *b"TERNSTRM";

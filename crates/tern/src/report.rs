@@ -202,12 +202,16 @@ pub fn render(t: &Value) -> Result<String> {
         let _ = writeln!(
             s,
             r##"<rect x="{x0:.1}" y="{PLOT_Y}" width="{:.1}" height="{PLOT_H}" fill="#9467bd" fill-opacity="0.15"/>
-<text x="{:.1}" y="{:.1}" fill="#6a3d9a">postcopy: {:.0} page requests, {:.1} MiB</text>"##,
+<text x="{:.1}" y="{:.1}" fill="#6a3d9a">postcopy: {:.0} page requests, {:.1} MiB{}</text>"##,
             (x1 - x0).max(2.0),
             x0 + 3.0,
             PLOT_Y + 44.0,
             f(t, "postcopy-requests"),
-            f(t, "postcopy-bytes") / MIB
+            f(t, "postcopy-bytes") / MIB,
+            t["auto-postcopy"]
+                .as_str()
+                .map(|why| format!(" (auto: {})", esc(why)))
+                .unwrap_or_default()
         );
         // What went after RUN, in the plot's unit (MiB/s).
         let pts: String = t["postcopy-series"]

@@ -375,9 +375,43 @@ fn auto_postcopy_switches_by_itself_when_precopy_cannot_converge() {
         let n = paused_last_hb(&mut src.p);
         continues_on(&mut dst.p, n);
         eprintln!("{what}: {why}");
+        // The timeline says it too, and its SVG shows the reason over the postcopy phase.
+        let tl = d.join(format!("timeline-{tag}.json"));
+        let t: Value = serde_json::from_str(&std::fs::read_to_string(&tl).unwrap()).unwrap();
+        assert_eq!(t["auto-postcopy"], why, "{what}");
+        assert_eq!(t["stop-reason"], "auto-postcopy", "{what}");
+        let out = std::process::Command::new(tern_bin())
+            .args(["report", tl.to_str().unwrap(), "-o"])
+            .arg(d.join(format!("{tag}.svg")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let svg = std::fs::read_to_string(d.join(format!("{tag}.svg"))).unwrap();
+        assert!(svg.contains("switched at round"), "{what}");
         quit(src);
         quit(dst);
     }
+    // A guest that converges never switches.
+    let mut src = source(&d, "calm", "1G", "tern.wss=256 tern.rate=64 tern.check=1");
+    let uri = format!("unix:{}", d.join("calm.sock").display());
+    let mut dst = target(&d, "calm-dst", &uri, &[]);
+    src.q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+    );
+    src.q.ok(
+        "migrate-set-parameters",
+        json!({"x-tern-auto-postcopy": "predict"}),
+    );
+    src.q.ok("migrate", json!({"uri": uri}));
+    let r = wait_migration(&mut src.q, MIGRATE);
+    assert_eq!(r["status"], "completed", "{r}");
+    assert!(r.get("x-tern-auto-postcopy").is_none(), "{r}");
+    assert_eq!(r["ram"]["postcopy-bytes"], 0, "{r}");
+    let n = paused_last_hb(&mut src.p);
+    continues_on(&mut dst.p, n);
+    quit(src);
+    quit(dst);
 }
 
 #[test]
