@@ -10,7 +10,7 @@ use tern_wire::{PostcopyCommand, ReturnMessage};
 
 use super::return_path::TargetEvent;
 use super::switchover::{
-    end_stream, stop_and_sync, Stopped, LOADED_TIMEOUT, RUNNING_TIMEOUT, SWITCHOVER_SPIN,
+    end_stream, stop_and_sync, LOADED_TIMEOUT, RUNNING_TIMEOUT, SWITCHOVER_SPIN,
 };
 use super::{update_counters, Link, Phase, Session};
 use crate::control::MigrationControl;
@@ -55,13 +55,8 @@ pub(super) fn run(
     rounds: u64,
 ) -> Result<()> {
     let secs = |t: Instant| t.duration_since(started).as_secs_f64();
-    let Stopped {
-        t_pause,
-        b0,
-        p0,
-        t_paused,
-        sync_ms,
-    } = stop_and_sync(ctl, session, rounds)?;
+    let stop = stop_and_sync(ctl, session, rounds)?;
+    let t_pause = stop.t_pause;
     let out = &mut link.out;
     // Everything still to send is stale or absent at the target: it faults from now on.
     for p in session.parts.iter_mut() {
@@ -171,17 +166,17 @@ pub(super) fn run(
         s.switchover = Some(Switchover {
             start: secs(t_pause),
             drain_ms: 0.0,
-            pause_ms: ms(t_paused),
-            sync_ms,
+            pause_ms: ms(stop.t_paused),
+            sync_ms: stop.sync_ms,
             pages_ms: ms(t_pages),
             state_ms: ms(t_state),
             end_ms: ms(t_state),
             loaded_ms: ms(t_loaded),
             ack_ms: ms(t_running),
-            pages: p1.data_pages - p0.data_pages,
-            zero_pages: p1.zero_pages - p0.zero_pages,
+            pages: p1.data_pages - stop.p0.data_pages,
+            zero_pages: p1.zero_pages - stop.p0.zero_pages,
             state_bytes: state_sent,
-            bytes: ctl.accepted() - b0,
+            bytes: ctl.accepted() - stop.b0,
         });
         s.postcopy_start = Some(secs(Instant::now()));
         update_counters(&mut s, session, ctl.accepted());
@@ -326,15 +321,7 @@ fn after_run(
                     first_page,
                     count,
                 })) => wanted.push((region, first_page, count)),
-                Some(TargetEvent::Message(ReturnMessage::Error { message, .. })) => {
-                    return Err(MigrateError::GuestLost(format!(
-                        "the target failed after it started the guest: {message}"
-                    )))
-                }
-                Some(TargetEvent::Message(m)) => {
-                    tracing::warn!("postcopy: unexpected return message {m:?}; ignored")
-                }
-                Some(TargetEvent::Closed(why)) => return Err(gone(why)),
+                Some(ev) => unexpected(ev)?,
             }
         }
         for (region, first, count) in wanted {
@@ -412,15 +399,7 @@ fn after_run(
                 break;
             }
             Some(TargetEvent::Message(ReturnMessage::PageRequest { .. })) => {}
-            Some(TargetEvent::Message(ReturnMessage::Error { message, .. })) => {
-                return Err(MigrateError::GuestLost(format!(
-                    "the target failed after it started the guest: {message}"
-                )))
-            }
-            Some(TargetEvent::Message(m)) => {
-                tracing::warn!("postcopy: unexpected return message {m:?}; ignored")
-            }
-            Some(TargetEvent::Closed(why)) => return Err(gone(why)),
+            Some(ev) => unexpected(ev)?,
         }
     }
     session.enter(Phase::Done);
@@ -430,6 +409,21 @@ fn after_run(
     s.postcopy_requests = requests + link.urgent_requests.load(Ordering::Relaxed);
     s.postcopy_bytes = ctl.accepted() - b_post;
     Ok(())
+}
+
+/// After RUN, anything but what the loop waits for: the target failed or went away (the guest
+/// is lost), or said something out of place (ignored).
+fn unexpected(ev: TargetEvent) -> Result<()> {
+    match ev {
+        TargetEvent::Message(ReturnMessage::Error { message, .. }) => Err(MigrateError::GuestLost(
+            format!("the target failed after it started the guest: {message}"),
+        )),
+        TargetEvent::Message(m) => {
+            tracing::warn!("postcopy: unexpected return message {m:?}; ignored");
+            Ok(())
+        }
+        TargetEvent::Closed(why) => Err(gone(why)),
+    }
 }
 
 /// The target's end of the connection closed after RUN: its process is gone, and the guest
