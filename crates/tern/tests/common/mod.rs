@@ -284,6 +284,33 @@ pub struct Qmp {
 
 impl Qmp {
     pub fn connect(path: &Path, timeout: Duration) -> Qmp {
+        let (mut q, greeting) = Qmp::open(path, timeout);
+        q.negotiate(greeting)
+    }
+
+    /// Connects like [`Qmp::connect`], but while the monitor answers that it has too many
+    /// clients, tries again until `timeout`: the sessions of clients that just left end only
+    /// when their threads see the hang-up.
+    pub fn connect_when_free(path: &Path, timeout: Duration) -> Qmp {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (mut q, greeting) = Qmp::open(path, timeout);
+            let full = greeting["error"]["desc"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("too many QMP clients"));
+            if !full {
+                return q.negotiate(greeting);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the monitor stayed full: {greeting}"
+            );
+            drop(q);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn open(path: &Path, timeout: Duration) -> (Qmp, Value) {
         let stream = connect_unix(path, timeout);
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
@@ -295,6 +322,11 @@ impl Qmp {
             events: vec![],
         };
         let greeting = q.read();
+        (q, greeting)
+    }
+
+    fn negotiate(mut self, greeting: Value) -> Qmp {
+        let q = &mut self;
         assert!(
             greeting["QMP"]["version"]["qemu"]["major"].is_u64(),
             "{greeting}"
@@ -302,7 +334,7 @@ impl Qmp {
         assert!(greeting["QMP"]["capabilities"].is_array(), "{greeting}");
         let r = q.execute("qmp_capabilities", json!({}));
         assert_eq!(r, json!({"return": {}}));
-        q
+        self
     }
 
     pub fn read(&mut self) -> Value {
