@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod netns;
+
 /// Tests that run guests take the machine's cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -284,7 +286,7 @@ pub struct Qmp {
 
 impl Qmp {
     pub fn connect(path: &Path, timeout: Duration) -> Qmp {
-        let (mut q, greeting) = Qmp::open(path, timeout);
+        let (q, greeting) = Qmp::open(path, timeout);
         q.negotiate(greeting)
     }
 
@@ -294,7 +296,7 @@ impl Qmp {
     pub fn connect_when_free(path: &Path, timeout: Duration) -> Qmp {
         let deadline = Instant::now() + timeout;
         loop {
-            let (mut q, greeting) = Qmp::open(path, timeout);
+            let (q, greeting) = Qmp::open(path, timeout);
             let full = greeting["error"]["desc"]
                 .as_str()
                 .is_some_and(|d| d.starts_with("too many QMP clients"));
