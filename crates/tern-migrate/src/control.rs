@@ -47,6 +47,11 @@ pub struct MigrationControl {
     channel_shut: AtomicBool,
     /// `migrate-start-postcopy` was asked for.
     postcopy: AtomicBool,
+    /// Postcopy recovery: `migrate-pause` was asked for, and the URI a `migrate-recover`
+    /// (target) or `migrate resume=true` (source) gave, for the paused migration thread.
+    pause: AtomicBool,
+    recovery: Mutex<Option<crate::transport::Uri>>,
+    recovery_cv: std::sync::Condvar,
     /// `max-bandwidth`, changeable while migrating.
     pub bandwidth_limit: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
@@ -77,6 +82,9 @@ impl MigrationControl {
             cancelled: AtomicBool::new(false),
             conn: Mutex::new(None),
             postcopy: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
+            recovery: Mutex::new(None),
+            recovery_cv: std::sync::Condvar::new(),
             channel_shut: AtomicBool::new(false),
             bandwidth_limit: Arc::new(AtomicU64::new(params.max_bandwidth)),
             accepted: Arc::new(AtomicU64::new(0)),
@@ -171,6 +179,71 @@ impl MigrationControl {
         }
         self.postcopy.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// `migrate-pause`: postcopy pauses as if the link had broken (the connections are shut:
+    /// `full` on the source, whose writer may be blocked; reads only on the target, which
+    /// still says PAUSED to its source). Valid in `postcopy-active` and while recovering.
+    pub fn pause(&self, full: bool) -> std::result::Result<(), String> {
+        let status = self.stats().status;
+        if !matches!(
+            status,
+            MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyRecover
+                | MigrationStatus::PostcopyRecoverSetup
+        ) {
+            return Err(format!(
+                "migrate-pause is only valid during postcopy-active (the migration is {})",
+                status.as_str()
+            ));
+        }
+        self.pause.store(true, Ordering::SeqCst);
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if full {
+                c.cancel();
+            } else {
+                c.stop_reads();
+            }
+        }
+        // A recovery waiting for its connection stops waiting.
+        self.recovery_cv.notify_all();
+        Ok(())
+    }
+
+    /// Whether `migrate-pause` was asked for since the last recovery; taking it clears it.
+    pub(crate) fn take_pause(&self) -> bool {
+        self.pause.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether `migrate-pause` was asked for (not cleared).
+    pub(crate) fn pause_asked(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    /// `migrate-recover URI` (target) or `migrate` with `resume: true` (source): the paused
+    /// migration reconnects through `uri`. Valid only in `postcopy-paused`.
+    pub fn recover(&self, uri: crate::transport::Uri) -> std::result::Result<(), String> {
+        let status = self.stats().status;
+        if status != MigrationStatus::PostcopyPaused {
+            return Err(format!(
+                "Recovery is only valid when postcopy is paused (the migration is {})",
+                status.as_str()
+            ));
+        }
+        *self.recovery.lock().unwrap_or_else(|e| e.into_inner()) = Some(uri);
+        self.recovery_cv.notify_all();
+        Ok(())
+    }
+
+    /// The paused migration thread: waits for the URI of a recovery.
+    pub(crate) fn wait_recovery(&self) -> crate::transport::Uri {
+        let mut g = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(u) = g.take() {
+                return u;
+            }
+            g = self.recovery_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// The source's own decision to switch (`x-tern-auto-postcopy`).

@@ -50,6 +50,22 @@ impl MigrateError {
         ))
     }
 
+    /// Whether a read or write hit its socket's timeout.
+    pub(crate) fn is_timeout(&self) -> bool {
+        let io = match self {
+            MigrateError::Wire(w) => match &w.kind {
+                tern_wire::ErrorKind::Io(io) => io,
+                _ => return false,
+            },
+            MigrateError::Io { source, .. } => source,
+            _ => return false,
+        };
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    }
+
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
         let what = what.into();
         move |source| MigrateError::Io { what, source }

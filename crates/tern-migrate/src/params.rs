@@ -140,6 +140,10 @@ pub struct MigrationParams {
     /// The target gives up on a source that sends nothing for this long, in milliseconds
     /// (`x-tern-read-timeout`; a source never pauses its stream for long: 60 s is generous).
     pub read_timeout_ms: u64,
+    /// Postcopy, after RUN, both sides: a connection that carries nothing for this long (a
+    /// write that blocks, a read that waits) pauses the migration (`x-tern-postcopy-timeout`,
+    /// milliseconds): the link is taken for broken, and recovery can reconnect.
+    pub postcopy_timeout_ms: u64,
     /// Data channels with the `multifd` capability (QEMU's `multifd-channels`, default 2).
     pub multifd_channels: u8,
     /// How pages with data are compressed (QEMU's `multifd-compression`; tern compresses on
@@ -267,6 +271,7 @@ impl Default for MigrationParams {
             limit_action: LimitAction::Fail,
             switchover_fault: None,
             read_timeout_ms: 60_000,
+            postcopy_timeout_ms: 10_000,
             multifd_channels: 2,
             multifd_compression: MultifdCompression::None,
             multifd_zstd_level: 1,
@@ -313,6 +318,7 @@ impl MigrationParams {
             "x-tern-limit-action": self.limit_action.as_str(),
             "x-tern-switchover-fault": self.switchover_fault.map(|f| f.to_string()).unwrap_or_default(),
             "x-tern-read-timeout": self.read_timeout_ms,
+            "x-tern-postcopy-timeout": self.postcopy_timeout_ms,
             "multifd-channels": self.multifd_channels,
             "multifd-compression": self.multifd_compression.as_str(),
             "multifd-zstd-level": self.multifd_zstd_level,
@@ -353,6 +359,7 @@ impl MigrationParams {
                     }
                 }
                 "x-tern-read-timeout" => p.read_timeout_ms = int_in(k, v, 100, 86_400_000)?,
+                "x-tern-postcopy-timeout" => p.postcopy_timeout_ms = int_in(k, v, 100, 86_400_000)?,
                 "multifd-channels" => p.multifd_channels = int_in(k, v, 1, 255)? as u8,
                 "multifd-compression" => {
                     p.multifd_compression = match v.as_str() {

@@ -96,6 +96,12 @@ pub trait SaveParticipant: Send {
     ) -> Result<u64> {
         Ok(0)
     }
+    /// Postcopy recovery: the target holds exactly the pages set in `words` (page
+    /// `first_page + 64 j + i` is bit i of word j) of `region`, if it is this participant's; the
+    /// others are to send, whatever was sent before. Returns how many pages that sends again.
+    fn postcopy_held(&mut self, _region: u32, _first_page: u64, _words: &[u64]) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Postcopy-preempt: sends the pages the target asked for on the urgent stream, from a thread

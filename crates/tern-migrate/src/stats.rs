@@ -12,8 +12,13 @@ pub enum MigrationStatus {
     Active,
     /// Postcopy: the guest runs on the target, pages still move (QEMU's name).
     PostcopyActive,
-    /// Postcopy: the connection broke after RUN; each side keeps its half of the guest.
+    /// Postcopy: the connection broke after RUN; each side keeps its half of the guest and
+    /// waits for a recovery.
     PostcopyPaused,
+    /// Recovery: waiting for the other side's new connection.
+    PostcopyRecoverSetup,
+    /// Recovery: the handshake on the new connection (what the target holds).
+    PostcopyRecover,
     Cancelling,
     Cancelled,
     Completed,
@@ -29,6 +34,8 @@ impl MigrationStatus {
             MigrationStatus::Active => "active",
             MigrationStatus::PostcopyActive => "postcopy-active",
             MigrationStatus::PostcopyPaused => "postcopy-paused",
+            MigrationStatus::PostcopyRecoverSetup => "postcopy-recover-setup",
+            MigrationStatus::PostcopyRecover => "postcopy-recover",
             MigrationStatus::Cancelling => "cancelling",
             MigrationStatus::Cancelled => "cancelled",
             MigrationStatus::Completed => "completed",
@@ -40,10 +47,7 @@ impl MigrationStatus {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            MigrationStatus::Cancelled
-                | MigrationStatus::Completed
-                | MigrationStatus::Failed
-                | MigrationStatus::PostcopyPaused
+            MigrationStatus::Cancelled | MigrationStatus::Completed | MigrationStatus::Failed
         )
     }
 }
@@ -113,6 +117,35 @@ pub struct MigrationStats {
     pub postcopy_series: Vec<(f64, f64, f64)>,
     /// Postcopy, target: what the faults cost (`postcopy-blocktime` and the latencies).
     pub postcopy_faults: Option<crate::target::postcopy::FaultStats>,
+    /// Postcopy, both sides: every pause and the recovery that ended it.
+    pub recoveries: Vec<Recovery>,
+}
+
+/// One pause of postcopy and its recovery.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Recovery {
+    /// When it paused, seconds since the start.
+    pub paused_at: f64,
+    /// Why.
+    pub reason: String,
+    /// How long until postcopy was active again, ms (`None` while paused).
+    pub paused_ms: Option<f64>,
+    /// Source: pages it had sent that the target did not hold, sent again.
+    pub resent_pages: u64,
+    /// Recovery attempts that failed before the one that worked.
+    pub failed_attempts: u64,
+}
+
+impl Recovery {
+    fn to_json(&self) -> Value {
+        json!({
+            "paused-at": self.paused_at,
+            "reason": self.reason,
+            "paused-ms": self.paused_ms,
+            "resent-pages": self.resent_pages,
+            "failed-attempts": self.failed_attempts,
+        })
+    }
 }
 
 /// One precopy round as measured by the source. Times are seconds since the migration began;
@@ -204,6 +237,7 @@ impl Default for MigrationStats {
             postcopy_start: None,
             auto_postcopy: None,
             postcopy_series: Vec::new(),
+            recoveries: Vec::new(),
             postcopy_faults: None,
         }
     }
@@ -281,6 +315,10 @@ impl MigrationStats {
         }
         if let Some(f) = &self.postcopy_faults {
             f.to_qmp(&mut v);
+        }
+        if !self.recoveries.is_empty() {
+            v["x-tern-postcopy-recoveries"] =
+                self.recoveries.iter().map(Recovery::to_json).collect();
         }
         if !self.multifd_channel_bytes.is_empty() {
             // Per data channel: what it sent and how long it was busy sending it.
@@ -368,6 +406,7 @@ impl MigrationStats {
             "auto-postcopy": self.auto_postcopy,
             "postcopy-requests": self.postcopy_requests,
             "postcopy-bytes": self.postcopy_bytes,
+            "postcopy-recoveries": self.recoveries.iter().map(Recovery::to_json).collect::<Vec<_>>(),
             "postcopy-series": self
                 .postcopy_series
                 .iter()

@@ -8,16 +8,19 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use crate::{MigrateError, Result};
+
+mod listener;
+pub use listener::Listener;
 
 /// Where to migrate to or from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,6 +156,15 @@ impl Connection {
         match &*self.0 {
             Endpoint::Tcp(s) => s.set_read_timeout(t),
             Endpoint::Unix(s) => s.set_read_timeout(t),
+            Endpoint::File(_) => Ok(()),
+        }
+    }
+
+    /// Limits how long a write may block (every handle shares the setting).
+    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match &*self.0 {
+            Endpoint::Tcp(s) => s.set_write_timeout(t),
+            Endpoint::Unix(s) => s.set_write_timeout(t),
             Endpoint::File(_) => Ok(()),
         }
     }
@@ -295,6 +307,15 @@ impl Canceller {
             Canceller::Nothing => {}
         }
     }
+
+    /// Stops reads on sockets (writes still go out); a command is left alone.
+    pub fn stop_reads(&self) {
+        match self {
+            Canceller::Socket(c) => c.shutdown_read(),
+            Canceller::Many(all) => all.iter().for_each(Canceller::stop_reads),
+            Canceller::Command(..) | Canceller::Nothing => {}
+        }
+    }
 }
 
 /// An open migration channel and what finishing it takes.
@@ -408,115 +429,6 @@ impl Channel {
             (_, Some((child, _, reaped))) => Canceller::Command(child.id(), reaped.clone()),
             (c, None) if c.two_way() => Canceller::Socket(c.clone()),
             _ => Canceller::Nothing,
-        }
-    }
-}
-
-/// The target's endpoint: a listening socket, or a channel that is already open.
-pub enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-    Open(Mutex<Option<Channel>>),
-}
-
-impl Listener {
-    /// Binds a socket (a stale unix socket file is replaced), opens the file or descriptor, or
-    /// starts the command, so that errors reach the caller now.
-    pub fn bind(uri: &Uri, fd: Option<OwnedFd>) -> Result<Listener> {
-        let open = |c: Channel| Ok(Listener::Open(Mutex::new(Some(c))));
-        match uri {
-            Uri::Tcp(h, p) => Ok(Listener::Tcp(
-                TcpListener::bind((h.as_str(), *p))
-                    .map_err(MigrateError::io(format!("listening on {uri}")))?,
-            )),
-            Uri::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                Ok(Listener::Unix(
-                    UnixListener::bind(p)
-                        .map_err(MigrateError::io(format!("listening on {uri}")))?,
-                    p.clone(),
-                ))
-            }
-            Uri::File(p) => open(Channel::plain(Connection::file(
-                File::open(p).map_err(MigrateError::io(format!("opening {}", p.display())))?,
-            ))),
-            Uri::Fd(_) => {
-                let fd =
-                    fd.ok_or_else(|| MigrateError::Vm(format!("{uri}: no such descriptor")))?;
-                open(Channel::plain(
-                    Connection::from_fd(fd).map_err(MigrateError::io(uri.to_string()))?,
-                ))
-            }
-            Uri::Exec(cmd) => open(Channel::command(cmd, false)?),
-        }
-    }
-
-    /// Whether another connection can come after one was refused (a listening socket; not an
-    /// already open descriptor, file or command).
-    pub fn reusable(&self) -> bool {
-        !matches!(self, Listener::Open(_))
-    }
-
-    /// Waits for the source, or until `cancelled()` says to stop (checked every 100 ms: a
-    /// `migrate_cancel` or `quit` on a target that is still waiting for its source).
-    pub fn accept_unless(&self, cancelled: &dyn Fn() -> bool) -> Result<Channel> {
-        let fd = match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l, _) => l.as_raw_fd(),
-            Listener::Open(_) => return self.accept(),
-        };
-        loop {
-            if cancelled() {
-                return Err(MigrateError::Cancelled);
-            }
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call; the listener outlives it.
-            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-            if n > 0 {
-                return self.accept();
-            }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(MigrateError::io("waiting for the migration")(e));
-                }
-            }
-        }
-    }
-
-    /// Waits for the source.
-    pub fn accept(&self) -> Result<Channel> {
-        match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l
-                    .accept()
-                    .map_err(MigrateError::io("accepting the migration"))?;
-                s.set_nodelay(true)
-                    .map_err(MigrateError::io("TCP_NODELAY"))?;
-                Ok(Channel::plain(Connection::tcp(s)))
-            }
-            Listener::Unix(l, _) => Ok(Channel::plain(Connection::unix(
-                l.accept()
-                    .map_err(MigrateError::io("accepting the migration"))?
-                    .0,
-            ))),
-            Listener::Open(c) => c
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .ok_or_else(|| MigrateError::Vm("this channel was used already".into())),
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
         }
     }
 }

@@ -34,7 +34,7 @@ pub enum Command {
         /// Accepted and ignored: QMP's `migrate` always returns at once.
         #[serde(default)]
         detach: Option<bool>,
-        /// Postcopy recovery (refused until tern has it).
+        /// Postcopy recovery: reconnect a paused migration through `uri`.
         #[serde(default)]
         resume: Option<bool>,
         /// QEMU's deprecated block migration flags (refused when set).
@@ -47,6 +47,12 @@ pub enum Command {
     MigrateCancel {},
     #[serde(rename = "migrate-start-postcopy")]
     MigrateStartPostcopy {},
+    /// Postcopy: pause as if the link had broken.
+    #[serde(rename = "migrate-pause")]
+    MigratePause {},
+    /// Postcopy recovery, on the target: listen on `uri` for the paused source.
+    #[serde(rename = "migrate-recover")]
+    MigrateRecover { uri: String },
     #[serde(rename = "migrate-incoming")]
     MigrateIncoming { uri: String },
     #[serde(rename = "query-migrate")]
@@ -103,6 +109,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "migrate",
     "migrate_cancel",
     "migrate-start-postcopy",
+    "migrate-pause",
+    "migrate-recover",
     "migrate-incoming",
     "query-migrate",
     "query-migrate-parameters",
@@ -157,6 +165,8 @@ impl Command {
             Command::Migrate { .. } => "migrate",
             Command::MigrateCancel {} => "migrate_cancel",
             Command::MigrateStartPostcopy {} => "migrate-start-postcopy",
+            Command::MigratePause {} => "migrate-pause",
+            Command::MigrateRecover { .. } => "migrate-recover",
             Command::MigrateIncoming { .. } => "migrate-incoming",
             Command::QueryMigrate {} => "query-migrate",
             Command::QueryMigrateParameters {} => "query-migrate-parameters",

@@ -32,7 +32,22 @@ pub enum ReturnMessage {
     Complete {
         records: u64,
     },
+    /// Postcopy: the target pauses (migrate-pause, or its source fell silent); it keeps the
+    /// guest and waits for a recovery. A live target never closes after RUN without it.
+    Paused,
+    /// Recovery: the pages the target holds, one bit per page from `first_page` (bit i of word
+    /// j is page first_page + 64 j + i), at most [`MAX_RECEIVED_WORDS`] words.
+    Received {
+        region: u32,
+        first_page: u64,
+        words: Vec<u64>,
+    },
+    /// Recovery: every RECEIVED was sent; the target waits for the pages it lacks.
+    ResumeAck,
 }
+
+/// Most bitmap words one RECEIVED carries (32 KiB: 262 144 pages, 1 GiB of guest RAM).
+pub const MAX_RECEIVED_WORDS: usize = 4096;
 
 impl ReturnMessage {
     /// Encodes the record body (record type RETURN_MESSAGE). An ERROR's text is cut to fit
@@ -73,6 +88,21 @@ impl ReturnMessage {
                 b.extend_from_slice(&[6, 0, 0, 0]);
                 b.extend_from_slice(&records.to_le_bytes());
             }
+            ReturnMessage::Paused => b.extend_from_slice(&[7, 0, 0, 0]),
+            ReturnMessage::Received {
+                region,
+                first_page,
+                words,
+            } => {
+                b.extend_from_slice(&[8, 0, 0, 0]);
+                b.extend_from_slice(&region.to_le_bytes());
+                b.extend_from_slice(&(words.len() as u32).to_le_bytes());
+                b.extend_from_slice(&first_page.to_le_bytes());
+                for w in words {
+                    b.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            ReturnMessage::ResumeAck => b.extend_from_slice(&[9, 0, 0, 0]),
         }
         b
     }
@@ -111,6 +141,19 @@ impl ReturnMessage {
             4 if d.len() == 8 => Ok(ReturnMessage::Loaded { records: u64_at(0) }),
             5 if d.is_empty() => Ok(ReturnMessage::Running),
             6 if d.len() == 8 => Ok(ReturnMessage::Complete { records: u64_at(0) }),
+            7 if d.is_empty() => Ok(ReturnMessage::Paused),
+            8 if d.len() >= 16 => {
+                let n = u32::from_le_bytes(d[4..8].try_into().expect("4")) as usize;
+                if n > MAX_RECEIVED_WORDS || d.len() != 16 + n * 8 {
+                    return Err(bad("RECEIVED's word count does not match its length"));
+                }
+                Ok(ReturnMessage::Received {
+                    region: u32::from_le_bytes(d[0..4].try_into().expect("4")),
+                    first_page: u64_at(8),
+                    words: (0..n).map(|i| u64_at(16 + i * 8)).collect(),
+                })
+            }
+            9 if d.is_empty() => Ok(ReturnMessage::ResumeAck),
             _ => Err(bad("unknown kind or wrong length")),
         }
     }
@@ -209,6 +252,18 @@ mod tests {
             ReturnMessage::Loaded { records: 1234 },
             ReturnMessage::Running,
             ReturnMessage::Complete { records: 77 },
+            ReturnMessage::Paused,
+            ReturnMessage::Received {
+                region: 1,
+                first_page: 4096,
+                words: vec![u64::MAX, 0, 5],
+            },
+            ReturnMessage::Received {
+                region: 0,
+                first_page: 0,
+                words: vec![7; MAX_RECEIVED_WORDS],
+            },
+            ReturnMessage::ResumeAck,
         ] {
             assert_eq!(ReturnMessage::decode(&m.encode()).unwrap(), m);
         }
@@ -217,11 +272,23 @@ mod tests {
             &[5, 0, 0, 0, 1][..],
             &[4, 0, 0, 0][..],
             &[6, 0, 0, 0, 1, 2][..],
-            &[9, 0, 0, 0][..],
+            &[10, 0, 0, 0][..],
+            &[9, 0, 0, 0, 0][..],
+            &[7, 0, 0, 0, 1][..],
+            // RECEIVED: two words announced, one there.
+            &[
+                8, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0,
+            ][..],
         ] {
             assert!(ReturnMessage::decode(bad).is_err(), "{bad:?}");
         }
         assert!(ReturnMessage::decode(&vec![3; MAX_RETURN_MESSAGE + 1]).is_err());
+        let over = ReturnMessage::Received {
+            region: 0,
+            first_page: 0,
+            words: vec![0; MAX_RECEIVED_WORDS + 1],
+        };
+        assert!(ReturnMessage::decode(&over.encode()).is_err());
         let long = ReturnMessage::Error {
             code: 1,
             message: "é".repeat(MAX_RETURN_MESSAGE),

@@ -19,7 +19,9 @@ mod state;
 mod stream;
 
 pub use compress::{decompress_run, Compression, Compressor};
-pub use control::{ChannelHello, ChannelRole, ReturnMessage, MAX_RETURN_MESSAGE};
+pub use control::{
+    ChannelHello, ChannelRole, ReturnMessage, MAX_RECEIVED_WORDS, MAX_RETURN_MESSAGE,
+};
 pub use crc32c::crc32c;
 pub use desc::{FieldDesc, RamRegionDesc, SectionDesc, SubsectionDesc, VmDescription};
 pub use error::{ErrorKind, StateError, WireError};

@@ -18,6 +18,8 @@ pub enum PostcopyCommand {
     },
     Listen,
     Run,
+    /// Recovery: the first record after VM_DESCRIPTION on a new connection to a paused target.
+    Resume,
 }
 
 impl PostcopyCommand {
@@ -44,6 +46,7 @@ impl PostcopyCommand {
             }
             PostcopyCommand::Listen => (3, vec![]),
             PostcopyCommand::Run => (4, vec![]),
+            PostcopyCommand::Resume => (5, vec![]),
         };
         b.extend_from_slice(&cmd.to_le_bytes());
         b.extend_from_slice(&[0, 0]);
@@ -88,7 +91,8 @@ impl PostcopyCommand {
             }
             3 if d.is_empty() => Ok(PostcopyCommand::Listen),
             4 if d.is_empty() => Ok(PostcopyCommand::Run),
-            1..=4 => Err(bad("wrong length for the command")),
+            5 if d.is_empty() => Ok(PostcopyCommand::Resume),
+            1..=5 => Err(bad("wrong length for the command")),
             other => Err(bad(&format!("unknown command {other}"))),
         }
     }

@@ -20,7 +20,11 @@ fn postcopy_commands_are_bounded() {
     // A count that does not match the body.
     over[8..12].copy_from_slice(&3u32.to_le_bytes());
     assert!(PostcopyCommand::decode(&over).is_err());
-    for c in [PostcopyCommand::Listen, PostcopyCommand::Run] {
+    for c in [
+        PostcopyCommand::Listen,
+        PostcopyCommand::Run,
+        PostcopyCommand::Resume,
+    ] {
         assert_eq!(PostcopyCommand::decode(&c.encode()).unwrap(), c);
         let mut long = c.encode();
         long.push(0);

@@ -36,9 +36,15 @@ impl RunBackend {
 
     fn migrate(&self, uri: &str, resume: bool, blk: bool) -> Result<Value, QmpError> {
         if resume {
-            return Err(QmpError::generic(
-                "Postcopy recovery is not supported by tern yet",
-            ));
+            let uri = Uri::parse(uri).map_err(|e| QmpError::generic(e.to_string()))?;
+            let ctl = self.paused_migration()?;
+            if self.phase() == Phase::InMigrate {
+                return Err(QmpError::generic(
+                    "This is the target: use migrate-recover here, and migrate with resume on the source",
+                ));
+            }
+            ctl.recover(uri).map_err(QmpError::generic)?;
+            return Ok(json!({}));
         }
         if blk {
             return Err(QmpError::generic(
@@ -48,6 +54,14 @@ impl RunBackend {
         let uri = Uri::parse(uri).map_err(|e| QmpError::generic(e.to_string()))?;
         self.app.start_outgoing(uri).map_err(QmpError::generic)?;
         Ok(json!({}))
+    }
+
+    /// The migration in progress, for postcopy recovery's commands.
+    fn paused_migration(&self) -> Result<Arc<tern_migrate::MigrationControl>, QmpError> {
+        self.app
+            .mig
+            .active()
+            .ok_or_else(|| QmpError::generic("No migration is in progress: nothing to recover"))
     }
 
     /// `calc-dirty-rate`: tern measures with the dirty log (QEMU's `dirty-bitmap` mode, the
@@ -187,6 +201,23 @@ impl Backend for RunBackend {
                     generic("migrate-start-postcopy: no outgoing migration is running".to_string())
                 })?;
                 ctl.start_postcopy().map_err(generic)?;
+                Ok(json!({}))
+            }
+            Command::MigratePause {} => {
+                let ctl = self.paused_migration()?;
+                ctl.pause(self.phase() != Phase::InMigrate)
+                    .map_err(generic)?;
+                Ok(json!({}))
+            }
+            Command::MigrateRecover { uri } => {
+                let uri = Uri::parse(&uri).map_err(|e| generic(e.to_string()))?;
+                if self.phase() != Phase::InMigrate {
+                    return Err(generic(
+                        "migrate-recover is for the target: on the source, migrate with resume"
+                            .to_string(),
+                    ));
+                }
+                self.paused_migration()?.recover(uri).map_err(generic)?;
                 Ok(json!({}))
             }
             Command::MigrateIncoming { uri } => {

@@ -29,10 +29,13 @@ info migrate -- show migration status
 info migrate_capabilities -- show current migration capabilities
 info migrate_parameters -- show current migration parameters
 info status -- show the current VM status (running|paused)
-migrate [-d] uri -- migrate to URI (tcp:HOST:PORT, unix:PATH, fd:NAME, exec:CMD, file:PATH)
+migrate [-d] [-r] uri -- migrate to URI (tcp:HOST:PORT, unix:PATH, fd:NAME, exec:CMD, file:PATH)
 \t -d to return at once rather than wait for the end
+\t -r to resume a paused postcopy migration through URI
 migrate_cancel -- cancel the current VM migration
 migrate_start_postcopy -- switch the running migration to postcopy
+migrate_pause -- pause a postcopy migration (as if its link broke)
+migrate_recover uri -- on the target: take a paused postcopy migration's source back on URI
 migrate_incoming uri -- continue an incoming migration from URI
 migrate_set_capability capability state -- enable or disable a capability (on|off)
 migrate_set_parameter parameter value -- set a migration parameter
@@ -157,6 +160,11 @@ pub fn execute(backend: &RunBackend, line: &str) -> (String, bool) {
         "migrate_start_postcopy" => {
             qmp(backend, "migrate-start-postcopy", json!({})).map(|_| String::new())
         }
+        "migrate_pause" => qmp(backend, "migrate-pause", json!({})).map(|_| String::new()),
+        "migrate_recover" => match rest {
+            [uri] => qmp(backend, "migrate-recover", json!({"uri": uri})).map(|_| String::new()),
+            _ => Err("usage: migrate_recover URI".into()),
+        },
         "migrate_set_capability" => match rest {
             [name, state] => match *state {
                 "on" | "off" => qmp(
@@ -335,8 +343,13 @@ fn format_migrate(m: &Value) -> String {
 fn migrate(backend: &RunBackend, rest: &[&str]) -> Result<String, String> {
     let (detach, uri) = match rest {
         ["-d", uri] => (true, *uri),
+        // A resume returns at once: the migration it continues was started before.
+        ["-r", uri] | ["-d", "-r", uri] | ["-r", "-d", uri] => {
+            qmp(backend, "migrate", json!({"uri": uri, "resume": true}))?;
+            return Ok(String::new());
+        }
         [uri] if !uri.starts_with('-') => (false, *uri),
-        _ => return Err("usage: migrate [-d] URI".into()),
+        _ => return Err("usage: migrate [-d] [-r] URI".into()),
     };
     qmp(backend, "migrate", json!({"uri": uri}))?;
     if detach {

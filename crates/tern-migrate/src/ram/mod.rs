@@ -453,6 +453,10 @@ impl SaveParticipant for RamSaver {
         self.urgent_sender()
     }
 
+    fn postcopy_held(&mut self, region: u32, first_page: u64, words: &[u64]) -> Result<u64> {
+        self.held(region, first_page, words)
+    }
+
     fn cleanup(&mut self) {
         if self.logging {
             self.vm.ram().stop_dirty_log();

@@ -175,6 +175,49 @@ impl RamSaver {
         Ok(sent)
     }
 
+    /// Recovery: the target holds the pages set in `words`; every other page of the range is
+    /// to send (again, if it went before: the link may have lost it). The urgent sender is
+    /// gone by now: its claims are folded into the counters and dropped.
+    pub(super) fn held(&mut self, region: u32, first_page: u64, words: &[u64]) -> Result<u64> {
+        let Some(ri) = self.regions.iter().position(|r| r.info.id == region) else {
+            return Ok(0);
+        };
+        let bad =
+            |why: String| crate::MigrateError::Vm(format!("RECEIVED for region {region}: {why}"));
+        if let Some(c) = self.claims.take() {
+            self.counters.normal += c.normal.load(Ordering::Relaxed);
+            self.counters.zero += c.zero.load(Ordering::Relaxed);
+        }
+        let r = &mut self.regions[ri];
+        if !first_page.is_multiple_of(64) || first_page >= r.pages.max(1) {
+            return Err(bad(format!(
+                "first page {first_page} is not a word of the region"
+            )));
+        }
+        let mut resent = 0;
+        for (j, &w) in words.iter().enumerate() {
+            let i = (first_page / 64) as usize + j;
+            let base = i as u64 * 64;
+            let valid = match r.pages.saturating_sub(base) {
+                0 => 0,
+                n if n >= 64 => u64::MAX,
+                n => (1u64 << n) - 1,
+            };
+            if w & !valid != 0 {
+                return Err(bad(format!("pages past the region's end at word {i}")));
+            }
+            let want = !w & valid;
+            let Some(old) = r.bits.get_mut(i) else {
+                continue;
+            };
+            resent += u64::from((want & !*old).count_ones());
+            r.left = r.left - u64::from(old.count_ones()) + u64::from(want.count_ones());
+            *old = want;
+        }
+        self.cursor = (0, 0);
+        Ok(resent)
+    }
+
     /// Postcopy-preempt: the sender of requested pages, sharing this saver's claims.
     pub(super) fn urgent_sender(&mut self) -> Option<Arc<dyn UrgentPages>> {
         let claims = self.claims.clone()?;

@@ -13,6 +13,7 @@
 pub(crate) mod multifd;
 mod postcopy;
 pub(crate) mod precopy;
+mod recover;
 mod return_path;
 mod switchover;
 
@@ -97,6 +98,10 @@ pub(crate) struct Link {
     pub(crate) urgent_thread: Option<std::thread::JoinHandle<Result<Out<'static>>>>,
     /// Page requests the urgent sender served.
     pub(crate) urgent_requests: Arc<std::sync::atomic::AtomicU64>,
+    /// Postcopy-preempt: why the urgent sender stopped, if it failed.
+    pub(crate) urgent_failed: Arc<std::sync::Mutex<Option<MigrateError>>>,
+    /// The session id of the channel hellos (a recovery's connection says it again).
+    pub(crate) session: [u8; 16],
     /// The return path (two-way channels only).
     pub(crate) ret: Option<ReturnPath>,
     pub(crate) end: Option<ChannelEnd>,
@@ -233,7 +238,7 @@ fn outgoing(
     };
     let Channel { conn, end } = channel;
     let mut end = Some(end);
-    let result = transfer(vm, ctl, conn, data, urgent, &mut end);
+    let result = transfer(vm, ctl, conn, data, urgent, session, &mut end);
     if result.is_err() {
         // Stop the other end: a socket is shut down, a command is killed.
         ctl.shut_channel();
@@ -299,6 +304,7 @@ fn transfer(
     conn: Connection,
     data: Vec<Connection>,
     urgent: Option<Connection>,
+    session_id: [u8; 16],
     end: &mut Option<ChannelEnd>,
 ) -> Result<()> {
     ctl.check_cancel()?;
@@ -333,6 +339,8 @@ fn transfer(
         urgent_conn: urgent,
         urgent_thread: None,
         urgent_requests: Arc::default(),
+        urgent_failed: Arc::default(),
+        session: session_id,
         ret,
         end: end.take(),
         conn: two_way,

@@ -12,15 +12,11 @@ use super::return_path::TargetEvent;
 use super::switchover::{
     end_stream, stop_and_sync, LOADED_TIMEOUT, RUNNING_TIMEOUT, SWITCHOVER_SPIN,
 };
-use super::{update_counters, Link, Phase, Session};
+use super::{recover, update_counters, Link, Phase, Session};
 use crate::control::MigrationControl;
 use crate::participant::Out;
 use crate::stats::{MigrationStatus, Switchover};
 use crate::{MigrateError, Result};
-
-/// How long the target may stay silent, after RUN, while pages are still to send or COMPLETE
-/// is awaited, before the source calls the migration paused.
-const SILENCE: Duration = Duration::from_secs(60);
 
 /// Says ADVISE at setup (the target checks it can serve page faults, and refuses now if not).
 pub(super) fn advise(
@@ -73,7 +69,7 @@ pub(super) fn run(
         let mut uout = link.urgent.take().expect("checked");
         let (tx, rx) = mpsc::channel::<(u32, u64, u64)>();
         let served = link.urgent_requests.clone();
-        let main_conn = link.conn.clone();
+        let failed = link.urgent_failed.clone();
         let t = std::thread::Builder::new()
             .name("postcopy-urgent".into())
             .spawn(move || -> Result<Out<'static>> {
@@ -89,12 +85,11 @@ pub(super) fn run(
                 })();
                 if let Err(e) = r {
                     // Pages it claimed will not arrive: the failure must show now, not after
-                    // the whole scan (the main connection is shut: the main loop fails).
-                    tracing::error!("postcopy urgent sender: {e}");
-                    if let Some(c) = &main_conn {
-                        c.shutdown();
-                    }
-                    return Err(e);
+                    // the whole scan (the main loop looks at `failed` after every batch; the
+                    // main connection stays open so that a target's PAUSED can still come).
+                    tracing::warn!("postcopy urgent sender: {e}");
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    return Err(MigrateError::Vm("the postcopy urgent sender failed".into()));
                 }
                 Ok(uout)
             })
@@ -148,6 +143,13 @@ pub(super) fn run(
         })?;
     session.enter(Phase::Committed);
     tracing::info!("postcopy: RUN sent; the guest is the target's now");
+    // From now on a socket that takes nothing for this long is a broken link: postcopy pauses.
+    let t = Some(Duration::from_millis(ctl.params.postcopy_timeout_ms));
+    for c in link.conn.iter().chain(&link.urgent_conn) {
+        if let Err(e) = c.set_write_timeout(t) {
+            tracing::warn!("cannot set the postcopy write timeout: {e}");
+        }
+    }
     serving(session, link, "RUNNING", RUNNING_TIMEOUT, |m| {
         matches!(m, ReturnMessage::Running).then_some(())
     })
@@ -296,16 +298,38 @@ fn serving<T>(
 }
 
 /// After RUN: requested pages first, then the background scan, until nothing is left; END;
-/// COMPLETE.
+/// COMPLETE. A broken link pauses and, once recovered, the rest goes on the new connection.
 fn after_run(
     ctl: &MigrationControl,
     session: &mut Session,
     link: &mut Link,
     b_post: u64,
 ) -> Result<()> {
+    let mut requests = 0u64;
+    while let Err(e) = send_rest(ctl, session, link, b_post, &mut requests) {
+        let why = recover::pause_or_lost(ctl, link, e)?;
+        recover::pause_and_recover(ctl, session, link, why)?;
+    }
+    session.enter(Phase::Done);
+    let mut s = ctl.stats();
+    update_counters(&mut s, session, ctl.accepted());
+    s.remaining = 0;
+    s.postcopy_requests = requests + link.urgent_requests.load(Ordering::Relaxed);
+    s.postcopy_bytes = ctl.accepted() - b_post;
+    Ok(())
+}
+
+/// What is left to send on the current connection, END, and the wait for COMPLETE.
+fn send_rest(
+    ctl: &MigrationControl,
+    session: &mut Session,
+    link: &mut Link,
+    b_post: u64,
+    requests: &mut u64,
+) -> Result<()> {
+    let silence = Duration::from_millis(ctl.params.postcopy_timeout_ms);
     let ret = link.ret.as_mut().expect("two-way");
     ret.set_spin(Duration::ZERO);
-    let mut requests = 0u64;
     let mut batches = 0u64;
     // The timeline's postcopy series: what went and what was asked for, every ~100 ms.
     let started = ctl.stats().started.unwrap_or_else(Instant::now);
@@ -313,6 +337,7 @@ fn after_run(
     loop {
         // Requests first: everything the target asked for so far.
         let mut wanted = Vec::new();
+        let ret = link.ret.as_mut().expect("two-way");
         loop {
             match ret.next(Duration::ZERO) {
                 None => break,
@@ -324,13 +349,22 @@ fn after_run(
                 Some(ev) => unexpected(ev)?,
             }
         }
+        if link
+            .urgent_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return Err(MigrateError::Vm("the postcopy urgent sender failed".into()));
+        }
+        let served = !wanted.is_empty();
         for (region, first, count) in wanted {
-            requests += 1;
+            *requests += 1;
             for p in session.parts.iter_mut() {
                 p.postcopy_serve(&mut link.out, region, first, count)?;
             }
         }
-        if requests > 0 {
+        if served {
             link.out.flush()?;
         }
         let mut more = false;
@@ -342,12 +376,12 @@ fn after_run(
         }
         batches += 1;
         if sample.0.elapsed() >= Duration::from_millis(100) || !more {
-            let asked = requests + link.urgent_requests.load(Ordering::Relaxed);
+            let asked = *requests + link.urgent_requests.load(Ordering::Relaxed);
             let dt = sample.0.elapsed().as_secs_f64().max(1e-6);
             let point = (
                 sample.0.duration_since(started).as_secs_f64() + dt,
                 (ctl.accepted() - sample.1) as f64 / dt / f64::from(1u32 << 20),
-                (asked - sample.2) as f64 / dt,
+                (asked.saturating_sub(sample.2)) as f64 / dt,
             );
             ctl.stats().postcopy_series.push(point);
             sample = (Instant::now(), ctl.accepted(), asked);
@@ -356,7 +390,7 @@ fn after_run(
             link.out.flush()?;
             let mut s = ctl.stats();
             update_counters(&mut s, session, ctl.accepted());
-            s.postcopy_requests = requests + link.urgent_requests.load(Ordering::Relaxed);
+            s.postcopy_requests = *requests + link.urgent_requests.load(Ordering::Relaxed);
             s.postcopy_bytes = ctl.accepted() - b_post;
         }
         if !more {
@@ -375,18 +409,18 @@ fn after_run(
     let totals = end_stream(&mut link.out)?;
     tracing::debug!(
         records = totals.records,
-        requests,
+        requests = *requests,
         "postcopy: every page sent, END"
     );
     let ret = link.ret.as_mut().expect("two-way");
     // Requests still in flight for pages that went meanwhile are answered by what was sent.
-    let deadline = Instant::now() + SILENCE;
+    let deadline = Instant::now() + silence;
     loop {
         match ret.next(deadline.saturating_duration_since(Instant::now())) {
             None => {
                 return Err(MigrateError::PostcopyPaused(format!(
-                    "the target did not confirm it holds every page within {} s",
-                    SILENCE.as_secs()
+                    "the target did not confirm it holds every page within {} ms",
+                    silence.as_millis()
                 )))
             }
             Some(TargetEvent::Message(ReturnMessage::Complete { records })) => {
@@ -396,19 +430,12 @@ fn after_run(
                         totals.records
                     );
                 }
-                break;
+                return Ok(());
             }
             Some(TargetEvent::Message(ReturnMessage::PageRequest { .. })) => {}
             Some(ev) => unexpected(ev)?,
         }
     }
-    session.enter(Phase::Done);
-    let mut s = ctl.stats();
-    update_counters(&mut s, session, ctl.accepted());
-    s.remaining = 0;
-    s.postcopy_requests = requests + link.urgent_requests.load(Ordering::Relaxed);
-    s.postcopy_bytes = ctl.accepted() - b_post;
-    Ok(())
 }
 
 /// After RUN, anything but what the loop waits for: the target failed or went away (the guest
@@ -418,6 +445,9 @@ fn unexpected(ev: TargetEvent) -> Result<()> {
         TargetEvent::Message(ReturnMessage::Error { message, .. }) => Err(MigrateError::GuestLost(
             format!("the target failed after it started the guest: {message}"),
         )),
+        TargetEvent::Message(ReturnMessage::Paused) => {
+            Err(MigrateError::PostcopyPaused("the target paused".into()))
+        }
         TargetEvent::Message(m) => {
             tracing::warn!("postcopy: unexpected return message {m:?}; ignored");
             Ok(())
@@ -428,7 +458,7 @@ fn unexpected(ev: TargetEvent) -> Result<()> {
 
 /// The target's end of the connection closed after RUN: its process is gone, and the guest
 /// that ran there with it.
-fn gone(why: Option<String>) -> MigrateError {
+pub(super) fn gone(why: Option<String>) -> MigrateError {
     MigrateError::GuestLost(format!(
         "the target closed the connection after it started the guest{}; this host holds only \
          the pages not yet sent, and stays paused",

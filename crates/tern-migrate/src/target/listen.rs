@@ -83,6 +83,9 @@ impl Receiver {
                 }
             }
             PostcopyCommand::Run => Err(MigrateError::Vm("RUN before LISTEN".into())),
+            PostcopyCommand::Resume => Err(MigrateError::Vm(
+                "RESUME in a migration's first stream (it opens a recovery's)".into(),
+            )),
         }
     }
 
@@ -115,30 +118,61 @@ impl Receiver {
         let conn = self.conn.clone();
         let urgent = self.urgent.clone();
         let desc = r.description().cloned();
+        let session = self.session;
         let ran = AtomicBool::new(false);
+        let recovered = AtomicBool::new(false);
         let outcome = std::thread::scope(|s| {
             let pc = &pc;
-            let ran = &ran;
+            let (ran, recovered) = (&ran, &recovered);
             let main_conn = conn.clone();
+            let urgent_conn = urgent.clone();
+            let desc_ref = desc.as_ref();
             let stream = s.spawn(move || {
-                let r = stream_pages(pc, r, ctl, run_tx, ran);
-                if r.is_err() && !ran.load(Ordering::SeqCst) {
-                    // The guest cannot start any more: let a state load that waits on a
-                    // page go.
-                    pc.release();
+                let mut run = Some(run_tx);
+                // After a recovery the stream continues on a new connection.
+                let mut now: Option<super::recover::Resumed> = None;
+                let mut base = 0;
+                loop {
+                    let (rr, c) = match now.as_mut() {
+                        Some(n) => (&mut n.reader, n.conn.clone()),
+                        None => (&mut *r, main_conn.clone()),
+                    };
+                    let e = match stream_pages(pc, rr, ctl, &mut run, ran, base) {
+                        Ok(records) => return Ok((records, c)),
+                        Err(e) => e,
+                    };
+                    if !ran.load(Ordering::SeqCst) {
+                        // The guest cannot start any more: let a state load that waits on a
+                        // page go.
+                        pc.release();
+                        return Err(e);
+                    }
+                    base += rr.offset();
+                    let who = super::recover::Identity {
+                        session,
+                        desc: desc_ref,
+                    };
+                    let u = if now.is_none() {
+                        urgent_conn.as_ref()
+                    } else {
+                        None
+                    };
+                    now = Some(super::recover::pause_and_recover(pc, ctl, &c, u, &who, e)?);
+                    recovered.store(true, Ordering::SeqCst);
                 }
-                r
             });
             // Postcopy-preempt: the pages asked for come on a connection of their own. If it
-            // fails, the main connection is shut too, so that the failure shows at once.
+            // fails, the main connection is shut too, so that the failure shows at once
+            // (unless this side is pausing: it says PAUSED on the main connection first).
+            let main_conn = conn.clone();
             let urgent_stream = urgent.clone().map(|u| {
                 let desc = desc.clone();
                 s.spawn(move || {
                     let r = urgent_pages(pc, u, desc, ctl);
-                    if r.is_err() {
+                    if r.is_err() && !ctl.pause_asked() {
                         main_conn.shutdown();
                     }
-                    r
+                    r.map(|n| (n, main_conn))
                 })
             });
             let started = self.start_on_run(&*vm, records, ctl, &run_rx);
@@ -149,7 +183,7 @@ impl Receiver {
                     u.shutdown();
                 }
             }
-            let joined = |t: std::thread::ScopedJoinHandle<'_, Result<u64>>| {
+            let joined = |t: std::thread::ScopedJoinHandle<'_, Result<(u64, Connection)>>| {
                 t.join().unwrap_or_else(|_| {
                     Err(MigrateError::Vm("a postcopy stream thread panicked".into()))
                 })
@@ -162,7 +196,9 @@ impl Receiver {
                     }
                 }
                 let u = joined(t);
-                if streamed.is_ok() {
+                // After a recovery the urgent connection is gone for good: only the main
+                // stream's END counts.
+                if streamed.is_ok() && !recovered.load(Ordering::SeqCst) {
                     if let Err(e) = u {
                         streamed = Err(e);
                     }
@@ -177,10 +213,10 @@ impl Receiver {
                 Err(e)
             }
             (Err(e), _) => Err(e),
-            (Ok(()), Ok(records)) => {
+            (Ok(()), Ok((records, conn))) => {
                 let stats = pc.finish()?;
                 ctl.stats().postcopy_faults = Some(stats);
-                if let Err(e) = send(&self.conn, &ReturnMessage::Complete { records }) {
+                if let Err(e) = send(&conn, &ReturnMessage::Complete { records }) {
                     tracing::warn!("COMPLETE could not be sent: {e}");
                 }
                 tracing::info!("postcopy: every page is here");
@@ -235,6 +271,11 @@ impl Receiver {
             ));
         }
         self.enter(State::Running);
+        // From now on a source that sends nothing for this long pauses postcopy.
+        let t = std::time::Duration::from_millis(ctl.params.postcopy_timeout_ms);
+        if let Err(e) = self.conn.set_read_timeout(Some(t)) {
+            tracing::warn!("cannot set the postcopy read timeout: {e}");
+        }
         vm.resume()?;
         ctl.set_status(MigrationStatus::PostcopyActive);
         if let Err(e) = send(&self.conn, &ReturnMessage::Running) {
@@ -250,10 +291,10 @@ fn stream_pages(
     pc: &Postcopy,
     r: &mut StreamReader<BufReader<Connection>>,
     ctl: &MigrationControl,
-    run: mpsc::Sender<()>,
+    run: &mut Option<mpsc::Sender<()>>,
     ran: &AtomicBool,
+    base: u64,
 ) -> Result<u64> {
-    let mut run = Some(run);
     loop {
         match r.next_record()? {
             Some(Record::Ram(rec)) => {
@@ -261,7 +302,7 @@ fn stream_pages(
                 let mut s = ctl.stats();
                 s.normal += d;
                 s.duplicate += z;
-                s.transferred = r.offset();
+                s.transferred = base + r.offset();
             }
             Some(Record::Postcopy(PostcopyCommand::Run)) => match run.take() {
                 Some(tx) => {

@@ -17,6 +17,7 @@ mod accept;
 mod data;
 mod listen;
 pub(crate) mod postcopy;
+mod recover;
 
 use std::io::BufReader;
 use std::sync::Arc;
@@ -70,9 +71,9 @@ pub fn run_incoming(
             Some(h) if h.channels > 1 => accept::accept_data(listener, h, &cancelled)?,
             _ => (Vec::new(), None),
         };
-        Ok((ch, data, urgent))
+        Ok((ch, data, urgent, hello.map(|h| h.session)))
     });
-    let (channel, data, urgent) = accepted.inspect_err(|e| {
+    let (channel, data, urgent, session) = accepted.inspect_err(|e| {
         ctl.stats().error = Some(e.to_string());
         ctl.finalize(if ctl.is_cancelled() {
             MigrationStatus::Cancelled
@@ -122,6 +123,7 @@ pub fn run_incoming(
         data: None,
         postcopy: None,
         urgent,
+        session,
     };
     // A panic is a failed incoming migration (the guest never ran here unless GO came).
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rx.run(factory, ctl)))
@@ -186,6 +188,8 @@ struct Receiver {
     postcopy: Option<postcopy::Postcopy>,
     /// Postcopy-preempt: the connection that carries the pages the target asked for.
     urgent: Option<Connection>,
+    /// The session id of the main channel's hello (a postcopy recovery must say it again).
+    session: Option<[u8; 16]>,
 }
 
 /// How the records before the device state ended.

@@ -180,6 +180,8 @@ pub(crate) struct Postcopy {
     account: Arc<Mutex<Account>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<()>>>,
+    /// The connection page requests go on (`None` while postcopy is paused).
+    asks: Arc<Mutex<Option<Connection>>>,
     pub(crate) listening: bool,
     /// Guest RAM is registered for faults (from the first DISCARD on).
     registered: AtomicBool,
@@ -224,6 +226,7 @@ impl Postcopy {
             })),
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
+            asks: Arc::new(Mutex::new(None)),
             listening: false,
             registered: AtomicBool::new(false),
             discarded: AtomicBool::new(false),
@@ -268,18 +271,48 @@ impl Postcopy {
         self.register()?;
         self.listening = true;
         self.account.lock().unwrap_or_else(|e| e.into_inner()).start = Instant::now();
-        let (ram, held, account, stop) = (
+        *self.asks.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+        let (ram, held, account, stop, asks) = (
             self.ram.clone(),
             self.held.clone(),
             self.account.clone(),
             self.stop.clone(),
+            self.asks.clone(),
         );
         let t = std::thread::Builder::new()
             .name("postcopy-faults".into())
-            .spawn(move || fault_loop(&*ram, &held, &account, &stop, &conn))
+            .spawn(move || fault_loop(&*ram, &held, &account, &stop, &asks))
             .map_err(MigrateError::io("starting the postcopy fault thread"))?;
         self.thread = Some(t);
         Ok(())
+    }
+
+    /// Recovery: where page requests go from now on (`None` while paused: faults are only
+    /// remembered, and asked for again by [`Self::waiting`] once a connection is back).
+    pub(crate) fn set_conn(&self, conn: Option<Connection>) {
+        *self.asks.lock().unwrap_or_else(|e| e.into_inner()) = conn;
+    }
+
+    /// Recovery: the pages faults wait for.
+    pub(crate) fn waiting(&self) -> Vec<(u32, u64)> {
+        let a = self.account.lock().unwrap_or_else(|e| e.into_inner());
+        a.pending.keys().copied().collect()
+    }
+
+    /// Recovery: what this target holds, as RECEIVED messages covering every region in order.
+    pub(crate) fn received(&self) -> Vec<ReturnMessage> {
+        let mut out = Vec::new();
+        for (region, h) in self.held.iter().enumerate() {
+            let words: Vec<u64> = h.bits.iter().map(|w| w.load(Ordering::Acquire)).collect();
+            for (i, chunk) in words.chunks(tern_wire::MAX_RECEIVED_WORDS).enumerate() {
+                out.push(ReturnMessage::Received {
+                    region: region as u32,
+                    first_page: (i * tern_wire::MAX_RECEIVED_WORDS * 64) as u64,
+                    words: chunk.to_vec(),
+                });
+            }
+        }
+        out
     }
 
     /// Places a record's pages (after RUN). Returns (pages with data, zero pages).
@@ -400,7 +433,7 @@ fn fault_loop(
     held: &[Held],
     account: &Mutex<Account>,
     stop: &AtomicBool,
-    conn: &Connection,
+    asks: &Mutex<Option<Connection>>,
 ) -> Result<()> {
     while !stop.load(Ordering::SeqCst) {
         for f in ram.faults(Duration::from_millis(50))? {
@@ -451,15 +484,18 @@ fn fault_loop(
                 }
                 first
             };
-            if first {
-                super::send(
-                    conn,
-                    &ReturnMessage::PageRequest {
-                        region: f.region,
-                        first_page: f.page,
-                        count: 1,
-                    },
-                )?;
+            let conn = asks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let (true, Some(conn)) = (first, conn) {
+                let ask = ReturnMessage::PageRequest {
+                    region: f.region,
+                    first_page: f.page,
+                    count: 1,
+                };
+                // A broken link is the stream thread's to notice (postcopy pauses): the fault
+                // stays waiting and is asked for again once a recovery reconnects.
+                if let Err(e) = super::send(&conn, &ask) {
+                    tracing::debug!("postcopy: a page request could not be sent: {e}");
+                }
             }
         }
     }
