@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::netns::Link;
 use common::*;
 use serde_json::{json, Value};
 
@@ -213,75 +214,6 @@ fn a_target_killed_after_run_is_reported_as_the_guest_lost() {
         src.q.ok("query-status", json!({})),
         json!({"running": false, "status": "paused"})
     );
-}
-
-/// Two network namespaces joined by a veth pair shaped to `rate` with htb (both ways), removed
-/// on drop.
-struct Link {
-    ns: [String; 2],
-}
-
-fn ip(args: &str) {
-    let ok = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("ip {args}"))
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "ip {args}");
-}
-
-impl Link {
-    fn up(rate: &str) -> Link {
-        let id = std::process::id();
-        let ns = [format!("ternpc-src-{id}"), format!("ternpc-dst-{id}")];
-        let dev = [format!("tps{id}"), format!("tpd{id}")];
-        let l = Link { ns: ns.clone() };
-        for n in &ns {
-            ip(&format!("netns add {n}"));
-            ip(&format!("-n {n} link set lo up"));
-        }
-        ip(&format!(
-            "link add {} netns {} type veth peer name {} netns {}",
-            dev[0], ns[0], dev[1], ns[1]
-        ));
-        for (i, (n, d)) in ns.iter().zip(&dev).enumerate() {
-            ip(&format!("-n {n} addr add 10.78.0.{}/24 dev {d}", i + 1));
-            ip(&format!("-n {n} link set {d} up"));
-            let tc = |a: &str| {
-                let ok = std::process::Command::new("tc")
-                    .args(["-n", n])
-                    .args(a.split_whitespace())
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false);
-                assert!(ok, "tc {a}");
-            };
-            tc(&format!("qdisc add dev {d} root handle 1: htb default 10"));
-            tc(&format!(
-                "class add dev {d} parent 1: classid 1:10 htb rate {rate} ceil {rate}"
-            ));
-        }
-        l
-    }
-
-    /// `tern run` in namespace `i`.
-    fn tern(&self, i: usize, args: &[&str]) -> Proc {
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns[i], tern_bin(), "run"])
-            .args(args);
-        Proc::spawn(&mut cmd)
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        for n in &self.ns {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", n])
-                .status();
-        }
-    }
 }
 
 #[test]
