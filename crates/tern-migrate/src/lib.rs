@@ -26,6 +26,7 @@ mod params;
 pub mod participant;
 mod ram;
 mod rate;
+mod restore;
 mod source;
 mod stats;
 mod target;
@@ -43,6 +44,7 @@ pub use params::{
 };
 pub use participant::{LoadParticipant, Progress, SaveParticipant};
 pub use ram::{RamLoader, RamSaver};
+pub use restore::{restore_mapped, RestoreStats};
 pub use source::precopy::describe;
 pub use source::run_outgoing;
 pub use stats::{MigrationStats, MigrationStatus};

@@ -119,6 +119,8 @@ pub struct MigrationStats {
     pub postcopy_faults: Option<crate::target::postcopy::FaultStats>,
     /// Postcopy, both sides: every pause and the recovery that ended it.
     pub recoveries: Vec<Recovery>,
+    /// A restore from a mapped-layout file: when the guest ran, when every page was in.
+    pub restore: Option<crate::restore::RestoreStats>,
 }
 
 /// One pause of postcopy and its recovery.
@@ -238,6 +240,7 @@ impl Default for MigrationStats {
             auto_postcopy: None,
             postcopy_series: Vec::new(),
             recoveries: Vec::new(),
+            restore: None,
             postcopy_faults: None,
         }
     }
@@ -315,6 +318,14 @@ impl MigrationStats {
         }
         if let Some(f) = &self.postcopy_faults {
             f.to_qmp(&mut v);
+        }
+        if let Some(r) = &self.restore {
+            v["x-tern-restore"] = json!({
+                "mode": if r.on_demand { "on-demand" } else { "full" },
+                "running-ms": r.running_ms,
+                "filled-ms": r.filled_ms,
+                "faults": r.faults,
+            });
         }
         if !self.recoveries.is_empty() {
             v["x-tern-postcopy-recoveries"] =

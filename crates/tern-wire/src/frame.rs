@@ -21,12 +21,15 @@ pub fn record_size(len: usize) -> usize {
     RECORD_HEADER + len + pad_len(len) + RECORD_TRAILER
 }
 
+/// Header flag: the file has the mapped layout (`docs/stream-format.md`, *Mapped layout*).
+pub const FLAG_MAPPED: u32 = 1;
+
 /// Encodes the stream header.
-pub(crate) fn encode_header() -> [u8; HEADER_LEN] {
+pub(crate) fn encode_header(flags: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&0u32.to_le_bytes());
+    h[12..16].copy_from_slice(&flags.to_le_bytes());
     h[16..20].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
     let crc = crc32c::crc32c(&h[0..24]);
     h[24..28].copy_from_slice(&crc.to_le_bytes());
@@ -38,7 +41,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Checks a stream header.
-pub(crate) fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(), ErrorKind> {
+pub(crate) fn decode_header(h: &[u8; HEADER_LEN]) -> Result<u32, ErrorKind> {
     if h[0..8] != MAGIC {
         return Err(ErrorKind::BadMagic);
     }
@@ -55,8 +58,8 @@ pub(crate) fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(), ErrorKind> {
         return Err(ErrorKind::HeaderChecksum { stored, computed });
     }
     let flags = u32_at(h, 12);
-    if flags & 0xffff != 0 {
-        return Err(ErrorKind::UnknownFlags(flags & 0xffff));
+    if flags & 0xffff & !FLAG_MAPPED != 0 {
+        return Err(ErrorKind::UnknownFlags(flags & 0xffff & !FLAG_MAPPED));
     }
     let page = u32_at(h, 16);
     if page as usize != PAGE_SIZE {
@@ -65,7 +68,7 @@ pub(crate) fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(), ErrorKind> {
     if u32_at(h, 20) != 0 || u32_at(h, 28) != 0 {
         return Err(ErrorKind::NonZeroReserved("header field"));
     }
-    Ok(())
+    Ok(flags)
 }
 
 /// Writes framed records, counting bytes.
@@ -80,9 +83,9 @@ impl<W: Write> RecordWriter<W> {
         RecordWriter { w, offset: 0 }
     }
 
-    /// Writes the stream header.
-    pub fn write_stream_header(&mut self) -> Result<(), WireError> {
-        let h = encode_header();
+    /// Writes the stream header with `flags` (0, or [`FLAG_MAPPED`]).
+    pub fn write_stream_header(&mut self, flags: u32) -> Result<(), WireError> {
+        let h = encode_header(flags);
         self.put(&h)
     }
 
@@ -234,8 +237,8 @@ impl<R: Read> RecordReader<R> {
         self
     }
 
-    /// Reads and checks the stream header.
-    pub fn read_stream_header(&mut self) -> Result<(), WireError> {
+    /// Reads and checks the stream header; returns its flags.
+    pub fn read_stream_header(&mut self) -> Result<u32, WireError> {
         let mut h = [0u8; HEADER_LEN];
         let got = read_full(&mut self.r, &mut h).map_err(|e| WireError::at(0, e.into()))?;
         if got < HEADER_LEN {
@@ -244,9 +247,9 @@ impl<R: Read> RecordReader<R> {
                 ErrorKind::Truncated("in the stream header"),
             ));
         }
-        decode_header(&h).map_err(|k| WireError::at(0, k))?;
+        let flags = decode_header(&h).map_err(|k| WireError::at(0, k))?;
         self.offset = HEADER_LEN as u64;
-        Ok(())
+        Ok(flags)
     }
 
     /// The next record, or `None` at a clean end of input.
@@ -529,8 +532,13 @@ mod tests {
 
     #[test]
     fn header_checks() {
-        let h = encode_header();
-        assert!(decode_header(&h).is_ok());
+        let h = encode_header(0);
+        assert_eq!(decode_header(&h).unwrap(), 0);
+        assert_eq!(
+            decode_header(&encode_header(FLAG_MAPPED)).unwrap(),
+            FLAG_MAPPED
+        );
+        assert!(decode_header(&encode_header(2)).is_err());
         let mut bad = h;
         bad[0] = b'X';
         assert!(matches!(decode_header(&bad), Err(ErrorKind::BadMagic)));

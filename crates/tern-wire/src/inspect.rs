@@ -37,6 +37,8 @@ pub struct Analysis {
     /// All skipped optional records (only the first ones are listed in `skipped`).
     pub skipped_total: u64,
     pub postcopy_commands: u64,
+    /// A mapped-layout file: where its pages are (they follow END; `tern verify` reads them).
+    pub mapped: Option<crate::mapped::MappedRam>,
     pub totals: Option<Totals>,
     pub bytes: u64,
 }
@@ -106,6 +108,22 @@ pub fn analyze<R: Read>(input: R) -> Result<Analysis, Box<AnalyzeError>> {
                 ("POSTCOPY_COMMAND", None)
             }
             Record::SkippedOptional { ty, .. } => (record_type::name(ty), None),
+            Record::MappedRam(m) => {
+                a.mapped = Some(m);
+                ("MAPPED_RAM", None)
+            }
+            Record::PageCrcs { region, crcs, .. } => {
+                let n = (crcs.len() / 4) as u64;
+                let zero = crate::mapped::zero_page_crc();
+                let zeros = (0..crcs.len() / 4)
+                    .filter(|&i| crate::mapped::page_crc(crcs, i) == zero)
+                    .count() as u64;
+                let s = a.regions.entry(region).or_default();
+                s.records += 1;
+                s.raw_pages += n - zeros;
+                s.zero_pages += zeros;
+                ("PAGE_CRCS", None)
+            }
             Record::End(t) => {
                 a.totals = Some(t);
                 ("END", None)
@@ -156,6 +174,13 @@ impl Analysis {
             if more > 0 {
                 s.push_str(&format!("  ... and {more} more\n"));
             }
+        }
+        if let Some(m) = &self.mapped {
+            s.push_str(&format!(
+                "layout: mapped (pages at fixed offsets from byte {}, file of at least {} bytes)\n",
+                m.area_offset,
+                m.end()
+            ));
         }
         s.push_str("RAM:\n");
         for (id, r) in &self.regions {
@@ -234,6 +259,11 @@ impl Analysis {
             }).collect::<Vec<_>>(),
             "skipped": self.skipped.iter().map(|(at, ty)| json!({"offset": at, "type": ty})).collect::<Vec<_>>(),
             "skipped_total": self.skipped_total,
+            "layout": if self.mapped.is_some() { "mapped" } else { "stream" },
+            "mapped": self.mapped.as_ref().map(|m| json!({
+                "area_offset": m.area_offset,
+                "regions": m.regions.iter().map(|r| json!({"region": r.id, "pages": r.pages, "data_offset": r.data_offset})).collect::<Vec<_>>(),
+            })),
             "end": self.totals.map(|t| json!({
                 "records": t.records, "raw_pages": t.raw_pages, "zero_pages": t.zero_pages, "digest": t.digest,
             })),

@@ -13,10 +13,13 @@ mod desc;
 mod error;
 mod frame;
 pub mod inspect;
+pub mod mapped;
+mod mapped_file;
 mod postcopy;
 mod ram;
 mod state;
 mod stream;
+mod writer;
 
 pub use compress::{decompress_run, Compression, Compressor};
 pub use control::{
@@ -25,7 +28,8 @@ pub use control::{
 pub use crc32c::crc32c;
 pub use desc::{FieldDesc, RamRegionDesc, SectionDesc, SubsectionDesc, VmDescription};
 pub use error::{ErrorKind, StateError, WireError};
-pub use frame::{record_size, PagePlacer, RawRecord, RecordReader, RecordWriter};
+pub use frame::{record_size, PagePlacer, RawRecord, RecordReader, RecordWriter, FLAG_MAPPED};
+pub use mapped_file::{write_mapped, MappedFile, STATE_RESERVE};
 pub use postcopy::{PostcopyCommand, MAX_DISCARD_RANGES};
 pub use ram::{
     encoding_name, RamRecord, RamRun, RunData, RunRef, ENC_LZ4, ENC_RAW, ENC_XOR_DELTA, ENC_ZERO,
@@ -61,6 +65,8 @@ pub mod record_type {
     pub const PARTICIPANT_DATA: u16 = 0x000a;
     pub const SYNC: u16 = 0x000b;
     pub const NOP: u16 = 0x000c;
+    pub const MAPPED_RAM: u16 = 0x000d;
+    pub const PAGE_CRCS: u16 = 0x000e;
     pub const END: u16 = 0x00ff;
 
     /// A human name for a record type.
@@ -78,6 +84,8 @@ pub mod record_type {
             PARTICIPANT_DATA => "PARTICIPANT_DATA",
             SYNC => "SYNC",
             NOP => "NOP",
+            MAPPED_RAM => "MAPPED_RAM",
+            PAGE_CRCS => "PAGE_CRCS",
             END => "END",
             _ => "unknown",
         }

@@ -2,14 +2,15 @@
 //! format's ordering, limits, region bounds, section rules and END totals.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Read;
 
 use crate::desc::VmDescription;
 use crate::error::{ErrorKind, WireError};
-use crate::frame::{RecordReader, RecordWriter};
-use crate::ram::{self, RamRecord, RamRun};
+use crate::frame::RecordReader;
+use crate::ram::{self, RamRecord};
 use crate::record_type as rt;
 use crate::state::Section;
+pub use crate::writer::StreamWriter;
 use crate::PostcopyCommand;
 use crate::{limits, FLAG_OPTIONAL};
 
@@ -27,7 +28,7 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn encode(&self) -> [u8; 32] {
+    pub(crate) fn encode(&self) -> [u8; 32] {
         let mut b = [0u8; 32];
         b[0..8].copy_from_slice(&self.records.to_le_bytes());
         b[8..16].copy_from_slice(&self.raw_pages.to_le_bytes());
@@ -56,149 +57,6 @@ impl Totals {
     }
 }
 
-/// Writes a stream. Wrap a socket or file in a `BufWriter`: small headers are written as-is.
-pub struct StreamWriter<W: Write> {
-    w: RecordWriter<W>,
-    totals: Totals,
-}
-
-impl<W: Write> StreamWriter<W> {
-    /// Starts a stream (writes its header).
-    pub fn new(w: W) -> Result<Self, WireError> {
-        let mut w = RecordWriter::new(w);
-        w.write_stream_header()?;
-        Ok(StreamWriter {
-            w,
-            totals: Totals::default(),
-        })
-    }
-
-    fn record(&mut self, ty: u16, flags: u16, parts: &[&[u8]]) -> Result<u32, WireError> {
-        let crc = self.w.write_parts(ty, flags, parts)?;
-        self.totals.records += 1;
-        Ok(crc)
-    }
-
-    /// The VM description (first record).
-    pub fn description(&mut self, d: &VmDescription) -> Result<(), WireError> {
-        d.validate()
-            .map_err(|e| WireError::at(self.w.offset(), ErrorKind::Description(e)))?;
-        let json = serde_json::to_vec(d)
-            .map_err(|e| WireError::at(self.w.offset(), ErrorKind::Description(e.to_string())))?;
-        if json.len() > limits::MAX_DESCRIPTION {
-            return Err(WireError::at(
-                self.w.offset(),
-                ErrorKind::TooLarge {
-                    what: "VM description",
-                    len: json.len() as u64,
-                    max: limits::MAX_DESCRIPTION as u64,
-                },
-            ));
-        }
-        self.record(rt::VM_DESCRIPTION, 0, &[&json]).map(drop)
-    }
-
-    /// Source information, as an optional record.
-    pub fn source_info(&mut self, info: &serde_json::Value) -> Result<(), WireError> {
-        let json = serde_json::to_vec(info)
-            .map_err(|e| WireError::at(self.w.offset(), ErrorKind::Description(e.to_string())))?;
-        self.record(rt::SOURCE_INFO, FLAG_OPTIONAL, &[&json])
-            .map(drop)
-    }
-
-    /// One RAM_PAGES record of `region`.
-    pub fn ram_pages(&mut self, region: u32, runs: &[RamRun<'_>]) -> Result<(), WireError> {
-        let (headers, ends) =
-            ram::encode_headers(region, runs).map_err(|k| WireError::at(self.w.offset(), k))?;
-        let parts = ram::body_parts(&headers, &ends, runs);
-        let crc = self.record(rt::RAM_PAGES, 0, &parts)?;
-        self.totals.digest = crc32c::crc32c_append(self.totals.digest, &crc.to_le_bytes());
-        for r in runs {
-            match r.data {
-                crate::RunData::Raw(_) | crate::RunData::Compressed { .. } => {
-                    self.totals.raw_pages += r.pages()
-                }
-                crate::RunData::Zero(_) => self.totals.zero_pages += r.pages(),
-            }
-        }
-        Ok(())
-    }
-
-    /// One device section.
-    pub fn section(&mut self, s: &Section) -> Result<(), WireError> {
-        let body = s.encode().map_err(|k| WireError::at(self.w.offset(), k))?;
-        self.record(rt::DEVICE_STATE, 0, &[&body]).map(drop)
-    }
-
-    /// A PING: a live target acknowledges it once everything before it is loaded.
-    pub fn ping(&mut self, sequence: u64) -> Result<(), WireError> {
-        self.record(rt::PING, 0, &[&sequence.to_le_bytes()])
-            .map(drop)
-    }
-
-    /// SYNC: every page of `round` on this (data) channel came before it.
-    pub fn sync(&mut self, round: u64) -> Result<(), WireError> {
-        self.record(rt::SYNC, 0, &[&round.to_le_bytes()]).map(drop)
-    }
-
-    /// NOP: nothing, OPTIONAL (a keepalive on a channel that has nothing else to say).
-    pub fn nop(&mut self) -> Result<(), WireError> {
-        self.record(rt::NOP, FLAG_OPTIONAL, &[]).map(drop)
-    }
-
-    /// A postcopy command.
-    pub fn postcopy(&mut self, c: &PostcopyCommand) -> Result<(), WireError> {
-        self.record(rt::POSTCOPY_COMMAND, 0, &[&c.encode()])
-            .map(drop)
-    }
-
-    /// Data of an iterative participant other than RAM (`name`: 1..=255 bytes).
-    pub fn participant_data(&mut self, name: &str, data: &[u8]) -> Result<(), WireError> {
-        let n = u8::try_from(name.len())
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| {
-                WireError::at(
-                    self.w.offset(),
-                    ErrorKind::Malformed {
-                        record: "PARTICIPANT_DATA",
-                        reason: format!("participant name of {} bytes", name.len()),
-                    },
-                )
-            })?;
-        self.record(rt::PARTICIPANT_DATA, 0, &[&[n], name.as_bytes(), data])
-            .map(drop)
-    }
-
-    /// Any record, as is (for tools and tests).
-    pub fn raw_record(&mut self, ty: u16, flags: u16, body: &[u8]) -> Result<(), WireError> {
-        self.record(ty, flags, &[body]).map(drop)
-    }
-
-    /// Writes END and flushes; returns the writer and the totals.
-    pub fn finish(mut self) -> Result<(W, Totals), WireError> {
-        let totals = self.totals;
-        self.w.write(rt::END, 0, &totals.encode())?;
-        self.w.flush()?;
-        Ok((self.w.into_inner(), totals))
-    }
-
-    /// Bytes written so far.
-    pub fn bytes_written(&self) -> u64 {
-        self.w.offset()
-    }
-
-    /// Totals so far.
-    pub fn totals(&self) -> Totals {
-        self.totals
-    }
-
-    /// The underlying writer (to flush a socket between rounds).
-    pub fn flush(&mut self) -> Result<(), WireError> {
-        self.w.flush()
-    }
-}
-
 /// A decoded record.
 #[derive(Debug)]
 pub enum Record<'a> {
@@ -224,6 +82,14 @@ pub enum Record<'a> {
         ty: u16,
         len: usize,
     },
+    /// Mapped layout: where the pages are in the file.
+    MappedRam(crate::mapped::MappedRam),
+    /// Mapped layout: the CRCs of pages `first_page..` of `region` (little-endian u32s).
+    PageCrcs {
+        region: u32,
+        first_page: u64,
+        crcs: &'a [u8],
+    },
     End(Totals),
 }
 
@@ -240,6 +106,8 @@ pub struct StreamReader<R: Read> {
     skipped_total: u64,
     last_sync: Option<u64>,
     check_trailing: bool,
+    /// A mapped-layout file (header flag MAPPED): its records' checks.
+    mapped: Option<crate::mapped::Check>,
 }
 
 /// Skipped OPTIONAL records whose place is kept (the rest are only counted): any stream decodes
@@ -250,8 +118,9 @@ impl<R: Read> StreamReader<R> {
     /// Reads and checks the stream header.
     pub fn new(r: R) -> Result<Self, WireError> {
         let mut r = RecordReader::new(r);
-        r.read_stream_header()?;
+        let flags = r.read_stream_header()?;
         Ok(StreamReader {
+            mapped: (flags & crate::frame::FLAG_MAPPED != 0).then(Default::default),
             r,
             desc: None,
             region_pages: Vec::new(),
@@ -271,6 +140,11 @@ impl<R: Read> StreamReader<R> {
     pub fn live(mut self) -> Self {
         self.check_trailing = false;
         self
+    }
+
+    /// Whether this is a mapped-layout file (its pages follow END at fixed offsets).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.is_some()
     }
 
     /// The VM description, once read.
@@ -367,7 +241,11 @@ impl<R: Read> StreamReader<R> {
                     mine.records, mine.raw_pages, mine.zero_pages, mine.digest
                 ))));
             }
-            if self.check_trailing && !self.r.at_eof()? {
+            if let Some(m) = &self.mapped {
+                m.at_end().map_err(err)?;
+            }
+            // In a mapped-layout file the padding and the pages follow END.
+            if self.check_trailing && self.mapped.is_none() && !self.r.at_eof()? {
                 return Err(WireError::at(self.r.offset(), ErrorKind::TrailingData));
             }
             self.ended = true;
@@ -387,6 +265,8 @@ impl<R: Read> StreamReader<R> {
                 | rt::SYNC
                 | rt::NOP
                 | rt::END
+                | rt::MAPPED_RAM
+                | rt::PAGE_CRCS
         );
         if !known {
             if flags & FLAG_OPTIONAL == 0 {
@@ -444,6 +324,21 @@ impl<R: Read> StreamReader<R> {
                     })
                 })?;
                 Record::SourceInfo(v)
+            }
+            rt::MAPPED_RAM | rt::PAGE_CRCS => {
+                let m = self.mapped.as_mut().ok_or_else(|| {
+                    err(ErrorKind::Order(format!(
+                        "{} in a stream without the mapped layout",
+                        rt::name(ty)
+                    )))
+                })?;
+                m.record(ty, body, crc, &self.region_pages, &mut self.totals)
+                    .map_err(err)?
+            }
+            rt::RAM_PAGES if self.mapped.is_some() => {
+                return Err(err(ErrorKind::Order(
+                    "RAM_PAGES in a mapped-layout file (its pages are at fixed offsets)".into(),
+                )))
             }
             rt::RAM_PAGES => {
                 let rec = ram::decode(body, placed).map_err(in_body)?;

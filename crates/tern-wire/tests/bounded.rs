@@ -76,7 +76,7 @@ fn a_million_unknown_optional_records_are_counted_not_kept() {
     let (reader, writer) = std::io::pipe().unwrap();
     let producer = std::thread::spawn(move || {
         let mut w = RecordWriter::new(std::io::BufWriter::new(writer));
-        w.write_stream_header().unwrap();
+        w.write_stream_header(0).unwrap();
         let d = serde_json::to_vec(&desc(0)).unwrap();
         w.write(record_type::VM_DESCRIPTION, 0, &d).unwrap();
         for i in 0..n {
@@ -116,7 +116,7 @@ fn ten_thousand_large_sections_are_refused_early() {
     };
     // Declared: more than MAX_SECTIONS, so the description itself is refused.
     let mut w = RecordWriter::new(Vec::new());
-    w.write_stream_header().unwrap();
+    w.write_stream_header(0).unwrap();
     let d = serde_json::to_vec(&desc(10_000)).unwrap();
     assert!(d.len() < limits::MAX_DESCRIPTION);
     w.write(record_type::VM_DESCRIPTION, 0, &d).unwrap();

@@ -191,7 +191,7 @@ fn bad_headers() {
 /// A stream with one hand-made record after a valid description.
 fn with_record(ty: u16, body: &[u8]) -> Vec<u8> {
     let mut w = RecordWriter::new(Vec::new());
-    w.write_stream_header().unwrap();
+    w.write_stream_header(0).unwrap();
     let d = serde_json::to_vec(&desc(&[("cpu", 0)])).unwrap();
     w.write(record_type::VM_DESCRIPTION, 0, &d).unwrap();
     w.write(ty, 0, body).unwrap();
@@ -268,7 +268,7 @@ fn records_out_of_order_and_other_rule_violations() {
 
     let no_end = {
         let mut w = RecordWriter::new(Vec::new());
-        w.write_stream_header().unwrap();
+        w.write_stream_header(0).unwrap();
         w.write(
             record_type::VM_DESCRIPTION,
             0,
@@ -421,7 +421,7 @@ fn split(bytes: &[u8]) -> Vec<(u16, u16, Vec<u8>)> {
 
 fn join(records: &[(u16, u16, Vec<u8>)]) -> Vec<u8> {
     let mut w = RecordWriter::new(Vec::new());
-    w.write_stream_header().unwrap();
+    w.write_stream_header(0).unwrap();
     for (t, f, b) in records {
         w.write(*t, *f, b).unwrap();
     }

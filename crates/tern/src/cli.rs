@@ -59,6 +59,10 @@ pub enum Command {
         /// How much to copy: 1G, 4G...
         bytes: String,
     },
+    /// `tern save --layout mapped`'s writer: reads a stream on standard input and writes FILE
+    /// in the mapped layout (pages at fixed offsets).
+    #[command(name = "x-write-mapped", hide = true)]
+    WriteMapped { file: PathBuf },
     /// The built-in test guest.
     Guest {
         #[command(subcommand)]
@@ -87,6 +91,20 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Analyze { input, json } => stream::analyze(&input, json),
         Command::Verify { input } => stream::verify(&input),
         Command::SocketCopy { bytes } => socket_copy(&bytes),
+        Command::WriteMapped { file } => {
+            let out = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&file)
+                .with_context(|| format!("cannot create {}", file.display()))?;
+            let input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
+            let t = tern_wire::write_mapped(input, &out)
+                .with_context(|| format!("writing {} in the mapped layout", file.display()))?;
+            tracing::info!(records = t.records, "mapped layout written");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Guest {
             action: GuestAction::Write { path },
         } => {

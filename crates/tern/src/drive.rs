@@ -51,9 +51,20 @@ pub struct SaveArgs {
     pub qmp: String,
     /// The file to write (`tern restore` reads it back).
     pub file: PathBuf,
-    /// Compress pages with data: none, lz4, zstd or zstd:LEVEL.
+    /// Compress pages with data: none, lz4, zstd or zstd:LEVEL (the stream layout only).
     #[arg(long, value_name = "ALGO")]
     pub compress: Option<String>,
+    /// `stream` (the default: the migration stream as is) or `mapped` (every page at a fixed
+    /// offset, with a CRC each: `tern restore --on-demand` needs it).
+    #[arg(long, value_enum, default_value = "stream")]
+    pub layout: Layout,
+}
+
+/// How `tern save` lays the guest out in its file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    Stream,
+    Mapped,
 }
 
 /// `--compress ALGO[:LEVEL]` as migration parameters.
@@ -83,6 +94,10 @@ pub struct RestoreArgs {
     /// What backs guest RAM, as for `tern run`.
     #[arg(long, default_value = "anon")]
     pub memory_backend: tern_vmm::MemoryBackend,
+    /// Start the guest at once and read each page from the file when the guest first touches
+    /// it, the rest in the background (a file saved with --layout mapped).
+    #[arg(long)]
+    pub on_demand: bool,
     #[command(flatten)]
     pub consoles: crate::run::Consoles,
 }
@@ -261,6 +276,9 @@ pub fn save(args: SaveArgs) -> Result<ExitCode> {
         .to_string_lossy()
         .into_owned();
     let tmp = abs.with_file_name(format!(".{name}.tern-save-{}", std::process::id()));
+    if args.layout == Layout::Mapped && args.compress.is_some() {
+        bail!("--compress is for the stream layout: a mapped file holds every page as it is");
+    }
     if let Some(c) = &args.compress {
         let mut params = serde_json::Map::new();
         compression_params(c, &mut params)?;
@@ -270,8 +288,20 @@ pub fn save(args: SaveArgs) -> Result<ExitCode> {
     let was_running = qmp.execute("query-status", json!({}))?["running"] == json!(true);
     // Stopped first, the guest's RAM is written once (no re-sent pages in the file).
     qmp.execute("stop", json!({}))?;
+    let uri = match args.layout {
+        Layout::Stream => format!("file:{}", tmp.display()),
+        // A writer of our own places each page at its offset as the stream arrives.
+        Layout::Mapped => {
+            let exe = std::env::current_exe().context("finding the tern binary")?;
+            format!(
+                "exec:{} x-write-mapped {}",
+                shell_quote(&exe.to_string_lossy()),
+                shell_quote(&tmp.to_string_lossy())
+            )
+        }
+    };
     let outcome = qmp
-        .execute("migrate", json!({"uri": format!("file:{}", tmp.display())}))
+        .execute("migrate", json!({"uri": uri}))
         .context("starting the save")
         .and_then(|_| follow(&mut qmp, "save"));
     let outcome = match outcome {
@@ -323,11 +353,23 @@ pub fn save(args: SaveArgs) -> Result<ExitCode> {
     Ok(code)
 }
 
+/// Quotes `s` for `sh -c` (the exec: URI's command line).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
     if !args.file.is_file() {
         bail!("cannot restore {}: no such file", args.file.display());
     }
     let abs = std::path::absolute(&args.file).context("the saved file")?;
+    if args.on_demand && !crate::machine::is_mapped(&abs) {
+        bail!(
+            "--on-demand needs a file saved with --layout mapped (pages at fixed offsets); {} is \
+             a plain stream",
+            abs.display()
+        );
+    }
     crate::run::run(crate::run::RunArgs {
         kernel: None,
         cmdline: String::new(),
@@ -338,5 +380,6 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
         consoles: args.consoles,
         incoming: Some(format!("file:{}", abs.display())),
         kvm_device: "/dev/kvm".into(),
+        on_demand: args.on_demand,
     })
 }

@@ -61,6 +61,20 @@ pub(crate) struct MachineSpec {
     pub(crate) vcpus: Option<u32>,
     pub(crate) serial: SerialOutput,
     pub(crate) kvm_path: PathBuf,
+    /// A restore from a mapped-layout file reads pages on demand.
+    pub(crate) on_demand: bool,
+}
+
+/// Whether `path` is a file in the mapped layout (its stream header says so).
+pub(crate) fn is_mapped(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut h = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut h))
+        .is_ok_and(|()| {
+            &h[0..8] == b"TERNSTRM"
+                && u32::from_le_bytes([h[12], h[13], h[14], h[15]]) & tern_wire::FLAG_MAPPED != 0
+        })
 }
 
 pub(crate) enum IncomingState {
@@ -205,6 +219,10 @@ impl App {
         )?;
         self.incoming_cv.notify_all();
         let listener = listener.expect("bound when begin succeeds");
+        let mapped = match &uri {
+            Uri::File(p) if is_mapped(p) => Some(p.clone()),
+            _ => None,
+        };
         let weak = Arc::downgrade(self);
         ctl.before_final(move |s| {
             if let (Some(app), MigrationStatus::Completed) = (weak.upgrade(), s.status) {
@@ -215,7 +233,22 @@ impl App {
         std::thread::Builder::new()
             .name("migration-in".into())
             .spawn(move || {
-                let result = run_incoming(&listener, app.factory(), &ctl).map(|_| ());
+                let result = match &mapped {
+                    // Pages at fixed offsets: restored in full, or on demand.
+                    Some(path) => std::fs::File::open(path)
+                        .map_err(|e| MigrateError::Vm(format!("{}: {e}", path.display())))
+                        .and_then(|f| tern_wire::MappedFile::open(f).map_err(MigrateError::Wire))
+                        .and_then(|f| {
+                            tern_migrate::restore_mapped(
+                                f,
+                                app.factory(),
+                                &ctl,
+                                app.machine.on_demand,
+                            )
+                        })
+                        .map(|_| ()),
+                    None => run_incoming(&listener, app.factory(), &ctl).map(|_| ()),
+                };
                 app.mig.finish(&ctl, || match result {
                     Ok(()) => {
                         app.emit("RESUME", None);

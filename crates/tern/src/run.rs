@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     pub kvm_device: PathBuf,
+    /// `tern restore --on-demand`: a mapped-layout file's pages are read as the guest touches
+    /// them.
+    #[arg(skip)]
+    pub on_demand: bool,
 }
 
 /// Where the guest's serial console and the control sockets go (`tern run`, `tern restore`).
@@ -246,6 +250,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             vcpus: args.vcpus,
             serial: serial.clone(),
             kvm_path: args.kvm_device.clone(),
+            on_demand: args.on_demand,
         },
     );
 
@@ -314,11 +319,26 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         bail!("incoming migration failed: {why}");
     }
     if let Some(inc) = args.incoming.as_deref().filter(|i| i.starts_with("file:")) {
-        eprintln!(
-            "tern: restored {} in {} ms",
-            &inc[5..],
-            t0.elapsed().as_millis()
-        );
+        let on_demand = app
+            .mig
+            .current()
+            .and_then(|c| c.snapshot().restore)
+            .filter(|r| r.on_demand);
+        match on_demand {
+            Some(r) => eprintln!(
+                "tern: restored {} on demand: the guest ran after {:.0} ms, every page was in \
+                 after {} ms ({} pages faulted in first)",
+                &inc[5..],
+                r.running_ms,
+                t0.elapsed().as_millis(),
+                r.faults
+            ),
+            None => eprintln!(
+                "tern: restored {} in {} ms",
+                &inc[5..],
+                t0.elapsed().as_millis()
+            ),
+        }
     }
 
     let vm = app

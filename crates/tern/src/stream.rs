@@ -46,9 +46,25 @@ pub fn verify(input: &str) -> Result<ExitCode> {
     match read(input)? {
         Ok(a) => {
             let t = a.totals.unwrap_or_default();
+            if a.mapped.is_some() {
+                // The pages follow the records: each is read and checked against its CRC.
+                let f = std::fs::File::open(input).with_context(|| {
+                    format!("a mapped-layout file is verified from a file, not {input}")
+                })?;
+                let checked = tern_wire::MappedFile::open(f).and_then(|m| m.verify_pages());
+                if let Err(e) = checked {
+                    eprintln!("tern: {input}: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             say!(
-                "{input}: ok: {} bytes, {} records, {} pages with data, {} zero pages, {} sections",
+                "{input}: ok: {} bytes{}, {} records, {} pages with data, {} zero pages, {} sections",
                 a.bytes,
+                if a.mapped.is_some() {
+                    " of records (mapped layout: every page checked against its CRC)"
+                } else {
+                    ""
+                },
                 t.records + 1,
                 t.raw_pages,
                 t.zero_pages,

@@ -353,7 +353,7 @@ fn a_silent_source_times_out() {
     let mut s = std::net::TcpStream::connect(uri.trim_start_matches("tcp:")).unwrap();
     main_hello(&mut s);
     tern_wire::RecordWriter::new(&mut s)
-        .write_stream_header()
+        .write_stream_header(0)
         .unwrap();
     s.flush().unwrap();
     let t0 = Instant::now();

@@ -205,7 +205,7 @@ pub const MAX_STATE_BYTES: u64 = 64 << 20;
 
 /// The sections a stream declares must be exactly the ones this target loads: one it does not
 /// have, or one it lacks, fails the migration now, before any page is received.
-fn check_declared_sections(desc: &VmDescription, mine: &[SectionDesc]) -> Result<()> {
+pub(crate) fn check_declared_sections(desc: &VmDescription, mine: &[SectionDesc]) -> Result<()> {
     let key = |name: &str, instance: u32| (name.to_owned(), instance);
     for s in &desc.sections {
         if !mine
@@ -402,6 +402,13 @@ impl Receiver {
                 }
                 Some(Record::SkippedOptional { ty, .. }) => {
                     tracing::info!("skipped an optional record of unknown type {ty:#x}");
+                }
+                Some(Record::MappedRam(_) | Record::PageCrcs { .. }) => {
+                    return Err(MigrateError::Vm(
+                        "a mapped-layout file: restore it with tern restore (it is read at fixed \
+                         offsets, not as a stream)"
+                            .into(),
+                    ))
                 }
                 Some(Record::End(t)) => {
                     // The main channel's END counts once every data channel reached its own.
