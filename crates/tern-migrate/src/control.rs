@@ -52,6 +52,11 @@ pub struct MigrationControl {
     pause: AtomicBool,
     recovery: Mutex<Option<crate::transport::Uri>>,
     recovery_cv: std::sync::Condvar,
+    /// `migrate_cancel` while postcopy was paused: the migration gives its half up.
+    abandoned: AtomicBool,
+    /// The target's way to pause (see [`MigrationControl::pause`]).
+    #[allow(clippy::type_complexity)]
+    pauser: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     /// `max-bandwidth`, changeable while migrating.
     pub bandwidth_limit: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
@@ -85,6 +90,8 @@ impl MigrationControl {
             pause: AtomicBool::new(false),
             recovery: Mutex::new(None),
             recovery_cv: std::sync::Condvar::new(),
+            abandoned: AtomicBool::new(false),
+            pauser: Mutex::new(None),
             channel_shut: AtomicBool::new(false),
             bandwidth_limit: Arc::new(AtomicU64::new(params.max_bandwidth)),
             accepted: Arc::new(AtomicU64::new(0)),
@@ -181,10 +188,11 @@ impl MigrationControl {
         Ok(())
     }
 
-    /// `migrate-pause`: postcopy pauses as if the link had broken (the connections are shut:
-    /// `full` on the source, whose writer may be blocked; reads only on the target, which
-    /// still says PAUSED to its source). Valid in `postcopy-active` and while recovering.
-    pub fn pause(&self, full: bool) -> std::result::Result<(), String> {
+    /// `migrate-pause`: postcopy pauses as if the link had broken. The target's hook (see
+    /// [`Self::set_pauser`]) says PAUSED and closes its side for writing; without one (the
+    /// source) the connections are shut, waking a writer blocked on them. Valid in
+    /// `postcopy-active` and while recovering.
+    pub fn pause(&self) -> std::result::Result<(), String> {
         let status = self.stats().status;
         if !matches!(
             status,
@@ -198,16 +206,39 @@ impl MigrationControl {
             ));
         }
         self.pause.store(true, Ordering::SeqCst);
-        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            if full {
-                c.cancel();
-            } else {
-                c.stop_reads();
+        let pauser = self.pauser.lock().unwrap_or_else(|e| e.into_inner());
+        match pauser.as_ref() {
+            Some(p) => p(),
+            None => {
+                if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    c.cancel();
+                }
             }
         }
         // A recovery waiting for its connection stops waiting.
         self.recovery_cv.notify_all();
         Ok(())
+    }
+
+    /// How `migrate-pause` stops the current connection (the target's: PAUSED, then its side
+    /// closed for writing; never its reads, which would make the kernel answer the source's
+    /// data with a reset that can discard PAUSED).
+    pub(crate) fn set_pauser(&self, p: Option<Box<dyn Fn() + Send + Sync>>) {
+        *self.pauser.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// Postcopy moves on (RUN, or a recovery): `postcopy-active`, unless the migration paused
+    /// meanwhile (then it stays paused: only a recovery makes it active again).
+    pub(crate) fn postcopy_active(&self) {
+        let paused = matches!(
+            self.stats().status,
+            MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecover
+                | MigrationStatus::PostcopyRecoverSetup
+        );
+        if !paused {
+            self.set_status(MigrationStatus::PostcopyActive);
+        }
     }
 
     /// Whether `migrate-pause` was asked for since the last recovery; taking it clears it.
@@ -230,20 +261,37 @@ impl MigrationControl {
                 status.as_str()
             ));
         }
+        if !matches!(
+            uri,
+            crate::transport::Uri::Tcp(..) | crate::transport::Uri::Unix(_)
+        ) {
+            return Err(format!(
+                "postcopy recovery needs a tcp: or unix: URI, not {uri}"
+            ));
+        }
         *self.recovery.lock().unwrap_or_else(|e| e.into_inner()) = Some(uri);
         self.recovery_cv.notify_all();
         Ok(())
     }
 
-    /// The paused migration thread: waits for the URI of a recovery.
-    pub(crate) fn wait_recovery(&self) -> crate::transport::Uri {
+    /// The paused migration thread: waits for the URI of a recovery; `None` once
+    /// `migrate_cancel` gave the migration up.
+    pub(crate) fn wait_recovery(&self) -> Option<crate::transport::Uri> {
         let mut g = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
         loop {
+            if self.abandoned.load(Ordering::SeqCst) {
+                return None;
+            }
             if let Some(u) = g.take() {
-                return u;
+                return Some(u);
             }
             g = self.recovery_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// A pause begins: a recovery URI given before it (to the last pause) is forgotten.
+    pub(crate) fn clear_recovery(&self) {
+        *self.recovery.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// The source's own decision to switch (`x-tern-auto-postcopy`).
@@ -290,6 +338,15 @@ impl MigrationControl {
         {
             let mut c = self.commit.lock().unwrap_or_else(|e| e.into_inner());
             match *c {
+                Commit::Committed if self.stats().status == MigrationStatus::PostcopyPaused => {
+                    // Postcopy is paused and the operator gives it up: the paused thread ends,
+                    // reporting the guest lost on this side (it keeps what it has).
+                    self.abandoned.store(true, Ordering::SeqCst);
+                    drop(c);
+                    let _g = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+                    self.recovery_cv.notify_all();
+                    return Ok(());
+                }
                 Commit::Committed => return Err(CancelRefused::Committed),
                 Commit::Cancelled => return Ok(()),
                 Commit::Open => *c = Commit::Cancelled,

@@ -151,6 +151,16 @@ impl Connection {
         };
     }
 
+    /// Stops writes only: the peer reads end of input after what was written; reads go on
+    /// (so the kernel never answers the peer's data with a reset).
+    pub fn shutdown_write(&self) {
+        let _ = match &*self.0 {
+            Endpoint::Tcp(s) => s.shutdown(Shutdown::Write),
+            Endpoint::Unix(s) => s.shutdown(Shutdown::Write),
+            Endpoint::File(_) => Ok(()),
+        };
+    }
+
     /// Limits how long a read may block (every handle shares the setting).
     pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         match &*self.0 {
@@ -305,15 +315,6 @@ impl Canceller {
             }
             Canceller::Many(all) => all.iter().for_each(Canceller::cancel),
             Canceller::Nothing => {}
-        }
-    }
-
-    /// Stops reads on sockets (writes still go out); a command is left alone.
-    pub fn stop_reads(&self) {
-        match self {
-            Canceller::Socket(c) => c.shutdown_read(),
-            Canceller::Many(all) => all.iter().for_each(Canceller::stop_reads),
-            Canceller::Command(..) | Canceller::Nothing => {}
         }
     }
 }

@@ -205,8 +205,7 @@ impl Backend for RunBackend {
             }
             Command::MigratePause {} => {
                 let ctl = self.paused_migration()?;
-                ctl.pause(self.phase() != Phase::InMigrate)
-                    .map_err(generic)?;
+                ctl.pause().map_err(generic)?;
                 Ok(json!({}))
             }
             Command::MigrateRecover { uri } => {

@@ -71,7 +71,7 @@ fn recoveries(q: &mut Qmp, n: usize) -> Vec<Value> {
 }
 
 /// Source and target over a unix socket, 128 MiB/s, postcopy started at once.
-fn paused_pair(d: &std::path::Path, tag: &str) -> (Vmm, Vmm) {
+fn paused_pair(d: &std::path::Path, tag: &str, preempt: bool) -> (Vmm, Vmm) {
     let mut src = source(
         d,
         &format!("src-{tag}"),
@@ -107,7 +107,9 @@ fn paused_pair(d: &std::path::Path, tag: &str) -> (Vmm, Vmm) {
 fn migrate_pause_on_either_side_then_recover_completes_with_every_page() {
     let _g = exclusive();
     let d = dir("pc-recover-pause");
-    let (mut src, mut dst) = paused_pair(&d, "pause");
+    // With postcopy-preempt: the target's pause must reach the source as PAUSED although its
+    // urgent connection ends too.
+    let (mut src, mut dst) = paused_pair(&d, "pause", true);
     // Outside postcopy, or on a migration that is not paused, the commands say why.
     let e = src.q.err(
         "migrate",
@@ -155,7 +157,7 @@ fn migrate_pause_on_either_side_then_recover_completes_with_every_page() {
 fn a_target_killed_while_paused_leaves_the_source_paused_saying_so() {
     let _g = exclusive();
     let d = dir("pc-recover-kill");
-    let (mut src, dst) = paused_pair(&d, "kill");
+    let (mut src, dst) = paused_pair(&d, "kill", false);
     std::thread::sleep(Duration::from_millis(300));
     src.q.ok("migrate-pause", json!({}));
     wait_until(&mut src.q, "the source paused", |r| {
@@ -179,6 +181,22 @@ fn a_target_killed_while_paused_leaves_the_source_paused_saying_so() {
     );
     let e = src.q.err("cont", json!({}));
     assert!(e.contains("migration is in progress"), "{e}");
+    // The operator gives the paused migration up: failed, in doubt, the source still paused.
+    src.q.ok("migrate_cancel", json!({}));
+    let r = wait_migration(&mut src.q, MIGRATE);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["x-tern-in-doubt"], true, "{r}");
+    assert!(
+        r["error-desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("migrate_cancel while postcopy was paused"),
+        "{r}"
+    );
+    assert_eq!(
+        src.q.ok("query-status", json!({})),
+        json!({"running": false, "status": "paused"})
+    );
     drop(src);
 }
 

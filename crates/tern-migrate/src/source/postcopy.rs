@@ -150,10 +150,21 @@ pub(super) fn run(
             tracing::warn!("cannot set the postcopy write timeout: {e}");
         }
     }
-    serving(session, link, "RUNNING", RUNNING_TIMEOUT, |m| {
+    let running = serving(session, link, "RUNNING", RUNNING_TIMEOUT, |m| {
         matches!(m, ReturnMessage::Running).then_some(())
-    })
-    .map_err(|e| MigrateError::InDoubt(format!("RUNNING did not arrive: {e}")))?;
+    });
+    if let Err(e) = running {
+        // The target may run the guest already: a break pauses here as it does later. Only a
+        // target that went away is in doubt (it may have died before starting the guest).
+        match recover::pause_or_lost(ctl, link, e) {
+            Ok(why) => recover::pause_and_recover(ctl, session, link, why)?,
+            Err(e) => {
+                return Err(MigrateError::InDoubt(format!(
+                    "RUNNING did not arrive: {e}"
+                )))
+            }
+        }
+    }
     let t_running = link
         .ret
         .as_ref()
@@ -280,6 +291,9 @@ fn serving<T>(
                     return Err(match m {
                         ReturnMessage::Error { message, .. } => {
                             MigrateError::TargetRefused(message)
+                        }
+                        ReturnMessage::Paused => {
+                            MigrateError::PostcopyPaused("the target paused".into())
                         }
                         other => MigrateError::Vm(format!(
                             "the target sent {other:?} while {what} was expected"

@@ -30,18 +30,21 @@ pub(super) fn pause_or_lost(
         return Ok("migrate-pause".into());
     }
     let ms = ctl.params.postcopy_timeout_ms;
-    if let Some(u) = link
+    // The urgent sender's failure, if it came first, is the one to classify.
+    let urgent = link
         .urgent_failed
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
-        if u.is_timeout() {
+        .take();
+    let e = match urgent {
+        Some(u) if u.is_timeout() => {
             return Ok(format!(
                 "the target took nothing on the urgent channel for {ms} ms"
-            ));
+            ))
         }
-    }
+        Some(u @ MigrateError::Wire(_)) => u,
+        _ => e,
+    };
     match e {
         MigrateError::PostcopyPaused(why) => Ok(why),
         e if e.is_timeout() => Ok(format!("the target took nothing for {ms} ms")),
@@ -67,6 +70,10 @@ pub(super) fn pause_or_lost(
                         )))
                     }
                     Some(TargetEvent::Message(_)) => {}
+                    // (Our own migrate-pause, meanwhile, closes the connection too.)
+                    Some(TargetEvent::Closed(_)) if ctl.take_pause() => {
+                        return Ok("migrate-pause".into())
+                    }
                     Some(TargetEvent::Closed(why)) => return Err(super::postcopy::gone(why)),
                 }
             }
@@ -100,10 +107,17 @@ pub(super) fn pause_and_recover(
             ..Recovery::default()
         });
     }
+    ctl.clear_recovery();
     ctl.set_status(MigrationStatus::PostcopyPaused);
     let mut failed = 0;
     loop {
-        let uri = ctl.wait_recovery();
+        let Some(uri) = ctl.wait_recovery() else {
+            return Err(MigrateError::GuestLost(
+                "migrate_cancel while postcopy was paused: the migration is given up; this \
+                 host holds only the pages not yet sent, and stays paused"
+                    .into(),
+            ));
+        };
         ctl.take_pause();
         match reconnect(ctl, session, link, &uri) {
             Ok(resent) => {
@@ -116,6 +130,13 @@ pub(super) fn pause_and_recover(
                 }
                 drop(s);
                 tracing::info!(resent, "postcopy recovered through {uri}");
+                // A migrate-pause that came while connecting, with nothing to shut yet, is
+                // taken now: the new connection pauses at once.
+                if ctl.pause_asked() {
+                    if let Some(c) = &link.conn {
+                        c.shutdown();
+                    }
+                }
                 ctl.set_status(MigrationStatus::PostcopyActive);
                 return Ok(());
             }
@@ -209,13 +230,14 @@ fn reconnect(
         .map(|r| (r.id, 0u64, r.size / tern_wire::PAGE_SIZE as u64))
         .collect();
     let mut resent = 0;
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    // An inactivity deadline: a big guest's RECEIVED messages take as long as they take.
+    let mut deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let ret = link.ret.as_mut().expect("just set");
     loop {
         match ret.next(deadline.saturating_duration_since(Instant::now())) {
             None => {
                 return Err(MigrateError::Vm(format!(
-                    "the target did not say what it holds within {} s",
+                    "the target said nothing of what it holds for {} s",
                     HANDSHAKE_TIMEOUT.as_secs()
                 )))
             }
@@ -236,6 +258,7 @@ fn reconnect(
                     )));
                 }
                 n.1 += words.len() as u64 * 64;
+                deadline = Instant::now() + HANDSHAKE_TIMEOUT;
                 for p in session.parts.iter_mut() {
                     resent += p.postcopy_held(region, first_page, &words)?;
                 }

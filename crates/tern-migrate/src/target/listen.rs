@@ -12,7 +12,6 @@ use super::postcopy::Postcopy;
 use super::{send, Receiver, State, GO_TIMEOUT};
 use crate::control::MigrationControl;
 use crate::params::SwitchoverStep;
-use crate::stats::MigrationStatus;
 use crate::transport::Connection;
 use crate::{MigrateError, Result, TargetVm};
 
@@ -120,10 +119,12 @@ impl Receiver {
         let desc = r.description().cloned();
         let session = self.session;
         let ran = AtomicBool::new(false);
+        // After RUN: whether the guest started here (1) or could not (2); 0 until decided.
+        let started = std::sync::atomic::AtomicU8::new(0);
         let recovered = AtomicBool::new(false);
         let outcome = std::thread::scope(|s| {
             let pc = &pc;
-            let (ran, recovered) = (&ran, &recovered);
+            let (ran, recovered, started) = (&ran, &recovered, &started);
             let main_conn = conn.clone();
             let urgent_conn = urgent.clone();
             let desc_ref = desc.as_ref();
@@ -145,6 +146,14 @@ impl Receiver {
                         // The guest cannot start any more: let a state load that waits on a
                         // page go.
                         pc.release();
+                        return Err(e);
+                    }
+                    // RUN came: wait for the start to be decided; a guest that never started
+                    // here has nothing to pause.
+                    while started.load(Ordering::SeqCst) == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    if started.load(Ordering::SeqCst) == 2 {
                         return Err(e);
                     }
                     base += rr.offset();
@@ -169,14 +178,18 @@ impl Receiver {
                 let desc = desc.clone();
                 s.spawn(move || {
                     let r = urgent_pages(pc, u, desc, ctl);
-                    if r.is_err() && !ctl.pause_asked() {
+                    // Before RUN the load fails at once. After it, a broken urgent connection
+                    // is the source's to notice (it pauses and closes the main one); shutting
+                    // the main connection here could lose PAUSED.
+                    if r.is_err() && !ran.load(Ordering::SeqCst) {
                         main_conn.shutdown();
                     }
                     r.map(|n| (n, main_conn))
                 })
             });
-            let started = self.start_on_run(&*vm, records, ctl, &run_rx);
-            if started.is_err() {
+            let begun = self.start_on_run(&*vm, records, ctl, &run_rx);
+            started.store(if begun.is_ok() { 1 } else { 2 }, Ordering::SeqCst);
+            if begun.is_err() {
                 // The stream threads stop at once; the guest never ran here.
                 conn.shutdown();
                 if let Some(u) = &urgent {
@@ -204,7 +217,7 @@ impl Receiver {
                     }
                 }
             }
-            (started, streamed)
+            (begun, streamed)
         });
         match outcome {
             (Err(e), _) if self.state == State::Running => {
@@ -271,13 +284,20 @@ impl Receiver {
             ));
         }
         self.enter(State::Running);
-        // From now on a source that sends nothing for this long pauses postcopy.
+        // From now on a source that sends nothing (or takes nothing) for this long pauses
+        // postcopy.
         let t = std::time::Duration::from_millis(ctl.params.postcopy_timeout_ms);
-        if let Err(e) = self.conn.set_read_timeout(Some(t)) {
-            tracing::warn!("cannot set the postcopy read timeout: {e}");
+        for r in [
+            self.conn.set_read_timeout(Some(t)),
+            self.conn.set_write_timeout(Some(t)),
+        ] {
+            if let Err(e) = r {
+                tracing::warn!("cannot set the postcopy timeout: {e}");
+            }
         }
         vm.resume()?;
-        ctl.set_status(MigrationStatus::PostcopyActive);
+        super::recover::pause_on_request(ctl, &self.conn, self.urgent.as_ref());
+        ctl.postcopy_active();
         if let Err(e) = send(&self.conn, &ReturnMessage::Running) {
             tracing::warn!("RUNNING could not be sent: {e}");
         }

@@ -30,9 +30,38 @@ pub(super) struct Identity<'a> {
     pub(super) desc: Option<&'a VmDescription>,
 }
 
-/// The stream on `old` failed with `e` after RUN: pause (PAUSED to the source, if it can still
-/// hear it), then wait for `migrate-recover` and return the recovered stream. Failed attempts
-/// leave the migration paused for the next one.
+/// Tells the source this side pauses: PAUSED, then the connections closed for writing (never
+/// for reading: data arriving on a socket shut for reading is answered with a reset, which can
+/// discard PAUSED before it arrives). Over a dead link PAUSED may not arrive; the source then
+/// pauses by its own timeout.
+pub(super) fn announce_pause(main: &Connection, urgent: Option<&Connection>) {
+    let _ = main.set_write_timeout(Some(Duration::from_secs(1)));
+    if let Err(e) = send(main, &ReturnMessage::Paused) {
+        tracing::debug!("PAUSED could not be sent: {e}");
+    }
+    main.shutdown_write();
+    if let Some(u) = urgent {
+        u.shutdown_write();
+    }
+}
+
+/// From RUN (and each recovery) on: `migrate-pause` says PAUSED on `main` and closes it for
+/// writing; the source answers by closing, which ends the stream thread's read.
+pub(super) fn pause_on_request(
+    ctl: &MigrationControl,
+    main: &Connection,
+    urgent: Option<&Connection>,
+) {
+    let (main, urgent) = (main.clone(), urgent.cloned());
+    ctl.set_pauser(Some(Box::new(move || {
+        announce_pause(&main, urgent.as_ref())
+    })));
+}
+
+/// The stream on `old` failed with `e` after the guest started here: pause (PAUSED to the
+/// source, if `migrate-pause` did not say it already and the source can still hear it), then
+/// wait for `migrate-recover` and return the recovered stream. Failed attempts leave the
+/// migration paused for the next one; `migrate_cancel` while paused gives it up.
 pub(super) fn pause_and_recover(
     pc: &Postcopy,
     ctl: &MigrationControl,
@@ -41,7 +70,9 @@ pub(super) fn pause_and_recover(
     who: &Identity<'_>,
     e: MigrateError,
 ) -> Result<Resumed> {
-    let why = if ctl.take_pause() {
+    ctl.set_pauser(None);
+    let asked = ctl.take_pause();
+    let why = if asked {
         "migrate-pause".to_string()
     } else if e.is_timeout() {
         format!(
@@ -53,18 +84,13 @@ pub(super) fn pause_and_recover(
     };
     tracing::warn!("postcopy paused: {why}; the guest waits for its missing pages");
     let t_pause = Instant::now();
-    // Said first: a source that sees the connection end without PAUSED takes the guest for
-    // lost. Over a dead link it may not arrive (then the source pauses by its own timeout).
-    let _ = old.set_write_timeout(Some(Duration::from_secs(1)));
-    if let Err(e) = send(old, &ReturnMessage::Paused) {
-        tracing::debug!("PAUSED could not be sent: {e}");
+    if !asked {
+        announce_pause(old, urgent);
     }
-    old.shutdown();
-    if let Some(u) = urgent {
-        u.shutdown();
-    }
+    // The old connection stays open (not read, not closed) until the migration ends.
     pc.set_conn(None);
     ctl.clear_conn();
+    ctl.clear_recovery();
     let started = ctl.stats().started.unwrap_or(t_pause);
     {
         let mut s = ctl.stats();
@@ -81,7 +107,13 @@ pub(super) fn pause_and_recover(
     ctl.set_status(MigrationStatus::PostcopyPaused);
     let mut failed = 0;
     loop {
-        let uri = ctl.wait_recovery();
+        let Some(uri) = ctl.wait_recovery() else {
+            return Err(MigrateError::GuestLost(
+                "migrate_cancel while postcopy was paused: the pages not yet received will \
+                 not come (the guest here waits for them)"
+                    .into(),
+            ));
+        };
         ctl.take_pause();
         match reconnect(pc, ctl, &uri, who) {
             Ok(r) => {
@@ -93,6 +125,8 @@ pub(super) fn pause_and_recover(
                 }
                 drop(s);
                 tracing::info!("postcopy recovered through {uri}");
+                pause_on_request(ctl, &r.conn, None);
+                ctl.take_pause();
                 ctl.set_status(MigrationStatus::PostcopyActive);
                 return Ok(r);
             }
@@ -110,8 +144,8 @@ pub(super) fn pause_and_recover(
     }
 }
 
-/// One recovery attempt: listen, take the source's connection if it is this migration's, say
-/// what is here, ask again for what faults wait on.
+/// One recovery attempt: listen, take the source's connection if it is this migration's (any
+/// other is refused and the next awaited), say what is here, ask again for what faults wait on.
 fn reconnect(
     pc: &Postcopy,
     ctl: &MigrationControl,
@@ -120,19 +154,8 @@ fn reconnect(
 ) -> Result<Resumed> {
     ctl.set_status(MigrationStatus::PostcopyRecoverSetup);
     let listener = Listener::bind(uri, None)?;
-    // `migrate-pause` stops the wait.
-    let (Channel { conn, end }, hello) = accept::accept_source(&listener, &|| ctl.pause_asked())
-        .map_err(|e| match e {
-            MigrateError::Cancelled => MigrateError::Vm("migrate-pause while waiting".into()),
-            e => e,
-        })?;
-    end.detach();
-    let Some(hello) = hello else {
-        return Err(MigrateError::Vm(
-            "a recovery needs a two-way connection".into(),
-        ));
-    };
     let refuse = |conn: &Connection, why: String| {
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
         let _ = send(
             conn,
             &ReturnMessage::Error {
@@ -143,56 +166,80 @@ fn reconnect(
         conn.shutdown();
         MigrateError::Vm(why)
     };
-    if Some(hello.session) != who.session || hello.channels != 1 {
-        return Err(refuse(
-            &conn,
-            "this connection is not the paused migration's (another session id)".into(),
-        ));
-    }
+    let (conn, r) = loop {
+        // `migrate-pause` stops the wait.
+        let (Channel { conn, end }, hello) =
+            accept::accept_source(&listener, &|| ctl.pause_asked()).map_err(|e| match e {
+                MigrateError::Cancelled => MigrateError::Vm("migrate-pause while waiting".into()),
+                e => e,
+            })?;
+        end.detach();
+        match open_resumed(conn.clone(), hello, who) {
+            Ok(r) => break (conn, r),
+            Err(why) => {
+                let e = refuse(&conn, why);
+                tracing::warn!("postcopy recovery: {e}; still waiting");
+            }
+        }
+    };
     ctl.set_conn(Canceller::Socket(conn.clone()));
     ctl.set_status(MigrationStatus::PostcopyRecover);
-    conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(MigrateError::io("setting the handshake timeout"))?;
-    let mut r = StreamReader::new(BufReader::with_capacity(16 << 10, conn.clone()))?.live();
-    let described = matches!(r.next_record()?, Some(Record::Description));
-    if !described {
-        return Err(refuse(
-            &conn,
-            "a recovery starts with VM_DESCRIPTION".into(),
-        ));
-    }
-    if r.description() != who.desc {
-        return Err(refuse(
-            &conn,
-            "the recovering source describes another VM".into(),
-        ));
-    }
-    match r.next_record()? {
-        Some(Record::Postcopy(PostcopyCommand::Resume)) => {}
-        _ => {
-            return Err(refuse(
-                &conn,
-                "a recovery's VM_DESCRIPTION is followed by RESUME".into(),
-            ))
-        }
-    }
+    let t = Duration::from_millis(ctl.params.postcopy_timeout_ms);
+    conn.set_write_timeout(Some(t))
+        .map_err(MigrateError::io("setting the postcopy timeout"))?;
     for m in pc.received() {
         send(&conn, &m)?;
     }
     send(&conn, &ReturnMessage::ResumeAck)?;
-    // Faults ask on this connection from now on; those that waited are asked for again.
+    // From here the source sends: a failure below is a break like any other (the next read
+    // fails and postcopy pauses again), never a failed attempt.
     pc.set_conn(Some(conn.clone()));
     for (region, page) in pc.waiting() {
-        send(
-            &conn,
-            &ReturnMessage::PageRequest {
-                region,
-                first_page: page,
-                count: 1,
-            },
-        )?;
+        let ask = ReturnMessage::PageRequest {
+            region,
+            first_page: page,
+            count: 1,
+        };
+        if let Err(e) = send(&conn, &ask) {
+            tracing::debug!("a page request could not be sent again: {e}");
+            break;
+        }
     }
-    conn.set_read_timeout(Some(Duration::from_millis(ctl.params.postcopy_timeout_ms)))
-        .map_err(MigrateError::io("setting the postcopy timeout"))?;
+    if let Err(e) = conn.set_read_timeout(Some(t)) {
+        tracing::warn!("cannot set the postcopy timeout: {e}");
+    }
     Ok(Resumed { reader: r, conn })
+}
+
+/// A recovering source's opening: the same session, one channel, the same VM, RESUME.
+fn open_resumed(
+    conn: Connection,
+    hello: Option<tern_wire::ChannelHello>,
+    who: &Identity<'_>,
+) -> std::result::Result<StreamReader<BufReader<Connection>>, String> {
+    let Some(hello) = hello else {
+        return Err("a recovery needs a two-way connection".into());
+    };
+    if Some(hello.session) != who.session || hello.channels != 1 {
+        return Err("this connection is not the paused migration's (another session id)".into());
+    }
+    conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| format!("setting the handshake timeout: {e}"))?;
+    let mut r = StreamReader::new(BufReader::with_capacity(16 << 10, conn))
+        .map_err(|e| e.to_string())?
+        .live();
+    let described = matches!(r.next_record(), Ok(Some(Record::Description)));
+    if !described {
+        return Err("a recovery starts with VM_DESCRIPTION".into());
+    }
+    if r.description() != who.desc {
+        return Err("the recovering source describes another VM".into());
+    }
+    if !matches!(
+        r.next_record(),
+        Ok(Some(Record::Postcopy(PostcopyCommand::Resume)))
+    ) {
+        return Err("a recovery's VM_DESCRIPTION is followed by RESUME".into());
+    }
+    Ok(r)
 }
