@@ -70,7 +70,7 @@ fn recoveries(q: &mut Qmp, n: usize) -> Vec<Value> {
     list
 }
 
-/// Source and target over a unix socket, 128 MiB/s, postcopy started at once.
+/// Source and target over a unix socket, postcopy started at once and capped at 32 MiB/s.
 fn paused_pair(d: &std::path::Path, tag: &str, preempt: bool) -> (Vmm, Vmm) {
     let mut src = source(
         d,
@@ -89,11 +89,13 @@ fn paused_pair(d: &std::path::Path, tag: &str, preempt: bool) -> (Vmm, Vmm) {
     dst.q.ok("migrate-incoming", json!({"uri": uri}));
     src.q.ok(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
+                                {"capability": "postcopy-preempt", "state": preempt}]}),
     );
+    // 32 MiB/s once postcopy runs: its phase lasts several seconds, time for the pauses.
     src.q.ok(
         "migrate-set-parameters",
-        json!({"max-bandwidth": 128u64 << 20}),
+        json!({"max-bandwidth": 128u64 << 20, "max-postcopy-bandwidth": 32u64 << 20}),
     );
     src.q.ok("migrate", json!({"uri": uri}));
     src.q.ok("migrate-start-postcopy", json!({}));
@@ -125,7 +127,7 @@ fn migrate_pause_on_either_side_then_recover_completes_with_every_page() {
     );
     std::thread::sleep(Duration::from_millis(500));
     // The target pauses: it says PAUSED, so the source pauses too instead of taking the guest
-    // for lost. (The postcopy phase lasts about 8 s: it is still running.)
+    // for lost. (The postcopy phase lasts several seconds: it is still running.)
     assert_eq!(status(&mut dst.q), "postcopy-active");
     dst.q.ok("migrate-pause", json!({}));
     recover(
