@@ -232,6 +232,9 @@ impl<R: Read> StreamReader<R> {
                     "END before the VM description".into(),
                 )));
             }
+            if let Some(m) = &self.mapped {
+                m.at_end().map_err(err)?;
+            }
             let t = Totals::decode(self.r.body(len)).map_err(err)?;
             let mine = self.totals;
             if t != mine {
@@ -240,9 +243,6 @@ impl<R: Read> StreamReader<R> {
                     t.records, t.raw_pages, t.zero_pages, t.digest,
                     mine.records, mine.raw_pages, mine.zero_pages, mine.digest
                 ))));
-            }
-            if let Some(m) = &self.mapped {
-                m.at_end().map_err(err)?;
             }
             // In a mapped-layout file the padding and the pages follow END.
             if self.check_trailing && self.mapped.is_none() && !self.r.at_eof()? {

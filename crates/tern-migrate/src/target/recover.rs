@@ -152,8 +152,10 @@ fn reconnect(
     uri: &crate::transport::Uri,
     who: &Identity<'_>,
 ) -> Result<Resumed> {
-    ctl.set_status(MigrationStatus::PostcopyRecoverSetup);
+    // Listening before it says so: a source told to resume once it sees this status must
+    // find someone (CI-like runs caught a resume refused in between).
     let listener = Listener::bind(uri, None)?;
+    ctl.set_status(MigrationStatus::PostcopyRecoverSetup);
     let refuse = |conn: &Connection, why: String| {
         let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
         let _ = send(
