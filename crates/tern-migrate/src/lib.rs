@@ -214,6 +214,9 @@ pub trait TargetVm: Send + Sync {
     fn load_participants(self: Arc<Self>) -> Vec<Box<dyn LoadParticipant>>;
     /// Starts the guest (once: only on the source's GO, or at the end of a one-way stream).
     fn resume(&self) -> Result<()>;
+    /// Stops the vCPUs of a guest started here that must not go on (a restore that found a
+    /// corrupt page after the guest ran). By default nothing: the process ends soon after.
+    fn stop_guest(&self) {}
     /// A digest of all guest RAM, computed the same way as the source's.
     fn ram_digest(&self) -> u64;
 }

@@ -102,10 +102,11 @@ fn full_restore(
         while p < r.pages {
             ctl.check_cancel()?;
             let n = (r.pages - p).min(CHUNK);
-            // Fresh guest RAM is zero: zero pages are not even read.
-            if (p..p + n).any(|q| !file.is_zero(ri, q)) {
-                let b = &mut buf[..n as usize * PAGE_SIZE];
-                file.read_pages(ri, p, b).map_err(wire)?;
+            // Every page is read and checked (a page is never taken for zero from its CRC: a
+            // page of data may have the zero page's CRC); fresh guest RAM is zero already.
+            let b = &mut buf[..n as usize * PAGE_SIZE];
+            file.read_pages(ri, p, b).map_err(wire)?;
+            if b.iter().any(|&x| x != 0) {
                 vm.ram().write_pages(r.id, p, b)?;
             }
             ctl.stats().transferred += n * PAGE_SIZE as u64;
@@ -124,8 +125,8 @@ fn full_restore(
     Ok(vm)
 }
 
-/// Reads the pages `first..first + n` of region index `ri` and places them (zero runs without
-/// reading). Pages already placed are left as they are.
+/// Reads the pages `first..first + n` of region index `ri`, checks them and places them (runs
+/// of zero pages as zero pages). Pages already placed are left as they are.
 fn place_pages(
     file: &MappedFile,
     pc: &dyn PostcopyRam,
@@ -134,22 +135,32 @@ fn place_pages(
     n: u64,
     buf: &mut [u8],
 ) -> Result<()> {
-    let id = file.layout.regions[ri].id;
-    let mut p = first;
-    while p < first + n {
-        let zero = file.is_zero(ri, p);
-        let mut e = p + 1;
-        while e < first + n && file.is_zero(ri, e) == zero {
+    // The userfaultfd side numbers regions by index.
+    let region = ri as u32;
+    let b = &mut buf[..n as usize * PAGE_SIZE];
+    file.read_pages(ri, first, b).map_err(wire)?;
+    let zero = |i: u64| {
+        b[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE]
+            .iter()
+            .all(|&x| x == 0)
+    };
+    let mut i = 0;
+    while i < n {
+        let z = zero(i);
+        let mut e = i + 1;
+        while e < n && zero(e) == z {
             e += 1;
         }
-        if zero {
-            pc.place_zero(id, p, e - p)?;
+        if z {
+            pc.place_zero(region, first + i, e - i)?;
         } else {
-            let b = &mut buf[..(e - p) as usize * PAGE_SIZE];
-            file.read_pages(ri, p, b).map_err(wire)?;
-            pc.place(id, p, b)?;
+            pc.place(
+                region,
+                first + i,
+                &b[i as usize * PAGE_SIZE..e as usize * PAGE_SIZE],
+            )?;
         }
-        p = e;
+        i = e;
     }
     Ok(())
 }
@@ -176,11 +187,10 @@ fn on_demand_restore(
                 while !stop.load(Ordering::SeqCst) {
                     let served = pc.faults(Duration::from_millis(50)).and_then(|list| {
                         for f in list {
-                            let Some(ri) =
-                                file.layout.regions.iter().position(|r| r.id == f.region)
-                            else {
+                            let ri = f.region as usize;
+                            if ri >= file.layout.regions.len() {
                                 continue;
-                            };
+                            }
                             faults.fetch_add(1, Ordering::Relaxed);
                             place_pages(file, pc, ri, f.page, 1, &mut one)?;
                         }
@@ -230,7 +240,9 @@ fn on_demand_restore(
         r
     });
     if let Err(e) = outcome {
-        // The guest may be running: its registration stays (a page it lacks is never zero).
+        // The guest may be running: it stops now, and its registration stays (a page it lacks
+        // is never a zero page, nor a wrong one).
+        vm.stop_guest();
         std::mem::forget(pc);
         return Err(e);
     }

@@ -436,6 +436,10 @@ impl TargetVm for Vm {
             .map_err(|e| MigrateError::Vm(format!("starting the vCPUs: {e:#}")))
     }
 
+    fn stop_guest(&self) {
+        Vm::pause(self);
+    }
+
     fn ram_digest(&self) -> u64 {
         self.ram_digest_now()
     }

@@ -61,7 +61,7 @@ impl RunBackend {
         self.app
             .mig
             .active()
-            .ok_or_else(|| QmpError::generic("No migration is in progress: nothing to recover"))
+            .ok_or_else(|| QmpError::generic("No migration is in progress"))
     }
 
     /// `calc-dirty-rate`: tern measures with the dirty log (QEMU's `dirty-bitmap` mode, the

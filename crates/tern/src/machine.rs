@@ -68,6 +68,10 @@ pub(crate) struct MachineSpec {
 /// Whether `path` is a file in the mapped layout (its stream header says so).
 pub(crate) fn is_mapped(path: &std::path::Path) -> bool {
     use std::io::Read;
+    // Only a regular file: reading a pipe's first bytes here would take them from the reader.
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return false;
+    }
     let mut h = [0u8; 16];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut h))

@@ -287,7 +287,17 @@ fn the_human_monitor_drives_a_migration() {
     let mut dst = incoming(&d, "dst", &uri);
     let mut h = Hmp::connect(&hmp);
     assert_eq!(h.cmd("info status"), "VM status: running\n");
-    assert!(h.cmd("help").contains("migrate [-d] uri"));
+    assert!(h.cmd("help").contains("migrate [-d] [-r] uri"));
+    // Postcopy's pause and recovery need a migration to act on.
+    assert!(h
+        .cmd("migrate_pause")
+        .contains("No migration is in progress"));
+    assert!(h
+        .cmd("migrate_recover")
+        .contains("usage: migrate_recover URI"));
+    assert!(h
+        .cmd("migrate -r unix:/nonexistent")
+        .contains("No migration is in progress"));
     assert!(h.cmd("info migrate").contains("No migration"));
     assert!(h.cmd("frobnicate").starts_with("Error: unknown command"));
     assert!(h
