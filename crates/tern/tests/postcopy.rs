@@ -221,35 +221,13 @@ fn postcopy_between_two_namespaces_at_1gbit_with_the_guest_dirtying_256_mib_s() 
     let _g = exclusive();
     let d = dir("postcopy-netns");
     let link = Link::up("1gbit");
-    let (sq, dq) = (d.join("src.qmp"), d.join("dst.qmp"));
-    let (sa, da) = (
-        format!("unix:{}", sq.display()),
-        format!("unix:{}", dq.display()),
+    let mut src = link.source(
+        &d,
+        "src",
+        "tern.wss=512 tern.rate=256 tern.check=1 tern.pattern=random",
     );
-    let mut sp = link.tern(
-        0,
-        &[
-            "--memory",
-            "1G",
-            "--vcpus",
-            "2",
-            "--cmdline",
-            "tern.wss=512 tern.rate=256 tern.check=1 tern.pattern=random",
-            "--qmp",
-            &sa,
-        ],
-    );
-    sp.wait_for("ready", BOOT, |l| l == "tern-guest ready");
     let uri = "tcp:10.78.0.2:47700";
-    let dp = link.tern(1, &["--incoming", uri, "--qmp", &da]);
-    let mut src = Vmm {
-        p: sp,
-        q: Qmp::connect(&sq, LINE),
-    };
-    let mut dst = Vmm {
-        p: dp,
-        q: Qmp::connect(&dq, LINE),
-    };
+    let mut dst = link.target(&d, "dst", uri);
     src.q.ok(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "postcopy-ram", "state": true},

@@ -239,39 +239,15 @@ fn postcopy_survives_the_link_going_down_at_random_moments_between_two_namespace
     for run in 0..runs {
         // The last run breaks twice.
         let breaks = if run + 1 == runs { 2 } else { 1 };
-        let (sq, dq) = (
-            d.join(format!("src{run}.qmp")),
-            d.join(format!("dst{run}.qmp")),
+        let mut src = link.source(
+            &d,
+            &format!("src{run}"),
+            "tern.wss=512 tern.rate=256 tern.check=1 tern.pattern=random",
         );
-        let (sa, da) = (
-            format!("unix:{}", sq.display()),
-            format!("unix:{}", dq.display()),
-        );
-        let mut sp = link.tern(
-            0,
-            &[
-                "--memory",
-                "1G",
-                "--cmdline",
-                "tern.wss=512 tern.rate=256 tern.check=1 tern.pattern=random",
-                "--qmp",
-                &sa,
-            ],
-        );
-        sp.wait_for("ready", BOOT, |l| l == "tern-guest ready");
-        sp.wait_for("a heartbeat", BOOT, is_hb);
         let port = 47800 + run * 4;
         let uri = format!("tcp:10.78.0.2:{port}");
         // Deferred: the target's timeout is set before it listens.
-        let dp = link.tern(1, &["--incoming", "defer", "--qmp", &da]);
-        let mut src = Vmm {
-            p: sp,
-            q: Qmp::connect(&sq, LINE),
-        };
-        let mut dst = Vmm {
-            p: dp,
-            q: Qmp::connect(&dq, LINE),
-        };
+        let mut dst = link.target(&d, &format!("dst{run}"), "defer");
         for v in [&mut src, &mut dst] {
             v.q.ok(
                 "migrate-set-parameters",
@@ -319,11 +295,20 @@ fn postcopy_survives_the_link_going_down_at_random_moments_between_two_namespace
         let n = paused_last_hb(&mut src.p);
         continues_on(&mut dst.p, n);
         let list = recoveries(&mut src.q, done);
-        recoveries(&mut dst.q, done);
+        let paused = |l: &[Value]| {
+            l.iter()
+                .map(|x| format!("{:.0}", x["paused-ms"].as_f64().unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+                .join("+")
+        };
+        let on_dst = recoveries(&mut dst.q, done);
         eprintln!(
-            "run {run}: total {} ms, {} page requests, recoveries {}",
+            "run {run}: total {} ms, {} page requests; paused ms: source {}, target {}; \
+             recoveries {}",
             r["total-time"],
             r["ram"]["postcopy-requests"],
+            paused(&list),
+            paused(&on_dst),
             Value::Array(list)
         );
         quit(src);

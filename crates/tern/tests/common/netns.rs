@@ -1,6 +1,8 @@
 //! Two "hosts" made of network namespaces, joined by a shaped veth wire.
 
-use super::{tern_bin, Proc};
+use std::path::Path;
+
+use super::{is_hb, tern_bin, Proc, Qmp, Vmm, BOOT, LINE};
 
 /// Two network namespaces joined by a veth pair shaped to `rate` with htb (both ways), removed
 /// on drop.
@@ -83,6 +85,45 @@ impl Drop for Link {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", n])
                 .status();
+        }
+    }
+}
+
+impl Link {
+    /// A source guest in the first namespace (1 GiB, 2 vCPUs, `cmdline`), booted and beating,
+    /// with its monitor at `d/{tag}.qmp`.
+    pub fn source(&self, d: &Path, tag: &str, cmdline: &str) -> Vmm {
+        let sock = d.join(format!("{tag}.qmp"));
+        let qmp = format!("unix:{}", sock.display());
+        let mut p = self.tern(
+            0,
+            &[
+                "--memory",
+                "1G",
+                "--vcpus",
+                "2",
+                "--cmdline",
+                cmdline,
+                "--qmp",
+                &qmp,
+            ],
+        );
+        p.wait_for("ready", BOOT, |l| l == "tern-guest ready");
+        p.wait_for("a heartbeat", BOOT, is_hb);
+        Vmm {
+            p,
+            q: Qmp::connect(&sock, LINE),
+        }
+    }
+
+    /// A target in the second namespace, `--incoming incoming` (a URI or defer).
+    pub fn target(&self, d: &Path, tag: &str, incoming: &str) -> Vmm {
+        let sock = d.join(format!("{tag}.qmp"));
+        let qmp = format!("unix:{}", sock.display());
+        let p = self.tern(1, &["--incoming", incoming, "--qmp", &qmp]);
+        Vmm {
+            p,
+            q: Qmp::connect(&sock, LINE),
         }
     }
 }
