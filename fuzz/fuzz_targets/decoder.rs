@@ -1,6 +1,8 @@
-//! Any input: the stream decoder returns records or a typed error, never panics, and never holds
-//! more than one record's worth of buffer — read buffered (then every compressed run is
-//! decompressed, as `tern verify` does) and read in place into a small memory (as a target does).
+//! Any input: the stream decoder (the mapped layout's records included), the return path's
+//! message decoder and MAPPED_RAM's decoder return a value or a typed error and never panic; the
+//! stream decoder never holds more than one record's worth of buffer — read buffered (then every
+//! compressed run is decompressed, as `tern verify` does) and read in place into a small memory
+//! (as a target does).
 //! Built with cfg(fuzzing), the decoder skips its CRC checks so that mutations reach the parsers.
 #![no_main]
 
@@ -40,6 +42,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(r.buffer_capacity() <= limits::MAX_RECORD + 16);
         }
     }
+    // The return path's messages (postcopy recovery's RECEIVED among them) and the mapped
+    // layout's MAPPED_RAM, against a two-region description.
+    let _ = tern_wire::ReturnMessage::decode(data);
+    let _ = tern_wire::mapped::MappedRam::decode(data, &[(0, 64), (1, 1 << 40)]);
     let mut mem = Mem(vec![0; 64 * PAGE_SIZE]);
     if let Ok(mut r) = StreamReader::new(data) {
         while let Ok(Some(_)) = r.next_record_placing(&mut mem) {

@@ -21,6 +21,8 @@ pub enum MigrationEvent {
 
 /// See [`MigrationControl::before_final`].
 type FinalHook = Box<dyn FnOnce(&MigrationStats) + Send>;
+type RunningHook = Box<dyn FnOnce() + Send>;
+type Pauser = Box<dyn Fn() + Send + Sync>;
 
 /// Why `migrate_cancel` was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -55,8 +57,7 @@ pub struct MigrationControl {
     /// `migrate_cancel` while postcopy was paused: the migration gives its half up.
     abandoned: AtomicBool,
     /// The target's way to pause (see [`MigrationControl::pause`]).
-    #[allow(clippy::type_complexity)]
-    pauser: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    pauser: Mutex<Option<Pauser>>,
     /// `max-bandwidth`, changeable while migrating.
     pub bandwidth_limit: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
@@ -67,6 +68,8 @@ pub struct MigrationControl {
     /// changes first, so nobody sees "completed" with the old run state; the timeline is
     /// written before anyone is told the migration ended).
     before_final: Mutex<Option<FinalHook>>,
+    /// What the VMM does once the guest runs before the migration ended.
+    on_running: Mutex<Option<RunningHook>>,
 }
 
 impl MigrationControl {
@@ -99,7 +102,26 @@ impl MigrationControl {
             caps,
             events,
             before_final: Mutex::new(None),
+            on_running: Mutex::new(None),
         })
+    }
+
+    /// Runs `f` once the guest runs here while the migration is still under way (an on-demand
+    /// restore: the guest runs long before every page is in).
+    pub fn on_guest_running(&self, f: impl FnOnce() + Send + 'static) {
+        *self.on_running.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// The guest runs here (see [`Self::on_guest_running`]).
+    pub(crate) fn guest_running(&self) {
+        let f = self
+            .on_running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = f {
+            f();
+        }
     }
 
     /// Runs `f` with the final statistics just before the status becomes final.
@@ -223,7 +245,7 @@ impl MigrationControl {
     /// How `migrate-pause` stops the current connection (the target's: PAUSED, then its side
     /// closed for writing; never its reads, which would make the kernel answer the source's
     /// data with a reset that can discard PAUSED).
-    pub(crate) fn set_pauser(&self, p: Option<Box<dyn Fn() + Send + Sync>>) {
+    pub(crate) fn set_pauser(&self, p: Option<Pauser>) {
         *self.pauser.lock().unwrap_or_else(|e| e.into_inner()) = p;
     }
 

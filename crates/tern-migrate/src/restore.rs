@@ -209,6 +209,7 @@ fn on_demand_restore(
             // Loading vCPU state touches guest pages (the paravirtual clock): served above.
             vm.load_state(&file.sections)?;
             vm.resume()?;
+            ctl.guest_running();
             let running_ms = t0.elapsed().as_secs_f64() * 1000.0;
             tracing::info!("restore on demand: the guest runs after {running_ms:.1} ms");
             ctl.stats().restore = Some(RestoreStats {

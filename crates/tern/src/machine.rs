@@ -233,6 +233,13 @@ impl App {
                 *app.phase() = Phase::Live;
             }
         });
+        // An on-demand restore runs the guest while pages still come: it is live from then.
+        let weak = Arc::downgrade(self);
+        ctl.on_guest_running(move || {
+            if let Some(app) = weak.upgrade() {
+                *app.phase() = Phase::Live;
+            }
+        });
         let (app, keep) = (self.clone(), ctl.clone());
         std::thread::Builder::new()
             .name("migration-in".into())

@@ -121,6 +121,11 @@ fn a_mapped_save_restores_in_full_and_on_demand_and_a_bad_file_never_runs_a_wron
         last + 1,
         "the on-demand restore's guest goes on where it stopped"
     );
+    // Running (not "inmigrate") while the pages are still being filled in.
+    assert_eq!(
+        od.q.ok("query-status", json!({})),
+        json!({"running": true, "status": "running"})
+    );
     carries_on(&mut od, n);
     let r = wait_migration(&mut od.q, Duration::from_secs(120));
     assert_eq!(r["status"], "completed", "{r}");
