@@ -61,19 +61,6 @@ fn postcopy_pair_with(
     (src, dst)
 }
 
-/// Waits until the source's `query-migrate` satisfies `pred`.
-fn wait_until(q: &mut Qmp, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        let r = q.ok("query-migrate", json!({}));
-        if pred(&r) {
-            return r;
-        }
-        assert!(t.elapsed() < MIGRATE, "{what}: {r}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn postcopy_moves_a_guest_precopy_cannot_after_a_round_and_from_the_start_with_and_without_preempt()
 {

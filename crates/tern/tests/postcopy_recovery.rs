@@ -16,19 +16,6 @@ const MIGRATE: Duration = Duration::from_secs(180);
 /// The time either side gives a silent connection after RUN before it pauses.
 const SILENCE_MS: u64 = 1000;
 
-/// Polls `query-migrate` until `pred` holds.
-fn wait_until(q: &mut Qmp, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        let r = q.ok("query-migrate", json!({}));
-        if pred(&r) {
-            return r;
-        }
-        assert!(t.elapsed() < MIGRATE, "{what}: {r}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn status(q: &mut Qmp) -> String {
     q.ok("query-migrate", json!({}))["status"]
         .as_str()

@@ -208,6 +208,20 @@ pub fn wait_status(q: &mut Qmp, want: &str) -> Value {
     }
 }
 
+/// Polls `query-migrate` every 20 ms until `pred` holds (at most 180 s, then fails with `what`
+/// and the last reply).
+pub fn wait_until(q: &mut Qmp, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let r = q.ok("query-migrate", json!({}));
+        if pred(&r) {
+            return r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(180), "{what}: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The last heartbeat number a *paused* process printed: its last lines may still be on their
 /// way through the pipe and the reader thread, so give them a moment first.
 pub fn paused_last_hb(p: &mut Proc) -> u64 {
