@@ -428,6 +428,10 @@ fn send_rest(
     );
     let ret = link.ret.as_mut().expect("two-way");
     // Requests still in flight for pages that went meanwhile are answered by what was sent.
+    // After END the target still finishes (its last pages, its threads) before COMPLETE: at
+    // least 10 s, so that a short x-tern-postcopy-timeout does not pause a source whose target
+    // is about to complete (a pause then would outlive the migration on the other side).
+    let silence = silence.max(Duration::from_secs(10));
     let deadline = Instant::now() + silence;
     loop {
         match ret.next(deadline.saturating_duration_since(Instant::now())) {

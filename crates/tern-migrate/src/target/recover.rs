@@ -30,9 +30,9 @@ pub(super) struct Identity<'a> {
     pub(super) desc: Option<&'a VmDescription>,
 }
 
-/// Tells the source this side pauses: PAUSED, then the connections closed for writing (never
-/// for reading: data arriving on a socket shut for reading is answered with a reset, which can
-/// discard PAUSED before it arrives). Over a dead link PAUSED may not arrive; the source then
+/// Tells the source this side pauses: PAUSED, then the main connection closed for writing
+/// (never for reading: data arriving on a socket shut for reading is answered with a reset,
+/// which can discard PAUSED before it arrives). Over a dead link PAUSED may not arrive; the source then
 /// pauses by its own timeout.
 pub(super) fn announce_pause(main: &Connection, urgent: Option<&Connection>) {
     let _ = main.set_write_timeout(Some(Duration::from_secs(1)));
@@ -41,7 +41,11 @@ pub(super) fn announce_pause(main: &Connection, urgent: Option<&Connection>) {
     }
     main.shutdown_write();
     if let Some(u) = urgent {
-        u.shutdown_write();
+        // The urgent connection carries nothing from here to the source, so nothing of ours
+        // can be lost to a reset: it is shut whole, which ends its reader at once (else the
+        // thread would wait for the source's close, which over a link that was down may come
+        // seconds late, and COMPLETE with it: CI caught the source pausing meanwhile).
+        u.shutdown();
     }
 }
 
