@@ -437,7 +437,9 @@ impl TargetVm for Vm {
     }
 
     fn stop_guest(&self) {
-        Vm::pause(self);
+        // Not `pause`, which waits for every vCPU to park: the one that faulted on the bad
+        // page never will.
+        Vm::halt(self);
     }
 
     fn ram_digest(&self) -> u64 {

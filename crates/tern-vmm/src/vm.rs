@@ -400,6 +400,16 @@ impl Vm {
         self.devices.manager.quiesce();
     }
 
+    /// Asks every vCPU to stop and returns at once: a vCPU blocked in the kernel on a page that
+    /// will never come (a failed on-demand restore) cannot park, and waiting for it would hang.
+    /// The others stop within a kick.
+    pub fn halt(&self) {
+        if self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            self.control.request_pause();
+            self.kick_all();
+        }
+    }
+
     /// Resumes every vCPU and returns once all have left the parking lot (or starts them, on a
     /// VM that never ran).
     pub fn resume(&self) {

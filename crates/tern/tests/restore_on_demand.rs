@@ -55,7 +55,7 @@ fn carries_on(v: &mut Vmm, first: u64) {
 /// `tern restore` with a time limit: its exit status and what it printed.
 fn restore_fails(file: &std::path::Path) -> (Option<i32>, String, String) {
     let out = Command::new("timeout")
-        .args(["120", tern_bin(), "restore", "--on-demand"])
+        .args(["-k", "10", "120", tern_bin(), "restore", "--on-demand"])
         .arg(file)
         .output()
         .unwrap();
