@@ -57,17 +57,11 @@ fn recoveries(q: &mut Qmp, n: usize) -> Vec<Value> {
     list
 }
 
-/// Source and target over a unix socket, postcopy started at once and capped at 32 MiB/s.
-fn paused_pair(d: &std::path::Path, tag: &str, preempt: bool) -> (Vmm, Vmm) {
-    let mut src = source(
-        d,
-        &format!("src-{tag}"),
-        "1G",
-        "tern.wss=512 tern.rate=1024 tern.check=1 tern.pattern=random",
-    );
-    let uri = format!("unix:{}", d.join(format!("{tag}.sock")).display());
-    let mut dst = target(d, &format!("dst-{tag}"), "defer", &[]);
-    for v in [&mut src, &mut dst] {
+/// Both sides pause after `SILENCE_MS`; the target listens on `uri` (it was started with
+/// `--incoming defer`); the source, with `params`, migrates there and switches to postcopy at
+/// once. Returns when the source reports `postcopy-active`.
+fn postcopy_between(src: &mut Vmm, dst: &mut Vmm, uri: &str, preempt: bool, params: Value) {
+    for v in [&mut *src, &mut *dst] {
         v.q.ok(
             "migrate-set-parameters",
             json!({"x-tern-postcopy-timeout": SILENCE_MS}),
@@ -79,16 +73,32 @@ fn paused_pair(d: &std::path::Path, tag: &str, preempt: bool) -> (Vmm, Vmm) {
         json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
                                 {"capability": "postcopy-preempt", "state": preempt}]}),
     );
-    // 32 MiB/s once postcopy runs: its phase lasts several seconds, time for the pauses.
-    src.q.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 128u64 << 20, "max-postcopy-bandwidth": 32u64 << 20}),
-    );
+    src.q.ok("migrate-set-parameters", params);
     src.q.ok("migrate", json!({"uri": uri}));
     src.q.ok("migrate-start-postcopy", json!({}));
     wait_until(&mut src.q, "postcopy-active", |r| {
         r["status"] == "postcopy-active"
     });
+}
+
+/// Source and target over a unix socket, postcopy started at once and capped at 32 MiB/s.
+fn paused_pair(d: &std::path::Path, tag: &str, preempt: bool) -> (Vmm, Vmm) {
+    let mut src = source(
+        d,
+        &format!("src-{tag}"),
+        "1G",
+        "tern.wss=512 tern.rate=1024 tern.check=1 tern.pattern=random",
+    );
+    let uri = format!("unix:{}", d.join(format!("{tag}.sock")).display());
+    let mut dst = target(d, &format!("dst-{tag}"), "defer", &[]);
+    postcopy_between(
+        &mut src,
+        &mut dst,
+        &uri,
+        preempt,
+        // 32 MiB/s once postcopy runs: its phase lasts several seconds, time for the pauses.
+        json!({"max-bandwidth": 128u64 << 20, "max-postcopy-bandwidth": 32u64 << 20}),
+    );
     (src, dst)
 }
 
@@ -235,23 +245,7 @@ fn postcopy_survives_the_link_going_down_at_random_moments_between_two_namespace
         let uri = format!("tcp:10.78.0.2:{port}");
         // Deferred: the target's timeout is set before it listens.
         let mut dst = link.target(&d, &format!("dst{run}"), "defer");
-        for v in [&mut src, &mut dst] {
-            v.q.ok(
-                "migrate-set-parameters",
-                json!({"x-tern-postcopy-timeout": SILENCE_MS}),
-            );
-        }
-        dst.q.ok("migrate-incoming", json!({"uri": uri}));
-        src.q.ok(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
-                                    {"capability": "postcopy-preempt", "state": run % 2 == 1}]}),
-        );
-        src.q.ok("migrate", json!({"uri": uri}));
-        src.q.ok("migrate-start-postcopy", json!({}));
-        wait_until(&mut src.q, "postcopy-active", |r| {
-            r["status"] == "postcopy-active"
-        });
+        postcopy_between(&mut src, &mut dst, &uri, run % 2 == 1, json!({}));
         let mut done = 0;
         for b in 0..breaks {
             // A random moment in the first two seconds of postcopy (it takes about eight).
