@@ -369,11 +369,12 @@ fn tcp_uri() -> String {
     format!("tcp:127.0.0.1:{}", l.local_addr().unwrap().port())
 }
 
-/// 1024 MiB/s of dirtying asked for, over a link capped at 160 MiB/s. (What the guest really
-/// dirties under dirty logging on this host is far less — 220 MiB/s measured — so a cap of
-/// 256 MiB/s let precopy converge now and then without any throttle: the test failed once so.)
+/// 1024 MiB/s of dirtying asked for, over a link capped at 64 MiB/s. (What one vCPU really
+/// dirties under dirty logging on this host is far less, and varies between machines of this
+/// kind: 220 MiB/s measured once, 120 MiB/s on 2026-12-07, when a 160 MiB/s cap let precopy
+/// converge in three rounds without any throttle; a cap of 256 MiB/s had done so before.)
 const FAST_GUEST: &str = "tern.wss=256 tern.rate=1024 tern.check=2";
-const SLOW_LINK: &str = "160M";
+const SLOW_LINK: &str = "64M";
 
 #[test]
 fn a_guest_faster_than_the_link_hits_the_round_limit_then_auto_converge_moves_it() {
