@@ -18,7 +18,16 @@ fn main() {
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let lib = out.join("libtern_guest_image.a");
     let elf = out.join("tern-guest.elf");
-    for f in ["guest/main.rs", "guest/boot.rs", "guest/link.ld"] {
+    for f in [
+        "guest/main.rs",
+        "guest/boot.rs",
+        "guest/setup.rs",
+        "guest/pages.rs",
+        "guest/disk.rs",
+        "guest/disk/mmio.rs",
+        "guest/disk/work.rs",
+        "guest/link.ld",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     run(

@@ -13,7 +13,9 @@
 //!   VMM that honours it writes the vCPU count there and starts each AP at `tern_ap_entry` in the
 //!   same state as the PVH entry, with %esi = the CPU index. Other VMMs leave `tern_ncpus` at 1.
 //!
-//! Page tables are static: 2 MiB pages identity-mapping the first 64 GiB, user-accessible.
+//! Page tables are static: 2 MiB pages identity-mapping the first 64 GiB, user-accessible (ring 3
+//! reaches virtio-mmio registers through them: an access to unbacked memory exits to the VMM),
+//! write-back except the last 32 MiB below 4 GiB, which is uncached (device windows live there).
 
 core::arch::global_asm!(
     r#"
@@ -330,7 +332,12 @@ pdpt:
 pd:
     .set i, 0
     .rept 64 * 512
+    /* 0xfe000000..4 GiB (virtio-mmio windows, IOAPIC, LAPIC): PCD|PWT = uncached */
+    .if (i >= 0x7f0) && (i < 0x800)
+    .quad (i << 21) | 0x9f
+    .else
     .quad (i << 21) | 0x87
+    .endif
     .set i, i + 1
     .endr
 

@@ -6,7 +6,10 @@
 //! period (100), `tern.exit=<s>` power off after that many seconds (0 = never), `tern.tsc_khz=`
 //! (override; otherwise read from kvmclock), `tern.entropy=<0..100>` how much of each page is
 //! incompressible (100; the rest of the page repeats one word, so that compression has
-//! something to gain: 0 compresses about a hundredfold, 50 about twofold).
+//! something to gain: 0 compresses about a hundredfold, 50 about twofold),
+//! `tern.disk_rate=<MiB/s>` blocks written per second to the first virtio-blk device of the
+//! `virtio_mmio.device=` entries (0; see disk.rs), whose written blocks are read back and checked
+//! once per check period.
 //!
 //! Every page of the working set holds a pattern derived from (page index, generation); the
 //! generations live in a table in guest RAM, updated like a seqlock (odd while the page is being
@@ -14,7 +17,10 @@
 //! verifies every page once per check period, a slice at a time so that it never stalls.
 //!
 //! Output lines: `tern-guest boot ...`, `tern-guest ready`, `tern-guest hb <n> gap_us=<max>`,
-//! `tern-guest check ok <pages>` / `tern-guest check FAIL page=<i> ...`, `tern-guest exit`.
+//! `tern-guest check ok <pages>` / `tern-guest check FAIL page=<i> ...`, `tern-guest exit`; with
+//! a disk: `tern-guest disk found addr=<hex> blocks=<n> queue=<N>`, `tern-guest disk ok
+//! <verified> writes=<n>` / `tern-guest disk FAIL block=<i> ...`, and `tern-guest disk FAIL <why>`
+//! or `tern-guest disk warning: <what>` when a device or request fails.
 
 #![no_std]
 #![no_main]
@@ -22,7 +28,7 @@
 mod boot;
 
 use core::fmt::Write;
-use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 const PAGE: u64 = 4096;
 const WORDS: usize = 512;
@@ -32,15 +38,10 @@ const MAX_RANGES: usize = 16;
 const RAM_FLOOR: u64 = 16 << 20;
 /// The static page tables map this much.
 const RAM_CEIL: u64 = 64 << 30;
-const E820_RAM: u32 = 1;
 
 /// Written by a VMM that honours the "Tern" note: how many vCPUs run this guest.
 #[no_mangle]
 pub static tern_ncpus: AtomicU32 = AtomicU32::new(1);
-
-extern "C" {
-    static kvmclock_area: [u32; 16];
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Pattern {
@@ -136,7 +137,10 @@ struct Line {
 
 impl Line {
     fn new() -> Self {
-        Line { buf: [0; 256], len: 0 }
+        Line {
+            buf: [0; 256],
+            len: 0,
+        }
     }
     /// Prints the line; returns its length.
     fn send(mut self) -> usize {
@@ -168,116 +172,12 @@ macro_rules! say {
     }};
 }
 
-/// The C string at a guest-physical address (identity-mapped, user-accessible).
-fn cstr(addr: u64) -> &'static [u8] {
-    if addr == 0 {
-        return &[];
-    }
-    let p = addr as *const u8;
-    let mut n = 0;
-    // SAFETY: the VMM placed a NUL-terminated command line at `addr` in RAM; we stop at 4 KiB.
-    unsafe {
-        while n < 4096 && *p.add(n) != 0 {
-            n += 1;
-        }
-        core::slice::from_raw_parts(p, n)
-    }
-}
+// After `say!`, which they use.
+mod disk;
+mod pages;
+mod setup;
 
-fn parse_u64(s: &[u8]) -> Option<u64> {
-    if s.is_empty() {
-        return None;
-    }
-    let mut v: u64 = 0;
-    for &c in s {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
-    }
-    Some(v)
-}
-
-struct Knobs {
-    wss_mib: u64,
-    rate_mib: u64,
-    pattern: Pattern,
-    check_s: u64,
-    hb_ms: u64,
-    exit_s: u64,
-    tsc_khz: u64,
-    entropy: u64,
-}
-
-fn parse_cmdline(cmd: &[u8]) -> Knobs {
-    let mut k = Knobs {
-        wss_mib: 256,
-        rate_mib: 0,
-        pattern: Pattern::Seq,
-        check_s: 2,
-        hb_ms: 100,
-        exit_s: 0,
-        tsc_khz: 0,
-        entropy: 100,
-    };
-    for word in cmd.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
-        let Some(eq) = word.iter().position(|&c| c == b'=') else {
-            continue;
-        };
-        let (key, val) = (&word[..eq], &word[eq + 1..]);
-        let num = parse_u64(val);
-        match (key, num) {
-            (b"tern.wss", Some(v)) => k.wss_mib = v,
-            (b"tern.rate", Some(v)) => k.rate_mib = v,
-            (b"tern.check", Some(v)) => k.check_s = v,
-            (b"tern.hb", Some(v)) if v > 0 => k.hb_ms = v,
-            (b"tern.exit", Some(v)) => k.exit_s = v,
-            (b"tern.tsc_khz", Some(v)) => k.tsc_khz = v,
-            (b"tern.entropy", Some(v)) if v <= 100 => k.entropy = v,
-            (b"tern.pattern", _) => match val {
-                b"seq" => k.pattern = Pattern::Seq,
-                b"random" => k.pattern = Pattern::Random,
-                b"hot" => k.pattern = Pattern::Hot,
-                _ => {
-                    say!("tern-guest warning: unknown tern.pattern, using seq");
-                }
-            },
-            _ if key.starts_with(b"tern.") => {
-                say!("tern-guest warning: ignoring a bad or unknown tern.* option");
-            }
-            _ => {}
-        }
-    }
-    k
-}
-
-/// The TSC frequency from the kvmclock page that ring 0 registered at boot.
-fn kvmclock_tsc_hz() -> Option<u64> {
-    // SAFETY: kvmclock_area is a 64-byte static the hypervisor writes a pvclock_vcpu_time_info
-    // into; we only read it.
-    let area = unsafe { core::ptr::addr_of!(kvmclock_area) as *const u32 };
-    for _ in 0..1_000_000 {
-        // SAFETY: in bounds of the 64-byte area; volatile because the hypervisor writes it.
-        let (version, mul, shift) = unsafe {
-            (
-                area.read_volatile(),
-                area.add(6).read_volatile(),
-                (area.add(7).read_volatile() & 0xff) as u8 as i8,
-            )
-        };
-        if version != 0 && version & 1 == 0 && mul != 0 {
-            let base = (1_000_000_000u128 << 32) / u128::from(mul);
-            let hz = if shift >= 0 {
-                base >> shift
-            } else {
-                base << (-shift)
-            };
-            return u64::try_from(hz).ok();
-        }
-        core::hint::spin_loop();
-    }
-    None
-}
+use pages::{fill_own, verify_page, Dirtier};
 
 fn config() -> &'static Config {
     // SAFETY: CONFIG is written only by vCPU 0 before PHASE is raised with Release; every reader
@@ -285,97 +185,13 @@ fn config() -> &'static Config {
     unsafe { &*core::ptr::addr_of!(CONFIG) }
 }
 
-impl Config {
-    fn page_addr(&self, mut i: u64) -> u64 {
-        for r in &self.ranges[..self.nranges] {
-            if i < r.pages {
-                return r.base + i * PAGE;
-            }
-            i -= r.pages;
-        }
-        unreachable!()
-    }
-    fn gen(&self, i: u64) -> &'static AtomicU64 {
-        // SAFETY: the generation table holds wss_pages u64s at gen_base, in RAM we own.
-        unsafe { &*((self.gen_base + i * 8) as *const AtomicU64) }
-    }
-}
-
-fn pattern_base(i: u64, g: u64) -> u64 {
-    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ g.wrapping_add(0x632b_e59b_d9b4_e019)
-            .wrapping_mul(0xd6e8_feb8_6659_fd93);
-    x ^= x >> 31;
-    x | 1
-}
-const WORD_STEP: u64 = 0xa076_1d64_78bd_642f;
-
-/// Word `j` of a page whose pattern starts at `base`: the first `varied` words step through
-/// values no compressor can predict, the rest repeat `base` (never zero: `base` is odd).
-fn word(base: u64, j: usize, varied: usize) -> u64 {
-    if j < varied {
-        base.wrapping_add(j as u64 * WORD_STEP)
-    } else {
-        base
-    }
-}
-
-fn fill_page(cfg: &Config, addr: u64, i: u64, g: u64) {
-    let p = addr as *mut u64;
-    let base = pattern_base(i, g);
-    for j in 0..WORDS {
-        // SAFETY: `addr` is a page of the working set, owned by the calling vCPU.
-        unsafe { p.add(j).write(word(base, j, cfg.varied_words)) };
-    }
-}
-
-/// Rewrites page `i` with its next generation (only its owner calls this).
-fn dirty_page(cfg: &Config, i: u64) {
-    let gen = cfg.gen(i);
-    let g = gen.load(Ordering::Relaxed);
-    gen.store(g + 1, Ordering::Relaxed);
-    fence(Ordering::Release);
-    fill_page(cfg, cfg.page_addr(i), i, g + 2);
-    gen.store(g + 2, Ordering::Release);
-}
-
+/// The first word of a page (or disk block) that does not match its generation's pattern.
 struct Bad {
     page: u64,
     gen: u64,
     word: usize,
     got: u64,
     want: u64,
-}
-
-/// Checks page `i` against its generation; retries while its owner rewrites it.
-fn verify_page(cfg: &Config, i: u64) -> Result<(), Bad> {
-    let gen = cfg.gen(i);
-    let addr = cfg.page_addr(i) as *const u64;
-    let start = rdtsc();
-    loop {
-        let g1 = gen.load(Ordering::Acquire);
-        let base = pattern_base(i, g1);
-        let mut bad = None;
-        if g1 & 1 == 0 {
-            for j in 0..WORDS {
-                // SAFETY: a page of the working set; a concurrent writer is detected below.
-                let got = unsafe { addr.add(j).read() };
-                let want = word(base, j, cfg.varied_words);
-                if got != want {
-                    bad = Some(Bad { page: i, gen: g1, word: j, got, want });
-                    break;
-                }
-            }
-            fence(Ordering::Acquire);
-            if gen.load(Ordering::Relaxed) == g1 {
-                return bad.map_or(Ok(()), Err);
-            }
-        }
-        if rdtsc().wrapping_sub(start) > 2 * cfg.tsc_hz {
-            return Err(Bad { page: i, gen: g1, word: 0, got: 0, want: 0 });
-        }
-        core::hint::spin_loop();
-    }
 }
 
 struct Rng(u64);
@@ -388,181 +204,8 @@ impl Rng {
     }
 }
 
-/// The pages vCPU `cpu` owns: `cpu, cpu + n, cpu + 2n, ...`.
-fn owned(cfg: &Config, cpu: u64) -> u64 {
-    if cpu >= cfg.wss_pages {
-        0
-    } else {
-        (cfg.wss_pages - cpu).div_ceil(cfg.ncpus)
-    }
-}
-
 fn muldiv(a: u64, b: u64, c: u64) -> u64 {
     (u128::from(a) * u128::from(b) / u128::from(c.max(1))) as u64
-}
-
-fn setup(start_info: u64) {
-    let ncpus = u64::from(tern_ncpus.load(Ordering::Relaxed).clamp(1, MAX_CPUS as u32));
-    // SAFETY: start_info was placed in RAM by the VMM (PVH); hvm_start_info layout.
-    let (cmdline_paddr, memmap_paddr, memmap_entries) = unsafe {
-        let si = start_info as *const u64;
-        let entries = *((start_info + 48) as *const u32);
-        (*si.add(3), *si.add(5), entries.min(128))
-    };
-    let knobs = parse_cmdline(cstr(cmdline_paddr));
-    let (tsc_hz, tsc_src) = if knobs.tsc_khz > 0 {
-        (knobs.tsc_khz * 1000, "cmdline")
-    } else if let Some(hz) = kvmclock_tsc_hz() {
-        (hz, "kvmclock")
-    } else {
-        (2_000_000_000, "guess")
-    };
-
-    // Usable RAM above the floor, page-aligned.
-    let mut ranges = [Range { base: 0, pages: 0 }; MAX_RANGES];
-    let mut nranges = 0;
-    let mut ram_top = 0;
-    for e in 0..memmap_entries as u64 {
-        // SAFETY: hvm_memmap_table_entry {addr u64, size u64, type u32, reserved u32}.
-        let (addr, size, ty) = unsafe {
-            let p = (memmap_paddr + e * 24) as *const u64;
-            (*p, *p.add(1), *(p.add(2) as *const u32))
-        };
-        if ty != E820_RAM {
-            continue;
-        }
-        ram_top = ram_top.max(addr.saturating_add(size));
-        let lo = addr.max(RAM_FLOOR).next_multiple_of(PAGE);
-        let hi = addr.saturating_add(size).min(RAM_CEIL) & !(PAGE - 1);
-        if hi > lo && nranges < MAX_RANGES {
-            ranges[nranges] = Range { base: lo, pages: (hi - lo) / PAGE };
-            nranges += 1;
-        }
-    }
-    let avail: u64 = ranges[..nranges].iter().map(|r| r.pages).sum();
-    // Each working-set page costs a page of data and 8 bytes of generation table.
-    let max_pages = (avail * PAGE / (PAGE + 8)).saturating_sub(1);
-    let mut wss_pages = knobs.wss_mib * 256;
-    if wss_pages > max_pages {
-        say!(
-            "tern-guest warning: tern.wss={} MiB does not fit, using {} MiB",
-            knobs.wss_mib,
-            max_pages / 256
-        );
-        wss_pages = max_pages;
-    }
-    // The generation table comes first, carved from the first range(s) large enough.
-    let table_pages = (wss_pages * 8).div_ceil(PAGE);
-    let mut gen_base = 0;
-    for r in ranges[..nranges].iter_mut() {
-        if r.pages >= table_pages {
-            gen_base = r.base;
-            r.base += table_pages * PAGE;
-            r.pages -= table_pages;
-            break;
-        }
-    }
-    if gen_base == 0 {
-        say!("tern-guest FAIL no room for the generation table");
-        power_off();
-    }
-    // SAFETY: only vCPU 0 runs here, before PHASE lets the others read CONFIG.
-    unsafe {
-        *core::ptr::addr_of_mut!(CONFIG) = Config {
-            ncpus,
-            wss_pages,
-            rate_pps: knobs.rate_mib * 256,
-            pattern: knobs.pattern,
-            check_s: knobs.check_s,
-            hb_ms: knobs.hb_ms,
-            exit_s: knobs.exit_s,
-            varied_words: WORDS * knobs.entropy as usize / 100,
-            tsc_hz,
-            gen_base,
-            ranges,
-            nranges,
-        };
-    }
-    let pat = match knobs.pattern {
-        Pattern::Seq => "seq",
-        Pattern::Random => "random",
-        Pattern::Hot => "hot",
-    };
-    say!(
-        "tern-guest boot cpus={} ram_top_mib={} wss_mib={} rate={} pattern={} check={} hb={} tsc_khz={} ({}) entropy={}",
-        ncpus,
-        ram_top >> 20,
-        wss_pages / 256,
-        knobs.rate_mib,
-        pat,
-        knobs.check_s,
-        knobs.hb_ms,
-        tsc_hz / 1000,
-        tsc_src,
-        knobs.entropy
-    );
-}
-
-fn fill_own(cfg: &Config, cpu: u64) {
-    let n = owned(cfg, cpu);
-    for j in 0..n {
-        let i = j * cfg.ncpus + cpu;
-        cfg.gen(i).store(0, Ordering::Relaxed);
-        fill_page(cfg, cfg.page_addr(i), i, 0);
-    }
-    fence(Ordering::Release);
-}
-
-/// Per-vCPU state of the dirtying loop.
-struct Dirtier {
-    cpu: u64,
-    own: u64,
-    next: u64,
-    rng: Rng,
-    t0: u64,
-    done: u64,
-}
-
-impl Dirtier {
-    fn pick(&mut self, cfg: &Config) -> u64 {
-        let j = match cfg.pattern {
-            Pattern::Seq => {
-                let j = self.next;
-                self.next = (self.next + 1) % self.own;
-                j
-            }
-            Pattern::Random => self.rng.next() % self.own,
-            Pattern::Hot => {
-                let r = self.rng.next();
-                let hot = (self.own / 10).max(1);
-                if r % 10 != 0 {
-                    (r >> 8) % hot
-                } else {
-                    (r >> 8) % self.own
-                }
-            }
-        };
-        j * cfg.ncpus + self.cpu
-    }
-
-    /// Dirties what is due by `now`, at most a small batch; after a stall (the VM was paused,
-    /// or the host ran something else) it skips ahead instead of bursting.
-    fn step(&mut self, cfg: &Config, now: u64) {
-        if cfg.rate_pps == 0 || self.own == 0 {
-            return;
-        }
-        let due = muldiv(now.wrapping_sub(self.t0), cfg.rate_pps, cfg.tsc_hz * cfg.ncpus);
-        let slack = (cfg.rate_pps / cfg.ncpus / 100).max(64);
-        if due > self.done + slack {
-            self.done = due - slack / 2;
-        }
-        let n = due.saturating_sub(self.done).min(64);
-        for _ in 0..n {
-            let i = self.pick(cfg);
-            dirty_page(cfg, i);
-        }
-        self.done += n;
-    }
 }
 
 /// vCPU 0's duties: heartbeat, self-check, exit timer.
@@ -605,7 +248,8 @@ impl Monitor {
 
         if cfg.check_s > 0 {
             let period = cfg.check_s * cfg.tsc_hz;
-            let due = muldiv(now.wrapping_sub(self.chk_t0), cfg.wss_pages, period).min(cfg.wss_pages);
+            let due =
+                muldiv(now.wrapping_sub(self.chk_t0), cfg.wss_pages, period).min(cfg.wss_pages);
             let until = due.min(self.chk_pos + 64);
             while self.chk_pos < until {
                 if let Err(b) = verify_page(cfg, self.chk_pos) {
@@ -659,7 +303,7 @@ impl Monitor {
 pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
     if cpu == 0 {
         let boot = rdtsc();
-        setup(start_info);
+        let mut disk = setup::setup(start_info);
         PHASE.store(1, Ordering::Release);
         let cfg = config();
         fill_own(cfg, 0);
@@ -670,7 +314,8 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
         let t = rdtsc();
         let n = say!("tern-guest ready");
         // The baseline cost of printing, at most 100 us a byte.
-        let print_cost16 = (rdtsc().wrapping_sub(t) * 16 / n as u64).min(muldiv(1600, cfg.tsc_hz, 1_000_000));
+        let print_cost16 =
+            (rdtsc().wrapping_sub(t) * 16 / n as u64).min(muldiv(1600, cfg.tsc_hz, 1_000_000));
         PHASE.store(2, Ordering::Release);
         let now = rdtsc();
         let mut mon = Monitor {
@@ -686,7 +331,7 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
             boot,
             print_cost16,
         };
-        run(cfg, 0, Some(&mut mon));
+        run(cfg, 0, Some(&mut mon), disk.as_mut());
     }
     while PHASE.load(Ordering::Acquire) < 1 {
         core::hint::spin_loop();
@@ -702,23 +347,25 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
     while PHASE.load(Ordering::Acquire) < 2 {
         core::hint::spin_loop();
     }
-    run(cfg, cpu, None)
+    run(cfg, cpu, None, None)
 }
 
-fn run(cfg: &Config, cpu: u64, mut mon: Option<&mut Monitor>) -> ! {
-    let mut d = Dirtier {
-        cpu,
-        own: owned(cfg, cpu),
-        next: 0,
-        rng: Rng(0x2545_f491_4f6c_dd1d ^ (cpu + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-        t0: rdtsc(),
-        done: 0,
-    };
+/// vCPU 0 passes its Monitor and the disk, if any.
+fn run(
+    cfg: &Config,
+    cpu: u64,
+    mut mon: Option<&mut Monitor>,
+    mut disk: Option<&mut disk::Disk>,
+) -> ! {
+    let mut d = Dirtier::new(cfg, cpu);
     loop {
         let now = rdtsc();
         d.step(cfg, now);
         if let Some(m) = mon.as_deref_mut() {
             m.step(cfg, now);
+            if let Some(k) = disk.as_deref_mut() {
+                k.step(cfg, m, now);
+            }
         }
         core::hint::spin_loop();
     }

@@ -31,6 +31,25 @@ impl std::ops::AddAssign for Progress {
     }
 }
 
+/// A disk's numbers, for `query-migrate`'s `disk` object (QEMU's, from its old block
+/// migration): bytes sent, bytes still to send, the disk's size, rounds of dirty tracking.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskCounters {
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    pub dirty_syncs: u64,
+}
+
+impl std::ops::AddAssign for DiskCounters {
+    fn add_assign(&mut self, o: DiskCounters) {
+        self.transferred += o.transferred;
+        self.remaining += o.remaining;
+        self.total += o.total;
+        self.dirty_syncs = self.dirty_syncs.max(o.dirty_syncs);
+    }
+}
+
 /// A participant on the source.
 pub trait SaveParticipant: Send {
     /// Its name, for errors and statistics; also the name its PARTICIPANT_DATA records carry.
@@ -71,6 +90,10 @@ pub trait SaveParticipant: Send {
     fn progress(&self) -> Progress;
     /// After success or failure (stops tracking).
     fn cleanup(&mut self);
+    /// A disk's counters, if this participant is one (they stay out of RAM's).
+    fn disk_counters(&self) -> Option<DiskCounters> {
+        None
+    }
     /// Postcopy, with the VM paused after the last sync: tells the target what it holds stale
     /// or not at all (DISCARD). After it, [`Self::iterate`] sends what is left, once, without
     /// tracking anything any more. A participant that cannot move by postcopy refuses.
@@ -121,6 +144,11 @@ pub trait LoadParticipant: Send {
     fn load(&mut self, record: &Record<'_>) -> Result<bool>;
     /// Loaded so far.
     fn progress(&self) -> Progress;
+    /// At END, before the target answers LOADED: whatever must hold for the guest to run here
+    /// (all of it arrived, it is durable); an error fails the migration with ERROR.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Once the stream has ended (END) or failed; may come more than once.
     fn cleanup(&mut self);
 }

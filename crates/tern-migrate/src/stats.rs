@@ -60,6 +60,8 @@ pub struct MigrationStats {
     pub ended: Option<Instant>,
     /// Bytes the socket accepted.
     pub transferred: u64,
+    /// The disks a storage migration copies (none: no `disk` object).
+    pub disk: Option<crate::participant::DiskCounters>,
     /// Bytes of dirty RAM left (estimate).
     pub remaining: u64,
     /// Guest RAM size.
@@ -206,6 +208,7 @@ pub struct Switchover {
 impl Default for MigrationStats {
     fn default() -> Self {
         MigrationStats {
+            disk: None,
             status: MigrationStatus::None,
             started: None,
             ended: None,
@@ -281,6 +284,14 @@ impl MigrationStats {
                 "downtime-bytes": self.downtime_bytes,
                 "postcopy-bytes": self.postcopy_bytes,
                 "dirty-sync-missed-zero-copy": 0,
+            });
+        }
+        if let (Some(d), true) = (self.disk, self.status != MigrationStatus::Setup) {
+            v["disk"] = json!({
+                "transferred": d.transferred,
+                "remaining": d.remaining,
+                "total": d.total,
+                "dirty-sync-count": d.dirty_syncs,
             });
         }
         v["total-time"] = json!(self.total_time_ms());

@@ -37,7 +37,8 @@ pub enum Command {
         /// Postcopy recovery: reconnect a paused migration through `uri`.
         #[serde(default)]
         resume: Option<bool>,
-        /// QEMU's deprecated block migration flags (refused when set).
+        /// QEMU's old block migration flags: `blk` copies the disks that are neither shared nor
+        /// read-only (the default, except into a file), false leaves them; `inc` is refused.
         #[serde(default)]
         blk: Option<bool>,
         #[serde(default)]
@@ -94,6 +95,13 @@ pub enum Command {
         #[serde(rename = "calc-time-unit", default)]
         calc_time_unit: Option<String>,
     },
+    /// Saves `size` bytes of guest-physical memory from `val` into `filename` (QEMU's).
+    #[serde(rename = "pmemsave")]
+    Pmemsave {
+        val: u64,
+        size: u64,
+        filename: String,
+    },
     /// Test aid: writes a u64 into guest RAM.
     #[serde(rename = "x-tern-write-guest-memory")]
     XTernWriteGuestMemory { addr: u64, value: u64 },
@@ -122,6 +130,7 @@ pub const COMMAND_NAMES: &[&str] = &[
     "human-monitor-command",
     "calc-dirty-rate",
     "query-dirty-rate",
+    "pmemsave",
     "getfd",
     "closefd",
 ];
@@ -178,6 +187,7 @@ impl Command {
             Command::HumanMonitorCommand { .. } => "human-monitor-command",
             Command::CalcDirtyRate { .. } => "calc-dirty-rate",
             Command::QueryDirtyRate { .. } => "query-dirty-rate",
+            Command::Pmemsave { .. } => "pmemsave",
             Command::XTernWriteGuestMemory { .. } => "x-tern-write-guest-memory",
         }
     }

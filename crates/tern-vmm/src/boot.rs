@@ -11,7 +11,9 @@ use std::io::Cursor;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress};
@@ -39,12 +41,24 @@ pub struct BootInfo {
     pub entry: u64,
     /// Entry of the APs, when the kernel names one.
     pub ap_entry: Option<u64>,
-    /// Address of the start info (for `%ebx`).
+    /// Address of the start info (PVH, for `%ebx`) or of the zero page (Linux, for `%esi`).
     pub start_info: u64,
+    /// Linux's 32-bit boot protocol (a bzImage), not PVH.
+    pub linux: bool,
 }
 
-/// Loads `image` into guest RAM and writes the PVH boot structures.
-pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, vcpus: u32) -> Result<BootInfo> {
+/// Where the PVH module list goes (the initrd's entry).
+pub const MODLIST_ADDR: u64 = 0x6800;
+
+/// Loads `image` (an ELF with a PVH entry, or a bzImage) and `initrd` into guest RAM and writes
+/// the boot structures.
+pub fn load(
+    ram: &GuestRam,
+    image: &[u8],
+    cmdline: &str,
+    vcpus: u32,
+    initrd: Option<&[u8]>,
+) -> Result<BootInfo> {
     if image.len() > KERNEL_MAX {
         return Err(Error::KernelLoad(format!(
             "image is {} bytes, more than the {} MiB limit",
@@ -53,6 +67,9 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, vcpus: u32) -> Result<B
         )));
     }
     let mem = ram.memory();
+    if crate::boot_linux::is_bzimage(image) {
+        return crate::boot_linux::load(ram, image, &cmdline_bytes(cmdline)?, initrd);
+    }
     let result = Elf::load(
         mem,
         None,
@@ -76,17 +93,11 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, vcpus: u32) -> Result<B
         ap_entry = Some(ap);
     }
 
-    let mut cl = Cmdline::new(CMDLINE_MAX)
-        .map_err(|e| Error::InvalidConfig(format!("command line: {e}")))?;
-    if !cmdline.is_empty() {
-        cl.insert_str(cmdline)
-            .map_err(|e| Error::InvalidConfig(format!("command line: {e}")))?;
-    }
-    let cstr = cl
-        .as_cstring()
-        .map_err(|e| Error::InvalidConfig(format!("command line: {e}")))?;
-    mem.write_slice(cstr.as_bytes_with_nul(), GuestAddress(CMDLINE_ADDR))
+    mem.write_slice(&cmdline_bytes(cmdline)?, GuestAddress(CMDLINE_ADDR))
         .map_err(|e| Error::KernelLoad(format!("writing the command line: {e}")))?;
+    let module = initrd
+        .map(|i| crate::boot_linux::place_initrd(ram, u64::MAX, result.kernel_end, i))
+        .transpose()?;
 
     let map: Vec<hvm_memmap_table_entry> = memory::e820(ram.regions())
         .into_iter()
@@ -103,10 +114,20 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, vcpus: u32) -> Result<B
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: MEMMAP_ADDR,
         memmap_entries: map.len() as u32,
+        nr_modules: u32::from(module.is_some()),
+        modlist_paddr: if module.is_some() { MODLIST_ADDR } else { 0 },
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDR));
     params.set_sections(&map, GuestAddress(MEMMAP_ADDR));
+    if let Some((paddr, size)) = module {
+        let m = hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        };
+        params.set_modules(&[m], GuestAddress(MODLIST_ADDR));
+    }
     PvhBootConfigurator::write_bootparams(&params, mem)
         .map_err(|e| Error::KernelLoad(format!("writing the PVH start info: {e}")))?;
 
@@ -124,7 +145,22 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, vcpus: u32) -> Result<B
         entry,
         ap_entry,
         start_info: START_INFO_ADDR,
+        linux: false,
     })
+}
+
+/// The command line as the guest gets it: checked by linux-loader, NUL-terminated.
+fn cmdline_bytes(cmdline: &str) -> Result<Vec<u8>> {
+    let mut cl = Cmdline::new(CMDLINE_MAX)
+        .map_err(|e| Error::InvalidConfig(format!("command line: {e}")))?;
+    if !cmdline.is_empty() {
+        cl.insert_str(cmdline)
+            .map_err(|e| Error::InvalidConfig(format!("command line: {e}")))?;
+    }
+    let cstr = cl
+        .as_cstring()
+        .map_err(|e| Error::InvalidConfig(format!("command line: {e}")))?;
+    Ok(cstr.into_bytes_with_nul())
 }
 
 fn le_u32(b: &[u8], off: usize) -> Option<u32> {
@@ -192,7 +228,7 @@ mod tests {
     #[test]
     fn garbage_kernel_is_a_clear_error() {
         let ram = GuestRam::new(64 << 20).unwrap();
-        let err = load(&ram, b"this is not an ELF", "", 1).unwrap_err();
+        let err = load(&ram, b"this is not an ELF", "", 1, None).unwrap_err();
         assert!(err.to_string().contains("not a loadable ELF"), "{err}");
     }
 }

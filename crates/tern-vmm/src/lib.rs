@@ -5,14 +5,17 @@
 //! and one thread per vCPU. Pause and resume are handshakes with the vCPU threads.
 
 pub mod boot;
+pub mod boot_linux;
 pub mod cpuid;
 pub mod devices;
 mod dirty;
 pub mod dirty_ring;
+pub mod disk;
 mod error;
 pub mod machine;
 pub mod memory;
 mod migration;
+pub mod migration_block;
 mod postcopy;
 pub mod serial;
 pub mod uffd;
@@ -20,6 +23,7 @@ mod vcpu;
 mod vm;
 
 pub use dirty::DirtyBitmap;
+pub use disk::{Disk, DiskConfig};
 pub use error::{Error, Result};
 pub use memory::MemoryBackend;
 pub use serial::SerialOutput;

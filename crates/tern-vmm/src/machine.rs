@@ -36,13 +36,42 @@ pub struct MachineDescription {
     /// CPUID check at load time still applies).
     #[serde(default)]
     pub cpu_features: Vec<CpuFeatureWord>,
+    /// The virtio-blk disks, in slot order (streams before disks had none).
+    #[serde(default)]
+    pub disks: Vec<DiskDescription>,
+}
+
+/// A disk as the source describes it (and as the target sees its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDescription {
+    /// Size in bytes.
+    pub size: u64,
+    pub readonly: bool,
+    /// `shared=on`: the same storage on both sides, not copied.
+    pub shared: bool,
+    /// Which file it is on which boot of which host (`boot_id`, device, inode), so that a
+    /// target on the same host can tell the source's own file from a copy.
+    pub boot_id: String,
+    pub dev: u64,
+    pub ino: u64,
+    /// The path, for messages.
+    pub path: String,
+    /// The source sends its blocks in this migration (not into a saved file, never when
+    /// shared or read-only).
+    #[serde(default)]
+    pub copied: bool,
 }
 
 /// What the target's own command line asks for (the stream must match what is given).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Requested {
     pub memory: Option<u64>,
     pub vcpus: Option<u32>,
+    /// The target's `--disk` options, described (a stream's disks must match them).
+    pub disks: Vec<DiskDescription>,
+    /// The stream comes from a live source (not a saved file): a disk it does not copy must be
+    /// shared or read-only, or the guest would run on whatever the target's file holds.
+    pub live: bool,
 }
 
 /// What this host offers.
@@ -128,6 +157,7 @@ impl MachineDescription {
             vcpus,
             tsc_khz,
             cpu_features,
+            disks: Vec::new(),
         }
     }
 
@@ -199,6 +229,7 @@ impl MachineDescription {
                 ));
             }
         }
+        out.extend(disk_mismatches(&self.disks, &want.disks, want.live));
         let source: Vec<kvm_cpuid_entry2> = self
             .cpu_features
             .iter()
@@ -229,6 +260,57 @@ impl MachineDescription {
         }
         out
     }
+}
+
+/// Every way the target's disks do not take the source's.
+fn disk_mismatches(src: &[DiskDescription], mine: &[DiskDescription], live: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if src.len() != mine.len() {
+        out.push(format!(
+            "the source has {} disk(s), this VM {} (give the target the same --disk options)",
+            src.len(),
+            mine.len()
+        ));
+        return out;
+    }
+    let onoff = |b: bool| if b { "on" } else { "off" };
+    for (i, (s, m)) in src.iter().zip(mine).enumerate() {
+        if s.size != m.size {
+            out.push(format!(
+                "disk {i}: the source's ({}) is {} bytes, this VM's ({}) is {} bytes",
+                s.path, s.size, m.path, m.size
+            ));
+        }
+        if s.shared != m.shared {
+            out.push(format!(
+                "disk {i}: shared={} on the source, shared={} here (both sides must say whether it is the same storage)",
+                onoff(s.shared),
+                onoff(m.shared)
+            ));
+        }
+        if s.readonly != m.readonly {
+            out.push(format!(
+                "disk {i}: readonly={} on the source, readonly={} here",
+                onoff(s.readonly),
+                onoff(m.readonly)
+            ));
+        }
+        let same_file = !s.boot_id.is_empty()
+            && (s.boot_id.as_str(), s.dev, s.ino) == (m.boot_id.as_str(), m.dev, m.ino);
+        if live && !s.copied && !s.shared && !s.readonly {
+            out.push(format!(
+                "disk {i}: the source does not copy it (migrate with blk false) and it is not shared=on: the guest would run on {} as it is",
+                m.path
+            ));
+        }
+        if same_file && s.copied {
+            out.push(format!(
+                "disk {i}: {} is the source's own disk file: copying it onto itself would corrupt it (say shared=on on both sides, or give the target its own copy)",
+                m.path
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -286,6 +368,8 @@ mod tests {
             &Requested {
                 memory: Some(1 << 30),
                 vcpus: Some(2),
+                disks: vec![],
+                live: true,
             },
         );
         let all = got.join("\n");
@@ -317,7 +401,44 @@ mod tests {
         let want = Requested {
             memory: Some(6 << 30),
             vcpus: None,
+            disks: vec![],
+            live: true,
         };
         assert!(m.mismatches(&host(), &want).is_empty());
+    }
+
+    #[test]
+    fn disks_must_match_and_a_copy_never_lands_on_the_source_file() {
+        let d = |size, shared, ino| DiskDescription {
+            size,
+            readonly: false,
+            shared,
+            boot_id: "b".into(),
+            dev: 1,
+            ino,
+            path: format!("/d{ino}"),
+            copied: !shared,
+        };
+        assert!(disk_mismatches(&[d(1 << 30, false, 1)], &[d(1 << 30, false, 2)], true).is_empty());
+        assert!(disk_mismatches(&[d(1 << 30, true, 1)], &[d(1 << 30, true, 1)], true).is_empty());
+        let e = disk_mismatches(&[d(1 << 30, false, 1)], &[], true).join("; ");
+        assert!(e.contains("1 disk(s), this VM 0"), "{e}");
+        let e = disk_mismatches(&[d(1 << 30, false, 1)], &[d(1 << 20, false, 2)], true).join("; ");
+        assert!(
+            e.contains("1073741824 bytes") && e.contains("1048576 bytes"),
+            "{e}"
+        );
+        let e = disk_mismatches(&[d(1 << 30, false, 1)], &[d(1 << 30, true, 2)], true).join("; ");
+        assert!(
+            e.contains("shared=off on the source, shared=on here"),
+            "{e}"
+        );
+        let e = disk_mismatches(&[d(1 << 30, false, 1)], &[d(1 << 30, false, 1)], true).join("; ");
+        assert!(e.contains("source's own disk file"), "{e}");
+        let mut uncopied = d(1 << 30, false, 1);
+        uncopied.copied = false;
+        let e = disk_mismatches(&[uncopied.clone()], &[d(1 << 30, false, 2)], true).join("; ");
+        assert!(e.contains("does not copy it"), "{e}");
+        assert!(disk_mismatches(&[uncopied], &[d(1 << 30, false, 2)], false).is_empty());
     }
 }

@@ -127,7 +127,7 @@ pub struct GuestRam {
     /// The memfd, for the memfd backends.
     memfd: Option<File>,
     regions: Vec<RamRegion>,
-    mem: GuestMemory,
+    mem: std::sync::Arc<GuestMemory>,
 }
 
 /// A fresh memfd of `size` bytes.
@@ -226,7 +226,7 @@ impl GuestRam {
             backend,
             memfd,
             regions,
-            mem,
+            mem: std::sync::Arc::new(mem),
         };
         if backend == MemoryBackend::Anon {
             for (host, r) in ram.host_addrs().into_iter().zip(&ram.regions) {
@@ -250,6 +250,11 @@ impl GuestRam {
     /// The vm-memory view.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
+    }
+
+    /// The vm-memory view, shared (devices keep one).
+    pub fn shared_memory(&self) -> std::sync::Arc<GuestMemory> {
+        self.mem.clone()
     }
 
     /// The RAM regions, in guest-physical order.

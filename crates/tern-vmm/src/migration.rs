@@ -271,12 +271,22 @@ impl SourceVm for Vm {
 
     fn machine(&self) -> serde_json::Value {
         let cpuid = crate::cpuid::filter(&self.supported_cpuid, 0, self.vcpus(), self.tsc_khz);
-        let m = crate::machine::MachineDescription::new(
+        let mut m = crate::machine::MachineDescription::new(
             self.ram.size(),
             self.vcpus(),
             self.tsc_khz,
             cpuid.as_slice(),
         );
+        let copy = self.copy_disks.load(Ordering::SeqCst);
+        m.disks = self
+            .disks
+            .iter()
+            .map(|d| {
+                let mut desc = d.describe();
+                desc.copied = copy && crate::migration_block::is_copied(d);
+                desc
+            })
+            .collect();
         serde_json::to_value(m).unwrap_or_default()
     }
 
@@ -285,7 +295,26 @@ impl SourceVm for Vm {
     }
 
     fn pause(&self) -> Result<()> {
+        let flush = |d: &crate::Disk| {
+            d.flush().map_err(|e| MigrateError::Io {
+                what: format!("flushing disk {}", d.config().path.display()),
+                source: e,
+            })
+        };
+        // Most of the disks' flush happens here, while the guest still runs; the pause then
+        // flushes only what was written in the last moment. A disk that cannot be made durable
+        // fails the migration before anything is committed (shared storage: the target would
+        // miss writes the guest saw complete).
+        for d in &self.disks {
+            flush(d)?;
+        }
         Vm::pause(self);
+        for d in &self.disks {
+            if let Err(e) = flush(d) {
+                Vm::resume(self);
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -315,7 +344,17 @@ impl SourceVm for Vm {
     }
 
     fn save_participants(self: Arc<Self>) -> Vec<Box<dyn SaveParticipant>> {
-        vec![Box::new(RamSaver::new(self))]
+        let mut parts: Vec<Box<dyn SaveParticipant>> = vec![Box::new(RamSaver::new(self.clone()))];
+        let copy = self.copy_disks.load(Ordering::SeqCst);
+        for (i, d) in self.disks.iter().enumerate() {
+            if copy && crate::migration_block::is_copied(d) {
+                parts.push(Box::new(crate::migration_block::BlockSaver::new(
+                    d.clone(),
+                    i,
+                )));
+            }
+        }
+        parts
     }
 }
 
@@ -428,10 +467,28 @@ impl TargetVm for Vm {
     }
 
     fn load_participants(self: Arc<Self>) -> Vec<Box<dyn LoadParticipant>> {
-        vec![Box::new(RamLoader::new(self))]
+        let mut parts: Vec<Box<dyn LoadParticipant>> = vec![Box::new(RamLoader::new(self.clone()))];
+        for (i, d) in self.disks.iter().enumerate() {
+            if crate::migration_block::is_copied(d) {
+                parts.push(Box::new(crate::migration_block::BlockLoader::new(
+                    d.clone(),
+                    i,
+                )));
+            }
+        }
+        parts
     }
 
     fn resume(&self) -> Result<()> {
+        // Shared storage: the source wrote it until the pause; what this host cached of it
+        // before is stale.
+        for d in self.disks.iter().filter(|d| d.config().shared) {
+            d.drop_cache();
+        }
+        if self.hold_at_go.load(Ordering::SeqCst) {
+            tracing::info!("the migrated guest waits for cont (-S)");
+            return Ok(());
+        }
         self.start_vcpus()
             .map_err(|e| MigrateError::Vm(format!("starting the vCPUs: {e:#}")))
     }

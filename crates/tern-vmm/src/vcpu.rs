@@ -70,6 +70,26 @@ pub(crate) fn setup(vcpu: &VcpuFd, boot: &BootInfo, index: u32) -> Result<()> {
         g: 0,
         ..code
     };
+    // PVH: code 0x08, data 0x10, TSS 0x18. Linux's 32-bit protocol: __BOOT_CS 0x10,
+    // __BOOT_DS 0x18, TSS 0x20 (the GDT boot::load wrote matches).
+    let (code, data, tss, entries) = match boot.linux {
+        false => (code, data, tss, 4),
+        true => (
+            kvm_bindings::kvm_segment {
+                selector: 0x10,
+                ..code
+            },
+            kvm_bindings::kvm_segment {
+                selector: 0x18,
+                ..data
+            },
+            kvm_bindings::kvm_segment {
+                selector: 0x20,
+                ..tss
+            },
+            5,
+        ),
+    };
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;
@@ -78,7 +98,7 @@ pub(crate) fn setup(vcpu: &VcpuFd, boot: &BootInfo, index: u32) -> Result<()> {
     sregs.ss = data;
     sregs.tr = tss;
     sregs.gdt.base = BOOT_GDT_ADDR;
-    sregs.gdt.limit = 4 * 8 - 1;
+    sregs.gdt.limit = entries * 8 - 1;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cr0 = 0x11; // PE | ET
@@ -90,7 +110,10 @@ pub(crate) fn setup(vcpu: &VcpuFd, boot: &BootInfo, index: u32) -> Result<()> {
         rflags: 0x2,
         ..Default::default()
     };
-    if index == 0 {
+    if index == 0 && boot.linux {
+        regs.rip = boot.entry;
+        regs.rsi = boot.start_info;
+    } else if index == 0 {
         regs.rip = boot.entry;
         regs.rbx = boot.start_info;
     } else {
@@ -309,12 +332,16 @@ fn run_loop(
                 Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                tracing::debug!(vcpu = index, addr, "MMIO read of unbacked memory");
-                data.fill(0xff);
+                if !devices.manager.mmio_read(addr, data) {
+                    tracing::debug!(vcpu = index, addr, "MMIO read of unbacked memory");
+                    data.fill(0xff);
+                }
                 Step::Continue
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                tracing::debug!(vcpu = index, addr, "MMIO write to unbacked memory");
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !devices.manager.mmio_write(addr, data) {
+                    tracing::debug!(vcpu = index, addr, "MMIO write to unbacked memory");
+                }
                 Step::Continue
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Step::Continue,

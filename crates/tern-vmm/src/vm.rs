@@ -17,8 +17,10 @@ use crate::boot::{self, BootInfo};
 use crate::devices::cpu::Vcpu;
 use crate::devices::kvm::{Clock, IrqChip, Pit};
 use crate::devices::serial::{SerialPort, ShutdownPort};
+use crate::devices::virtio::{self, event::EventThread};
 use crate::devices::{DeviceManager, LoadStage};
 use crate::dirty_ring::DirtyRings;
+use crate::disk::{Disk, DiskConfig};
 use crate::error::kvm as kvm_err;
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::serial::{IrqTrigger, SerialDevice, SerialOutput, SerialSink, COM1_BASE, COM1_IRQ};
@@ -37,6 +39,8 @@ pub struct VmConfig {
     pub kernel: Vec<u8>,
     /// Kernel command line.
     pub cmdline: String,
+    /// An initial RAM disk (Linux's initrd; a PVH module for an ELF kernel).
+    pub initrd: Option<Vec<u8>>,
     /// Guest RAM in bytes.
     pub memory: u64,
     /// What backs guest RAM.
@@ -49,6 +53,8 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// The KVM device node.
     pub kvm_path: PathBuf,
+    /// virtio-blk disks, in slot order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Whether the guest runs.
@@ -110,6 +116,14 @@ pub struct Vm {
     pub(crate) dirty_manual: std::sync::atomic::AtomicBool,
     pub(crate) dirty_buf: crate::dirty::LogBuffer,
     boot: Mutex<Option<BootInfo>>,
+    /// The disks behind the virtio-blk devices, in slot order.
+    pub(crate) disks: Vec<Arc<Disk>>,
+    /// Serves the virtio devices' queues (dropped, it stops).
+    _virtio_io: Option<EventThread>,
+    /// `-S` on a target: GO loads the guest but does not run it.
+    pub(crate) hold_at_go: std::sync::atomic::AtomicBool,
+    /// Whether the next migration copies the disks that are neither shared nor read-only.
+    pub(crate) copy_disks: std::sync::atomic::AtomicBool,
 }
 
 fn kick_signal() -> libc::c_int {
@@ -151,6 +165,8 @@ pub struct MachineConfig {
     pub vcpus: u32,
     pub serial: SerialOutput,
     pub kvm_path: PathBuf,
+    /// virtio-blk disks, in slot order (a target's must match the source's).
+    pub disks: Vec<DiskConfig>,
 }
 
 impl Vm {
@@ -163,10 +179,41 @@ impl Vm {
             vcpus: cfg.vcpus,
             serial: cfg.serial.clone(),
             kvm_path: cfg.kvm_path.clone(),
+            disks: cfg.disks.clone(),
         })?;
-        vm.boot(&cfg.kernel, &cfg.cmdline)?;
+        vm.boot(&cfg.kernel, &cfg.cmdline, cfg.initrd.as_deref())?;
         vm.start_vcpus()?;
         Ok(vm)
+    }
+
+    /// Builds the VM and boots `cfg.kernel` on it, the vCPUs waiting for [`Vm::resume`] (QEMU's
+    /// `-S`).
+    pub fn boot_paused(cfg: VmConfig) -> Result<Arc<Vm>> {
+        let vm = Vm::create(&MachineConfig {
+            memory: cfg.memory,
+            memory_backend: cfg.memory_backend,
+            dirty_ring_size: cfg.dirty_ring_size,
+            vcpus: cfg.vcpus,
+            serial: cfg.serial.clone(),
+            kvm_path: cfg.kvm_path.clone(),
+            disks: cfg.disks.clone(),
+        })?;
+        vm.boot(&cfg.kernel, &cfg.cmdline, cfg.initrd.as_deref())?;
+        Ok(vm)
+    }
+
+    /// Whether a migration's GO starts the vCPUs (true) or leaves the loaded guest paused until
+    /// [`Vm::resume`] (`-S`).
+    pub fn set_autostart(&self, on: bool) {
+        self.hold_at_go
+            .store(!on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the next migration copies the disks that are neither shared nor read-only (not
+    /// into a saved file: there they stay as the guest left them).
+    pub fn set_copy_disks(&self, on: bool) {
+        self.copy_disks
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Builds the machine (KVM VM, RAM, irqchip, PIT, serial, vCPUs) without booting anything.
@@ -255,6 +302,7 @@ impl Vm {
         }
         manager.add_state(Arc::new(Pit), LoadStage::Interrupts);
         manager.add_state(Arc::new(Clock), LoadStage::Clock);
+        let (disks, virtio) = virtio::attach_disks(&vm_fd, &ram, &cfg.disks, &mut manager)?;
         extra(&mut manager);
 
         if cfg.dirty_ring_size > 0 {
@@ -336,12 +384,24 @@ impl Vm {
             dirty_manual: std::sync::atomic::AtomicBool::new(false),
             dirty_buf: Default::default(),
             boot: Mutex::new(None),
+            disks,
+            _virtio_io: virtio,
+            hold_at_go: std::sync::atomic::AtomicBool::new(false),
+            copy_disks: std::sync::atomic::AtomicBool::new(true),
         }))
     }
 
     /// Loads a kernel and puts the vCPUs in its PVH entry state.
-    pub fn boot(&self, kernel: &[u8], cmdline: &str) -> Result<()> {
-        let boot = boot::load(&self.ram, kernel, cmdline, self.vcpus)?;
+    pub fn boot(&self, kernel: &[u8], cmdline: &str, initrd: Option<&[u8]>) -> Result<()> {
+        // Each virtio device is announced as Linux (and QEMU's microvm) expects.
+        let mut cmdline = cmdline.to_string();
+        for i in 0..self.disks.len() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&virtio::cmdline_entry(i));
+        }
+        let boot = boot::load(&self.ram, kernel, &cmdline, self.vcpus, initrd)?;
         if self.vcpus > 1 && boot.ap_entry.is_none() {
             tracing::warn!(
                 "the kernel names no AP entry (Tern note); vCPUs 1.. will wait for INIT/SIPI"
@@ -361,6 +421,7 @@ impl Vm {
         if self.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
+        self.devices.manager.resume();
         let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         for (i, fd) in self.vcpu_fds.iter().enumerate() {
             let (d, c, fd) = (self.devices.clone(), self.control.clone(), fd.clone());
@@ -392,6 +453,9 @@ impl Vm {
         if *state == RunState::Paused || !self.started.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
+        // The devices first: what the guest queues while its vCPUs park is served by the
+        // quiesce below, counted as in flight at the pause.
+        self.devices.manager.hold();
         self.control.request_pause();
         self.kick_all();
         self.control.wait_parked();
@@ -423,6 +487,7 @@ impl Vm {
         if *state == RunState::Running {
             return;
         }
+        self.devices.manager.resume();
         self.control.resume();
         *state = RunState::Running;
     }

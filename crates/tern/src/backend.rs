@@ -34,7 +34,7 @@ impl RunBackend {
         *self.app.phase()
     }
 
-    fn migrate(&self, uri: &str, resume: bool, blk: bool) -> Result<Value, QmpError> {
+    fn migrate(&self, uri: &str, resume: bool, blk: Option<bool>) -> Result<Value, QmpError> {
         if resume {
             let uri = Uri::parse(uri).map_err(|e| QmpError::generic(e.to_string()))?;
             let ctl = self.paused_migration()?;
@@ -46,13 +46,13 @@ impl RunBackend {
             ctl.recover(uri).map_err(QmpError::generic)?;
             return Ok(json!({}));
         }
-        if blk {
-            return Err(QmpError::generic(
-                "Block migration is not supported by tern yet",
-            ));
-        }
         let uri = Uri::parse(uri).map_err(|e| QmpError::generic(e.to_string()))?;
-        self.app.start_outgoing(uri).map_err(QmpError::generic)?;
+        // Disks that are neither shared nor read-only are copied by default, except into a
+        // file (a saved VM's disks stay as the guest left them); `blk` says so either way.
+        let copy = blk.unwrap_or(!matches!(uri, Uri::File(_)));
+        self.app
+            .start_outgoing(uri, copy)
+            .map_err(QmpError::generic)?;
         Ok(json!({}))
     }
 
@@ -187,11 +187,24 @@ impl Backend for RunBackend {
                 blk,
                 inc,
                 ..
-            } => self.migrate(
-                &uri,
-                resume == Some(true),
-                blk == Some(true) || inc == Some(true),
-            ),
+            } => {
+                if inc == Some(true) {
+                    return Err(generic(
+                        "Incremental block migration (inc) is not supported: tern copies the whole disk, then what the guest rewrites".into(),
+                    ));
+                }
+                self.migrate(&uri, resume == Some(true), blk)
+            }
+            Command::Pmemsave {
+                val,
+                size,
+                filename,
+            } => {
+                let vm = self.vm()?;
+                crate::machine::pmemsave(&vm, val, size, std::path::Path::new(&filename))
+                    .map_err(generic)?;
+                Ok(json!({}))
+            }
             Command::MigrateCancel {} => {
                 self.app.mig.cancel().map_err(|e| generic(e.to_string()))?;
                 Ok(json!({}))

@@ -98,6 +98,10 @@ pub struct RestoreArgs {
     /// it, the rest in the background (a file saved with --layout mapped).
     #[arg(long)]
     pub on_demand: bool,
+    /// The VM's disks, as for `tern run` (a saved file holds no disk: give the files the VM
+    /// had, as the guest left them).
+    #[arg(long = "disk", value_name = "path=FILE,...")]
+    pub disks: Vec<String>,
     #[command(flatten)]
     pub consoles: crate::run::Consoles,
 }
@@ -301,7 +305,8 @@ pub fn save(args: SaveArgs) -> Result<ExitCode> {
         }
     };
     let outcome = qmp
-        .execute("migrate", json!({"uri": uri}))
+        // blk false: a saved VM's disks stay in their files, as the guest left them.
+        .execute("migrate", json!({"uri": uri, "blk": false}))
         .context("starting the save")
         .and_then(|_| follow(&mut qmp, "save"));
     let outcome = match outcome {
@@ -372,6 +377,7 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
     }
     crate::run::run(crate::run::RunArgs {
         kernel: None,
+        initrd: None,
         cmdline: String::new(),
         memory: None,
         vcpus: None,
@@ -381,5 +387,7 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
         incoming: Some(format!("file:{}", abs.display())),
         kvm_device: "/dev/kvm".into(),
         on_demand: args.on_demand,
+        disks: args.disks,
+        paused: false,
     })
 }

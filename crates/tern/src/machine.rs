@@ -51,6 +51,8 @@ pub(crate) struct App {
     pub(crate) quitting: AtomicBool,
     /// Why: QEMU's SHUTDOWN reason ("host-qmp-quit", "host-signal").
     quit_reason: Mutex<&'static str>,
+    /// The incoming migration reads a saved file (a restore), not a live source.
+    incoming_from_file: AtomicBool,
 }
 
 /// The target's machine options, if given (the stream must match them).
@@ -63,6 +65,10 @@ pub(crate) struct MachineSpec {
     pub(crate) kvm_path: PathBuf,
     /// A restore from a mapped-layout file reads pages on demand.
     pub(crate) on_demand: bool,
+    /// `--disk` options, in slot order.
+    pub(crate) disks: Vec<tern_vmm::DiskConfig>,
+    /// False with `-S`: a migrated guest is loaded and waits for `cont`.
+    pub(crate) autostart: bool,
 }
 
 /// Whether `path` is a file in the mapped layout (its stream header says so).
@@ -109,6 +115,7 @@ impl App {
             sockets: Mutex::new(Vec::new()),
             quitting: AtomicBool::new(false),
             quit_reason: Mutex::new("host-qmp-quit"),
+            incoming_from_file: AtomicBool::new(false),
         })
     }
 
@@ -222,6 +229,8 @@ impl App {
             self.events(),
         )?;
         self.incoming_cv.notify_all();
+        self.incoming_from_file
+            .store(matches!(uri, Uri::File(_)), Ordering::SeqCst);
         let listener = listener.expect("bound when begin succeeds");
         let mapped = match &uri {
             Uri::File(p) if is_mapped(p) => Some(p.clone()),
@@ -279,7 +288,11 @@ impl App {
 
     /// Starts an outgoing migration to `uri` on a thread, if the guest is ours to migrate and
     /// no other migration runs (one decision, under the migration manager's lock).
-    pub(crate) fn start_outgoing(self: &Arc<Self>, uri: Uri) -> Result<(), String> {
+    pub(crate) fn start_outgoing(
+        self: &Arc<Self>,
+        uri: Uri,
+        copy_disks: bool,
+    ) -> Result<(), String> {
         let vm = self
             .vm
             .get()
@@ -294,6 +307,9 @@ impl App {
                     _ => return Err("Cannot migrate: the guest is not ours to migrate (incoming or already migrated)".into()),
                 }
                 fd = self.resolve_fd(&uri)?;
+                // Under the manager's lock, once this migration is sure to start: no other
+                // migration reads it meanwhile (a refused `migrate` changes nothing).
+                vm.set_copy_disks(copy_disks);
                 Ok(())
             },
             self.events(),
@@ -350,9 +366,18 @@ impl App {
             let m =
                 MachineDescription::from_stream(&desc.machine).map_err(MigrateError::Mismatch)?;
             let host = HostInfo::probe(&app.machine.kvm_path).map_err(MigrateError::Vm)?;
+            let disks = app
+                .machine
+                .disks
+                .iter()
+                .map(|c| tern_vmm::Disk::open(c).map(|d| d.describe()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| MigrateError::Vm(format!("{e:#}")))?;
             let wanted = Requested {
                 memory: app.machine.memory,
                 vcpus: app.machine.vcpus,
+                disks,
+                live: !app.incoming_from_file.load(Ordering::SeqCst),
             };
             let mismatches = m.mismatches(&host, &wanted);
             if !mismatches.is_empty() {
@@ -365,8 +390,10 @@ impl App {
                 vcpus: m.vcpus,
                 serial: app.machine.serial.clone(),
                 kvm_path: app.machine.kvm_path.clone(),
+                disks: app.machine.disks.clone(),
             })
             .map_err(|e| MigrateError::Vm(format!("{e:#}")))?;
+            vm.set_autostart(app.machine.autostart);
             let _ = app.vm.set(vm.clone());
             Ok(vm as Arc<dyn TargetVm>)
         })
@@ -383,4 +410,37 @@ impl App {
             }
         }
     }
+}
+
+/// QMP `pmemsave`: `size` bytes of guest-physical memory from `addr` into `path`, a MiB at a time
+/// (the range must be RAM).
+pub(crate) fn pmemsave(
+    vm: &Vm,
+    addr: u64,
+    size: u64,
+    path: &std::path::Path,
+) -> Result<(), String> {
+    use std::io::Write;
+    use vm_memory::{Bytes, GuestAddress};
+    let end = addr
+        .checked_add(size)
+        .ok_or_else(|| format!("Invalid parameter 'size': {addr:#x} + {size:#x} overflows"))?;
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path)
+            .map_err(|e| format!("Could not open '{}': {e}", path.display()))?,
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = addr;
+    while at < end {
+        let n = ((end - at) as usize).min(buf.len());
+        vm.ram()
+            .memory()
+            .read_slice(&mut buf[..n], GuestAddress(at))
+            .map_err(|e| format!("Invalid parameter 'val': {at:#x} is not RAM ({e})"))?;
+        f.write_all(&buf[..n])
+            .map_err(|e| format!("writing '{}': {e}", path.display()))?;
+        at += n as u64;
+    }
+    f.flush()
+        .map_err(|e| format!("writing '{}': {e}", path.display()))
 }

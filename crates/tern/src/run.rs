@@ -23,6 +23,9 @@ pub struct RunArgs {
     /// ELF kernel with a PVH entry; default: the built-in test guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
+    /// An initial RAM disk for the kernel (Linux's initrd; a PVH module for an ELF kernel).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
     /// Kernel command line (the built-in guest reads tern.wss, tern.rate, tern.pattern,
     /// tern.check, tern.hb, tern.exit).
     #[arg(long, default_value = "")]
@@ -45,8 +48,17 @@ pub struct RunArgs {
     /// its RAM (see README, "Dirty tracking"). 0, the default: the bitmap.
     #[arg(long, default_value_t = 0)]
     pub dirty_ring_size: u32,
+    /// A virtio-blk disk on a raw file: path=FILE[,readonly=on][,direct=on][,shared=on]
+    /// [,serial=ID] (repeat for more; a target gives the same disks, its own files of the same
+    /// size, or with shared=on the very same storage).
+    #[arg(long = "disk", value_name = "path=FILE,...")]
+    pub disks: Vec<String>,
     #[command(flatten)]
     pub consoles: Consoles,
+    /// Do not start the guest (QEMU's -S): it waits, paused, for QMP `cont`; with --incoming,
+    /// the migrated guest is loaded and paused instead of run.
+    #[arg(short = 'S')]
+    pub paused: bool,
     /// Wait for a migration instead of booting: tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND,
     /// file:PATH, or defer (then QMP `migrate-incoming` names the URI).
     #[arg(long)]
@@ -109,6 +121,20 @@ impl Drop for FlushMonitor {
     }
 }
 
+/// The `--disk` options, parsed, each opened once to name a bad one now (missing, read-only,
+/// a size that is not whole sectors) rather than when a migration arrives.
+pub(crate) fn parse_disks(specs: &[String]) -> Result<Vec<tern_vmm::DiskConfig>> {
+    // All open at once, so that one file given twice is refused too (its lock).
+    let mut open = Vec::new();
+    let mut cfgs = Vec::new();
+    for s in specs {
+        let cfg = tern_vmm::DiskConfig::parse(s).map_err(|e| anyhow::anyhow!("--disk {s}: {e}"))?;
+        open.push(tern_vmm::Disk::open(&cfg)?);
+        cfgs.push(cfg);
+    }
+    Ok(cfgs)
+}
+
 fn parse_serial(s: &str) -> Result<SerialOutput> {
     Ok(match s.split_once(':') {
         None if s == "stdio" => SerialOutput::Stdio,
@@ -153,17 +179,22 @@ fn check_vcpus(vcpus: u32) -> Result<()> {
 }
 
 fn read_kernel(path: &PathBuf) -> Result<Vec<u8>> {
+    read_file("kernel", path, tern_vmm::boot::KERNEL_MAX)
+}
+
+/// A whole file of at most `max` bytes.
+fn read_file(what: &str, path: &PathBuf, max: usize) -> Result<Vec<u8>> {
     let f = std::fs::File::open(path)
-        .with_context(|| format!("cannot open the kernel {}", path.display()))?;
+        .with_context(|| format!("cannot open the {what} {}", path.display()))?;
     let mut buf = Vec::new();
-    f.take(tern_vmm::boot::KERNEL_MAX as u64 + 1)
+    f.take(max as u64 + 1)
         .read_to_end(&mut buf)
-        .with_context(|| format!("cannot read the kernel {}", path.display()))?;
-    if buf.len() > tern_vmm::boot::KERNEL_MAX {
+        .with_context(|| format!("cannot read the {what} {}", path.display()))?;
+    if buf.len() > max {
         bail!(
-            "the kernel {} is larger than {} MiB",
+            "the {what} {} is larger than {} MiB",
             path.display(),
-            tern_vmm::boot::KERNEL_MAX >> 20
+            max >> 20
         );
     }
     Ok(buf)
@@ -228,9 +259,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .as_deref()
         .map(|s| parse_unix("--hmp", s))
         .transpose()?;
+    if args.incoming.is_some() && args.initrd.is_some() {
+        bail!("--incoming and --initrd exclude each other: the guest comes from the stream");
+    }
     if args.incoming.is_some() && args.kernel.is_some() {
         bail!("--incoming and --kernel exclude each other: the guest comes from the stream");
     }
+    let disks = parse_disks(&args.disks)?;
     if let Some(inc) = args.incoming.as_deref() {
         if inc != "defer" {
             Uri::parse(inc).map_err(|e| anyhow::anyhow!("--incoming: {e}"))?;
@@ -251,6 +286,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             serial: serial.clone(),
             kvm_path: args.kvm_device.clone(),
             on_demand: args.on_demand,
+            disks: disks.clone(),
+            autostart: !args.paused,
         },
     );
 
@@ -273,8 +310,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             Some(p) => read_kernel(p)?,
             None => tern_guest::GUEST_ELF.to_vec(),
         };
-        let vm = Vm::start(VmConfig {
+        let initrd = args
+            .initrd
+            .as_ref()
+            .map(|p| read_file("initrd", p, tern_vmm::boot_linux::INITRD_MAX))
+            .transpose()?;
+        let cfg = VmConfig {
             kernel,
+            initrd,
             cmdline: args.cmdline.clone(),
             memory: memory.unwrap_or(1 << 30),
             memory_backend: args.memory_backend,
@@ -282,7 +325,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             vcpus: args.vcpus.unwrap_or(1),
             serial,
             kvm_path: args.kvm_device.clone(),
-        })?;
+            disks,
+        };
+        let vm = match args.paused {
+            false => Vm::start(cfg)?,
+            true => Vm::boot_paused(cfg)?,
+        };
         let _ = app.vm.set(vm);
     }
 

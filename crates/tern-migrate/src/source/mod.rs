@@ -453,6 +453,13 @@ fn update_counters(s: &mut MigrationStats, session: &Session, accepted: u64) {
     let p = session.progress();
     s.normal = p.data_pages;
     s.duplicate = p.zero_pages;
-    s.remaining = session.pending();
-    s.transferred = accepted;
+    let mut disk = None;
+    for c in session.parts.iter().filter_map(|p| p.disk_counters()) {
+        *disk.get_or_insert_with(crate::participant::DiskCounters::default) += c;
+    }
+    let d = disk.unwrap_or_default();
+    // RAM's numbers without the disks' (their own object).
+    s.remaining = session.pending().saturating_sub(d.remaining);
+    s.transferred = accepted.saturating_sub(d.transferred);
+    s.disk = disk;
 }

@@ -420,6 +420,9 @@ impl Receiver {
                         s.normal = p.data_pages + shared.progress().data_pages;
                         s.duplicate = p.zero_pages + shared.progress().zero_pages;
                     }
+                    for p in self.parts.iter_mut() {
+                        p.finish()?;
+                    }
                     // Everything has arrived: helpers (RAM's prefault) stop now rather than
                     // compete with the switch-over for the CPU.
                     for p in self.parts.iter_mut() {

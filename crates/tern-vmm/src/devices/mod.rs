@@ -45,6 +45,7 @@
 pub mod cpu;
 pub mod kvm;
 pub mod serial;
+pub mod virtio;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -100,9 +101,27 @@ pub trait PortIo: Send + Sync {
     fn quiesce(&self);
 }
 
+/// Memory-mapped I/O, for devices the guest reaches through loads and stores to addresses with
+/// no RAM behind them (virtio-mmio).
+pub trait MmioIo: Send + Sync {
+    /// A load at `offset` from the device's base.
+    fn read(&self, offset: u64, data: &mut [u8]);
+    /// A store at `offset`.
+    fn write(&self, offset: u64, data: &[u8]);
+    /// The vCPUs are about to park: serve nothing more for now (what the guest queues meanwhile
+    /// waits for [`Self::quiesce`]).
+    fn hold(&self);
+    /// The vCPUs are parked: finish what the guest asked for, then touch nothing until
+    /// [`Self::resume`] (guest memory is frozen for a migration).
+    fn quiesce(&self);
+    /// The vCPUs are about to run.
+    fn resume(&self);
+}
+
 struct Entry {
     state: Option<Arc<dyn DeviceState>>,
     io: Option<(Range<u16>, Arc<dyn PortIo>)>,
+    mmio: Option<(Range<u64>, Arc<dyn MmioIo>)>,
     stage: LoadStage,
 }
 
@@ -123,6 +142,22 @@ impl DeviceManager {
         self.entries.push(Entry {
             state: Some(dev.clone()),
             io: Some((ports, dev)),
+            mmio: None,
+            stage,
+        });
+    }
+
+    /// A device with state at guest-physical addresses `range`.
+    pub fn add_mmio_device<D: DeviceState + MmioIo + 'static>(
+        &mut self,
+        dev: Arc<D>,
+        range: Range<u64>,
+        stage: LoadStage,
+    ) {
+        self.entries.push(Entry {
+            state: Some(dev.clone()),
+            io: None,
+            mmio: Some((range, dev)),
             stage,
         });
     }
@@ -132,6 +167,7 @@ impl DeviceManager {
         self.entries.push(Entry {
             state: Some(dev),
             io: None,
+            mmio: None,
             stage,
         });
     }
@@ -147,6 +183,7 @@ impl DeviceManager {
         self.entries.push(Entry {
             state: None,
             io: Some((ports, dev)),
+            mmio: None,
             stage: LoadStage::Devices,
         });
     }
@@ -177,10 +214,48 @@ impl DeviceManager {
         }
     }
 
-    /// Every port device finishes what is half done (the vCPUs are parked).
+    fn mmio(&self, addr: u64) -> Option<(u64, &Arc<dyn MmioIo>)> {
+        self.entries.iter().find_map(|e| match &e.mmio {
+            Some((r, io)) if r.contains(&addr) => Some((addr - r.start, io)),
+            _ => None,
+        })
+    }
+
+    /// A guest store to an address without RAM; false if no device is there.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.mmio(addr)
+            .map(|(off, io)| io.write(off, data))
+            .is_some()
+    }
+
+    /// A guest load from an address without RAM; false if no device is there.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.mmio(addr)
+            .map(|(off, io)| io.read(off, data))
+            .is_some()
+    }
+
+    /// The vCPUs are about to park: devices stop serving until [`Self::quiesce`].
+    pub fn hold(&self) {
+        for (_, io) in self.entries.iter().filter_map(|e| e.mmio.as_ref()) {
+            io.hold();
+        }
+    }
+
+    /// Every device finishes what is half done (the vCPUs are parked).
     pub fn quiesce(&self) {
         for (_, io) in self.entries.iter().filter_map(|e| e.io.as_ref()) {
             io.quiesce();
+        }
+        for (_, io) in self.entries.iter().filter_map(|e| e.mmio.as_ref()) {
+            io.quiesce();
+        }
+    }
+
+    /// The vCPUs are about to run: the devices may serve the guest again.
+    pub fn resume(&self) {
+        for (_, io) in self.entries.iter().filter_map(|e| e.mmio.as_ref()) {
+            io.resume();
         }
     }
 
@@ -310,6 +385,7 @@ mod tests {
             vcpus: 2,
             serial: SerialOutput::Null,
             kvm_path: "/dev/kvm".into(),
+            disks: vec![],
         }
     }
 

@@ -40,9 +40,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Proc {
+        Proc::spawn_with_stderr(cmd, Stdio::inherit())
+    }
+
+    /// [`Proc::spawn`], its standard error going to `stderr` (a file, for a test that reads the
+    /// VMM's log).
+    pub fn spawn_with_stderr(cmd: &mut Command, stderr: Stdio) -> Proc {
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn");
@@ -84,6 +90,7 @@ impl Proc {
                 Ok(line) => {
                     assert!(
                         !line.contains("check FAIL")
+                            && !line.contains("disk FAIL")
                             && !line.contains("FAULT")
                             && !line.contains("PANIC"),
                         "guest reported a failure while waiting for {what}: {line}"
