@@ -120,6 +120,11 @@ pub trait SourceVm: Send + Sync {
     fn ram_digest(&self) -> u64;
     /// Bytes of CPU and device state, for the downtime estimate.
     fn state_size_hint(&self) -> u64;
+    /// Makes the VM's storage durable, the guest stopped (the switch-over, however the guest
+    /// came to be stopped); an error fails the migration before anything is committed.
+    fn flush_storage(&self) -> Result<()> {
+        Ok(())
+    }
     /// What moves iteratively, in the order the engine walks it (RAM: [`RamSaver`]).
     fn save_participants(self: Arc<Self>) -> Vec<Box<dyn SaveParticipant>>;
 }

@@ -61,10 +61,11 @@ pub fn load(
         )));
     }
     let (version, cmdline_size) = (hdr.version, hdr.cmdline_size);
-    if version >= 0x0206 && cmdline_size > 0 && cmdline.len() > cmdline_size as usize {
+    // `cmdline` ends with its NUL; `cmdline_size` counts without it.
+    let text = cmdline.len().saturating_sub(1);
+    if version >= 0x0206 && cmdline_size > 0 && text > cmdline_size as usize {
         return Err(Error::InvalidConfig(format!(
-            "the command line is {} bytes, this kernel takes {cmdline_size}",
-            cmdline.len()
+            "the command line is {text} bytes, this kernel takes {cmdline_size}"
         )));
     }
     mem.write_slice(cmdline, GuestAddress(CMDLINE_ADDR))
@@ -80,7 +81,15 @@ pub fn load(
         } else {
             INITRD_ADDR_MAX_OLD
         };
-        let (at, size) = place_initrd(ram, max, loaded.kernel_end, initrd)?;
+        // Above what the kernel occupies once decompressed (`init_size`, boot protocol 2.10),
+        // not only above the compressed image.
+        let init_size = if version >= 0x020a {
+            u64::from(hdr.init_size)
+        } else {
+            0
+        };
+        let end = loaded.kernel_end.max(loaded.kernel_load.0 + init_size);
+        let (at, size) = place_initrd(ram, max, end, initrd)?;
         hdr.ramdisk_image = at as u32;
         hdr.ramdisk_size = size as u32;
     }
@@ -181,6 +190,7 @@ mod tests {
         img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
         img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
         img[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
+        img[0x260..0x264].copy_from_slice(&(16u32 << 20).to_le_bytes()); // init_size
         img.extend_from_slice(payload);
         img
     }
@@ -211,7 +221,7 @@ mod tests {
         // The initrd: page-aligned, below the hole and initrd_addr_max, above the kernel.
         let (at, size) = (u64::from(hdr.ramdisk_image), u64::from(hdr.ramdisk_size));
         assert_eq!(size, initrd.len() as u64);
-        assert!(at % 4096 == 0 && at > 0x10_0000 + payload.len() as u64 && at + size <= 256 << 20);
+        assert!(at % 4096 == 0 && at >= 0x10_0000 + (16 << 20) && at + size <= 256 << 20);
         let mut r = vec![0u8; initrd.len()];
         mem.read_slice(&mut r, GuestAddress(at)).unwrap();
         assert_eq!(r, initrd);
@@ -233,8 +243,13 @@ mod tests {
         let huge = vec![1u8; 80 << 20];
         let e = load(&ram, &img, b"\0", Some(&huge)).unwrap_err();
         assert!(e.to_string().contains("does not fit"), "{e}");
-        let long = vec![b'a'; 3000];
+        let mut long = vec![b'a'; 2049];
+        long.push(0);
         let e = load(&ram, &img, &long, None).unwrap_err();
         assert!(e.to_string().contains("this kernel takes 2048"), "{e}");
+        // Exactly the kernel's limit, and its NUL: taken.
+        long.truncate(2048);
+        long.push(0);
+        load(&ram, &img, &long, None).unwrap();
     }
 }

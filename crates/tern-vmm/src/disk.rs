@@ -93,6 +93,9 @@ pub struct Disk {
     size: u64,
     /// The blocks written since the tracking started, while it runs.
     pub(crate) dirty: DirtyBlocks,
+    /// The first flush that failed and nobody has taken yet: Linux reports a writeback error
+    /// once per open file, so whoever flushes first must keep it for the switch-over to see.
+    flush_error: Mutex<Option<std::io::Error>>,
 }
 
 impl Disk {
@@ -141,6 +144,7 @@ impl Disk {
             file,
             size,
             dirty: DirtyBlocks::new(size.div_ceil(DISK_BLOCK)),
+            flush_error: Mutex::new(None),
         })
     }
 
@@ -187,15 +191,34 @@ impl Disk {
     /// a storage migration that clears a block's bit and then reads it sees this write or sends
     /// the block again.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if self.cfg.direct && !aligned(buf) {
+        let r = if self.cfg.direct && !aligned(buf) {
             let mut b = AlignedBuf::new(buf.len());
             b.get().copy_from_slice(buf);
-            self.file.write_all_at(b.get(), offset)?;
+            self.file.write_all_at(b.get(), offset)
         } else {
-            self.file.write_all_at(buf, offset)?;
-        }
+            self.file.write_all_at(buf, offset)
+        };
+        // Even a failed write may have changed part of the range.
         self.dirty.mark(offset, buf.len() as u64);
-        Ok(())
+        r
+    }
+
+    /// Whether `[offset, offset + len)` holds no data at all (a hole of a sparse file, by
+    /// SEEK_DATA): it reads as zeros without being read. False when the file system cannot say.
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        // SAFETY: lseek on a descriptor we own; it only moves this description's offset, which
+        // nothing else uses (every read and write here is positional).
+        let data = unsafe {
+            libc::lseek(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                libc::SEEK_DATA,
+            )
+        };
+        if data < 0 {
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        data as u64 >= offset.saturating_add(len)
     }
 
     /// Forgets what the host caches of the file (shared storage, before the guest runs here:
@@ -208,12 +231,30 @@ impl Disk {
         unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable. A failure is also kept until
+    /// [`Self::take_flush_error`] (the guest's own flush may be the one that sees it).
     pub fn flush(&self) -> std::io::Result<()> {
         if self.cfg.readonly {
             return Ok(());
         }
-        self.file.sync_data()
+        self.file.sync_data().inspect_err(|e| {
+            let mut kept = self.flush_error.lock().unwrap_or_else(|p| p.into_inner());
+            kept.get_or_insert_with(|| std::io::Error::new(e.kind(), e.to_string()));
+        })
+    }
+
+    /// Flushes, and fails if this flush or any earlier one since the last call failed.
+    pub fn flush_checked(&self) -> std::io::Result<()> {
+        let now = self.flush();
+        let kept = self
+            .flush_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match (now, kept) {
+            (_, Some(e)) | (Err(e), None) => Err(e),
+            (Ok(()), None) => Ok(()),
+        }
     }
 
     /// Starts writing back what is cached of the file, without waiting: the flush that must
@@ -250,7 +291,7 @@ impl Disk {
 
 /// Takes an OFD lock on the whole file: exclusive for a disk that is not shared (no other
 /// process or `--disk` may use it meanwhile: two VMs on one disk corrupt it), shared for a
-/// read-only one; none for `shared=on` storage, whose ownership the migration hands over.
+/// read-only one and for `shared=on` storage, whose ownership the migration hands over.
 fn lock(file: &File, exclusive_use: bool, readonly: bool) -> std::result::Result<(), String> {
     if !exclusive_use {
         return Ok(());
@@ -364,8 +405,14 @@ impl DirtyBlocks {
         }
         let first = offset / DISK_BLOCK;
         let last = ((offset + len - 1) / DISK_BLOCK).min(self.blocks.saturating_sub(1));
-        for b in first..=last {
-            self.words[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::SeqCst);
+        let mut b = first;
+        while b <= last {
+            // The bits of [b, last] within b's word, at once.
+            let lo = b % 64;
+            let hi = (last - (b - lo)).min(63);
+            let bits = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+            self.words[(b / 64) as usize].fetch_or(bits, Ordering::SeqCst);
+            b = b - lo + 64;
         }
     }
 
@@ -414,9 +461,24 @@ mod tests {
         d.write_at(&[1; 8192], 4096 * 3 + 512).unwrap();
         d.dirty.take_into(&mut bits);
         assert_eq!(bits[0], 0b111 << 3);
+        // Past the end: clipped to the last block (63).
+        d.dirty.mark(4096 * 62, 4096 * 10);
+        bits[0] = 0;
+        d.dirty.take_into(&mut bits);
+        assert_eq!(bits[0], 0b11 << 62);
         bits[0] = 0;
         d.dirty.take_into(&mut bits);
         assert_eq!(bits[0], 0, "taken bits are cleared");
         let _ = std::fs::remove_file(&dir);
+    }
+
+    #[test]
+    fn a_range_across_words_marks_every_block_once() {
+        let d = DirtyBlocks::new(200);
+        d.track(true);
+        d.mark(4096 * 60, 4096 * 70);
+        let mut bits = vec![0u64; 4];
+        d.take_into(&mut bits);
+        assert_eq!(bits, [0xf << 60, u64::MAX, (1 << 2) - 1, 0]);
     }
 }

@@ -264,6 +264,13 @@ impl GuestRam for Vm {
     }
 }
 
+fn flush_checked(d: &crate::Disk) -> Result<()> {
+    d.flush_checked().map_err(|e| MigrateError::Io {
+        what: format!("flushing disk {}", d.config().path.display()),
+        source: e,
+    })
+}
+
 impl SourceVm for Vm {
     fn ram(&self) -> &dyn GuestRam {
         self
@@ -295,25 +302,20 @@ impl SourceVm for Vm {
     }
 
     fn pause(&self) -> Result<()> {
-        let flush = |d: &crate::Disk| {
-            d.flush().map_err(|e| MigrateError::Io {
-                what: format!("flushing disk {}", d.config().path.display()),
-                source: e,
-            })
-        };
         // Most of the disks' flush happens here, while the guest still runs; the pause then
-        // flushes only what was written in the last moment. A disk that cannot be made durable
-        // fails the migration before anything is committed (shared storage: the target would
-        // miss writes the guest saw complete).
+        // flushes only what was written in the last moment, and `flush_storage` checks it.
         for d in &self.disks {
-            flush(d)?;
+            flush_checked(d)?;
         }
         Vm::pause(self);
+        Ok(())
+    }
+
+    /// A disk that cannot be made durable fails the migration before anything is committed
+    /// (shared storage: the target would miss writes the guest saw complete).
+    fn flush_storage(&self) -> Result<()> {
         for d in &self.disks {
-            if let Err(e) = flush(d) {
-                Vm::resume(self);
-                return Err(e);
-            }
+            flush_checked(d)?;
         }
         Ok(())
     }

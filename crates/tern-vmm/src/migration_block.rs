@@ -107,12 +107,16 @@ impl BlockSaver {
         self.pending = self.pending.saturating_sub(count);
         let off = first * DISK_BLOCK;
         let len = (count * DISK_BLOCK).min(self.disk.size() - off) as usize;
-        let data = &mut self.buf[HEADER..HEADER + len];
-        self.disk.read_at(data, off).map_err(|e| MigrateError::Io {
-            what: format!("reading disk {}", self.disk.config().path.display()),
-            source: e,
-        })?;
-        let zero = data.iter().all(|&x| x == 0);
+        // A hole is sent as zeros without reading it (the bit was cleared first: a write that
+        // lands in it now is sent again, as for a read).
+        let zero = self.disk.is_hole(off, len as u64) || {
+            let data = &mut self.buf[HEADER..HEADER + len];
+            self.disk.read_at(data, off).map_err(|e| MigrateError::Io {
+                what: format!("reading disk {}", self.disk.config().path.display()),
+                source: e,
+            })?;
+            data.iter().all(|&x| x == 0)
+        };
         let h = &mut self.buf[..HEADER];
         h[0] = VERSION;
         h[1] = if zero { KIND_ZERO } else { KIND_DATA };

@@ -209,6 +209,11 @@ impl Vm {
             .store(!on, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Whether a disk is `shared=on` (its ownership passes with a migration).
+    pub fn has_shared_disks(&self) -> bool {
+        self.disks.iter().any(|d| d.config().shared)
+    }
+
     /// Whether the next migration copies the disks that are neither shared nor read-only (not
     /// into a saved file: there they stay as the guest left them).
     pub fn set_copy_disks(&self, on: bool) {
@@ -468,6 +473,8 @@ impl Vm {
     /// will never come (a failed on-demand restore) cannot park, and waiting for it would hang.
     /// The others stop within a kick.
     pub fn halt(&self) {
+        // The devices too: they serve nothing more (without waiting for one stuck on a page).
+        self.devices.manager.hold();
         if self.started.load(std::sync::atomic::Ordering::SeqCst) {
             self.control.request_pause();
             self.kick_all();

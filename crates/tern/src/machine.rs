@@ -328,8 +328,12 @@ impl App {
             }
             let Some(app) = weak.upgrade() else { return };
             if s.status == MigrationStatus::Completed {
-                app.resumable
-                    .store(matches!(u, Uri::File(_) | Uri::Exec(_)), Ordering::SeqCst);
+                // A shared disk has passed to whoever reads the stream: never two guests on it.
+                let shared = app.vm.get().is_some_and(|v| v.has_shared_disks());
+                app.resumable.store(
+                    matches!(u, Uri::File(_) | Uri::Exec(_)) && !shared,
+                    Ordering::SeqCst,
+                );
                 *app.phase() = Phase::PostMigrate;
             } else if s.in_doubt {
                 *app.phase() = Phase::InDoubt;

@@ -23,6 +23,7 @@ fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
     img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
     img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
     img[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
+    img[0x260..0x264].copy_from_slice(&(16u32 << 20).to_le_bytes()); // init_size
     img.extend_from_slice(payload);
     img
 }
@@ -95,7 +96,10 @@ fn a_bzimage_its_initrd_command_line_and_disks_are_where_linux_looks() {
     // The initrd where ramdisk_image/ramdisk_size say, page-aligned, below the 32-bit hole.
     let (at, size) = (u64::from(u32_at(&zp, 0x218)), u64::from(u32_at(&zp, 0x21c)));
     assert_eq!(size, initrd.len() as u64);
-    assert!(at % 4096 == 0 && at + size <= 512 << 20, "{at:#x}");
+    assert!(
+        at % 4096 == 0 && at >= 0x10_0000 + (16 << 20) && at + size <= 512 << 20,
+        "{at:#x}"
+    );
     assert_eq!(read_guest(&mut v.q, &d, at, size), initrd);
     // The e820 map: low RAM, the reserved EBDA/BIOS area, RAM from 1 MiB to 512 MiB.
     let n = zp[0x1e8] as usize;

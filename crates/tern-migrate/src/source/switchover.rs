@@ -185,6 +185,9 @@ pub(super) fn stop_and_sync(
         session.vm.pause()?;
         session.paused = true;
     }
+    // Also for a guest stopped before (`stop`, `tern save`): what it wrote is durable before
+    // the target may take over its storage.
+    session.vm.flush_storage()?;
     // max-bandwidth shares the link while the guest runs; with the guest stopped every
     // millisecond is downtime, so what is left goes at full speed.
     ctl.bandwidth_limit.store(0, Ordering::Relaxed);

@@ -75,6 +75,11 @@ impl Receiver {
                 }
             }
             PostcopyCommand::Listen => {
+                // Postcopy moves RAM only: every other participant has all its data now, and
+                // must hold before the guest can run here (a copied disk: whole and durable).
+                for p in self.parts.iter_mut() {
+                    p.finish()?;
+                }
                 self.stop_helpers();
                 match &self.postcopy {
                     Some(p) if !p.listening => Ok(Some(records_read.saturating_sub(1))),

@@ -1,5 +1,5 @@
 //! virtio-blk on a raw file: read, write, flush, get-id and discard, served synchronously by the
-//! event thread (see the module above for why requests are drained at a pause).
+//! event thread (see the module above for what happens to queued requests at a pause).
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use tern_wire::{
     FieldSpec, FieldType, Schema, Section, SectionBuilder, SectionReader, StateError, Value,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::BitmapSlice;
 
 use super::{VirtioDevice, F_VERSION_1};
@@ -17,6 +17,7 @@ use crate::memory::GuestMemory;
 
 pub const DEVICE_ID: u32 = 2;
 
+const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
@@ -38,6 +39,12 @@ const QUEUE_SIZE: u16 = 128;
 const CHUNK: usize = 1 << 20;
 /// Requests served per batch (per hold of the transport's lock).
 const MAX_BATCH: usize = 4;
+/// Largest segment (`size_max`) and request: with `seg_max` segments of this, a driver never
+/// makes a larger one; a request past it is an error. Bounds the time one batch holds the lock.
+const SIZE_MAX: u32 = 256 << 10;
+const REQUEST_MAX: usize = (QUEUE_SIZE as usize - 2) * SIZE_MAX as usize;
+/// Most sectors one discard segment covers (1 GiB).
+const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Most discard segments in one request.
 const MAX_DISCARD_SEG: u32 = 32;
 
@@ -54,6 +61,11 @@ static BLOCK: Schema = Schema {
         FieldSpec {
             name: "readonly",
             ty: FieldType::Bool,
+            since: 1,
+        },
+        FieldSpec {
+            name: "blk_size",
+            ty: FieldType::U32,
             since: 1,
         },
     ],
@@ -116,6 +128,16 @@ impl Block {
         if latency > 0 {
             std::thread::sleep(Duration::from_millis(latency));
         }
+        let data_len = match ty {
+            T_IN => writer.available_bytes(),
+            _ => reader.available_bytes(),
+        };
+        if data_len > REQUEST_MAX {
+            status_w
+                .write_all(&[S_IOERR])
+                .map_err(|e| format!("status byte: {e}"))?;
+            return Ok(1);
+        }
         let (status, written) = match ty {
             T_IN => {
                 let len = writer.available_bytes();
@@ -155,6 +177,16 @@ impl Block {
             .write_all(&[status])
             .map_err(|e| format!("status byte: {e}"))?;
         Ok(written + 1)
+    }
+
+    /// The logical block size the guest is told: with O_DIRECT the host file system may need
+    /// 4 KiB-aligned I/O, and the guest then issues nothing smaller.
+    fn blk_size(&self) -> u32 {
+        if self.disk.config().direct {
+            4096
+        } else {
+            512
+        }
     }
 
     /// The byte offset of `len` bytes at `sector`, if they lie within the disk.
@@ -227,6 +259,9 @@ impl Block {
             }
             let sector = u64::from_le_bytes(s[0..8].try_into().unwrap_or_default());
             let count = u32::from_le_bytes(s[8..12].try_into().unwrap_or_default());
+            if count > MAX_DISCARD_SECTORS {
+                return S_IOERR;
+            }
             let len = u64::from(count) * SECTOR;
             let Some(off) = self.span(sector, len as usize) else {
                 return S_IOERR;
@@ -248,7 +283,7 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         let ro = if self.disk.config().readonly { F_RO } else { 0 };
-        F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | ro
+        F_VERSION_1 | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | ro
     }
 
     fn queue_max_sizes(&self) -> &'static [u16] {
@@ -265,7 +300,7 @@ impl VirtioDevice for Block {
         let blk: u32 = if self.disk.config().direct { 4096 } else { 512 };
         c[20..24].copy_from_slice(&blk.to_le_bytes());
         c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
-        c[36..40].copy_from_slice(&(u32::MAX / SECTOR as u32).to_le_bytes()); // max_discard_sectors
+        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
         c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
         c[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment: 4 KiB
         c
@@ -284,17 +319,20 @@ impl VirtioDevice for Block {
         // A few requests at a time: the caller holds the transport's lock meanwhile and takes
         // it again for the next batch, so that a vCPU reading a register, or the pause, never
         // waits long behind a guest that keeps its queue full.
-        let mut n = 0;
-        while n < MAX_BATCH {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
+        // `iter` (not `pop_descriptor_chain`, which logs every bad index it meets): a broken
+        // available ring is one error, and the device then needs a reset.
+        let chains: Vec<_> = queue
+            .iter(mem)
+            .map_err(|e| format!("avail ring: {e:?}"))?
+            .take(MAX_BATCH)
+            .collect();
+        let n = chains.len();
+        for chain in chains {
             let head = chain.head_index();
             let len = self.request(chain, mem)?;
             queue
                 .add_used(mem, head, len)
                 .map_err(|e| format!("used ring: {e:?}"))?;
-            n += 1;
         }
         Ok(n)
     }
@@ -313,6 +351,7 @@ impl VirtioDevice for Block {
         SectionBuilder::new(&BLOCK, instance)
             .field("capacity", Value::U64(self.disk.size()))?
             .field("readonly", Value::Bool(self.disk.config().readonly))?
+            .field("blk_size", Value::U32(self.blk_size()))?
             .build()
     }
 
@@ -338,6 +377,16 @@ impl VirtioDevice for Block {
                     "readonly={} on the source, {} here",
                     if ro { "on" } else { "off" },
                     if ro { "off" } else { "on" }
+                ),
+            });
+        }
+        let blk = s.u32("blk_size")?;
+        if blk != self.blk_size() {
+            return Err(StateError::NotMigratable {
+                device: format!("virtio-blk/{}", section.instance),
+                reason: format!(
+                    "the guest uses {blk}-byte blocks, this VM's disk {} (direct= differs)",
+                    self.blk_size()
                 ),
             });
         }

@@ -2,7 +2,7 @@
 //! up, and their state as a migration section (`virtio-mmio`, one instance per slot).
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tern_wire::{
@@ -54,14 +54,15 @@ struct Regs {
     interrupt_status: u32,
     config_generation: u32,
     queues: Vec<Queue>,
-    /// The VM is paused: nothing is served (guest memory is frozen for the migration).
-    paused: bool,
 }
 
 /// One virtio-mmio slot and the device behind it.
 pub struct VirtioMmio {
     index: u32,
     regs: Mutex<Regs>,
+    /// The VM is paused or pausing: nothing is served (guest memory is frozen for the
+    /// migration). Outside the lock, so that a pause never waits for it.
+    paused: AtomicBool,
     mem: Arc<GuestMemory>,
     irq: EventFd,
     /// One per queue: signalled by KVM (ioeventfd) or by the vCPU on a QueueNotify store.
@@ -100,9 +101,9 @@ impl VirtioMmio {
                 interrupt_status: 0,
                 config_generation: 0,
                 queues,
-                // Until the vCPUs run (a target serves nothing before GO).
-                paused: true,
             }),
+            // Until the vCPUs run (a target serves nothing before GO).
+            paused: AtomicBool::new(true),
             mem,
             irq,
             notify,
@@ -130,7 +131,10 @@ impl VirtioMmio {
 
     /// Serves queue `q`; returns how many requests completed.
     fn serve_locked(&self, r: &mut Regs, q: usize) -> usize {
-        if r.paused || r.status & S_DRIVER_OK == 0 || r.status & S_NEEDS_RESET != 0 {
+        if self.paused.load(Ordering::SeqCst)
+            || r.status & S_DRIVER_OK == 0
+            || r.status & S_NEEDS_RESET != 0
+        {
             return 0;
         }
         let Regs { device, queues, .. } = r;
@@ -221,6 +225,7 @@ impl VirtioMmio {
 
 impl MmioIo for VirtioMmio {
     fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
         let r = self.regs();
         if offset >= 0x100 {
             let cfg = r.device.config();
@@ -303,7 +308,7 @@ impl MmioIo for VirtioMmio {
     }
 
     fn hold(&self) {
-        self.regs().paused = true;
+        self.paused.store(true, Ordering::SeqCst);
     }
 
     /// Every vCPU is parked: waits out the batch the event thread may be serving (the lock),
@@ -311,8 +316,8 @@ impl MmioIo for VirtioMmio {
     /// the driver made available and nobody took yet stay in the ring (see the module
     /// documentation): they are counted here, for the log.
     fn quiesce(&self) {
+        self.paused.store(true, Ordering::SeqCst);
         let mut r = self.regs();
-        r.paused = true;
         r.device.flush();
         let queued: u32 = r
             .queues
@@ -332,8 +337,8 @@ impl MmioIo for VirtioMmio {
     }
 
     fn resume(&self) {
-        let mut r = self.regs();
-        r.paused = false;
+        let r = self.regs();
+        self.paused.store(false, Ordering::SeqCst);
         // Anything the driver queued while we were stopped (a loaded guest's) is served now.
         for n in &self.notify {
             let _ = n.write(1);

@@ -21,8 +21,9 @@
 //! pause ([`crate::devices::DeviceManager::hold`] before the vCPUs park, `quiesce` after) the
 //! device stops taking requests and flushes what it completed; on resume — on the source after a
 //! failed migration, or on the target after GO — it looks at its queues again and serves what
-//! waits there. So a request completes exactly once, wherever the guest runs next, and no
-//! in-flight subsection is needed. Draining the queue at the pause instead would add the time
+//! waits there. So a request completes exactly once, wherever the guest runs next (a saved VM
+//! that is also continued is two guests, and each serves its copy of the ring), and no in-flight
+//! subsection is needed. Draining the queue at the pause instead would add the time
 //! of every queued request to the downtime, and a guest can keep its queue full for ever.
 
 pub mod block;
