@@ -52,6 +52,17 @@ def sparse(path, size):
         f.truncate(size)
 
 
+def continues(r, src, dst, check_disk, res):
+    """A completed migration: the heartbeat goes on at the target, and its disk check passes."""
+    if r.get("status") != "completed":
+        return
+    last = max((hb(l)[0] for l in src.lines if hb(l)), default=0)
+    dst.wait_line(lambda l: hb(l) is not None and hb(l)[0] > last, 60)
+    if check_disk:
+        dst.wait_line(disk_ok, 120)
+        res["dst_disk_check"] = "ok"
+
+
 def wait_migration(q, timeout, sample=None):
     t0 = time.monotonic()
     while True:
@@ -99,12 +110,7 @@ def run_tern(elf, d, disk, rate, timeout):
                    disk_bytes=(r.get("disk") or {}).get("transferred", 0),
                    disk_rounds=(r.get("disk") or {}).get("dirty-sync-count"),
                    disk_converged_ms=round(conv["t"] * 1000) if "t" in conv else None)
-        if r.get("status") == "completed":
-            last = max((hb(l)[0] for l in src.lines if hb(l)), default=0)
-            dst.wait_line(lambda l: hb(l) is not None and hb(l)[0] > last, 60)
-            if disk and rate:
-                dst.wait_line(disk_ok, 120)
-                res["dst_disk_check"] = "ok"
+        continues(r, src, dst, disk and rate, res)
         return res
     except Exception as e:
         res.update(status="error", why=str(e)[:300])
@@ -170,12 +176,7 @@ def run_qemu(elf, d, disk, rate, timeout):
                    migrate_ms=r.get("total-time"), downtime_ms=r.get("downtime"),
                    ram_bytes=r.get("ram", {}).get("transferred"), disk_bytes=mirrored,
                    disk_converged_ms=ready_ms)
-        if r.get("status") == "completed":
-            last = max((hb(l)[0] for l in src.lines if hb(l)), default=0)
-            dst.wait_line(lambda l: hb(l) is not None and hb(l)[0] > last, 60)
-            if disk and rate:
-                dst.wait_line(disk_ok, 120)
-                res["dst_disk_check"] = "ok"
+        continues(r, src, dst, disk and rate, res)
         return res
     except Exception as e:
         res.update(status="error", why=str(e)[:300])

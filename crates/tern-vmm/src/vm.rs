@@ -172,16 +172,7 @@ pub struct MachineConfig {
 impl Vm {
     /// Builds the VM and boots `cfg.kernel` on it: the vCPUs run when this returns.
     pub fn start(cfg: VmConfig) -> Result<Arc<Vm>> {
-        let vm = Vm::create(&MachineConfig {
-            memory: cfg.memory,
-            memory_backend: cfg.memory_backend,
-            dirty_ring_size: cfg.dirty_ring_size,
-            vcpus: cfg.vcpus,
-            serial: cfg.serial.clone(),
-            kvm_path: cfg.kvm_path.clone(),
-            disks: cfg.disks.clone(),
-        })?;
-        vm.boot(&cfg.kernel, &cfg.cmdline, cfg.initrd.as_deref())?;
+        let vm = Vm::boot_paused(cfg)?;
         vm.start_vcpus()?;
         Ok(vm)
     }
