@@ -1,6 +1,6 @@
 //! A ring-3 virtio-blk driver (virtio-mmio version 2, one split queue, polled) and the disk
-//! workload that vCPU 0 drives with it: the device's discovery and registers are in `mmio`, its
-//! set-up and the virtqueue here, the workload and its self-check in `work`.
+//! workload that vCPU 0 drives with it: the device's discovery and registers are in
+//! `crate::mmio`, its set-up and the virtqueue here, the workload and its self-check in `work`.
 //!
 //! The disk area, carved from RAM before the working set (so the dirtier never touches it),
 //! page-aligned: the block generation table (8 bytes a block, whole pages), then one page each
@@ -9,22 +9,20 @@
 //! data buffer a slot. A slot is one request: descriptors 3s (header), 3s + 1 (data), 3s + 2
 //! (status).
 
-mod mmio;
 mod work;
 
 use core::fmt::Write;
 use core::ptr::write_volatile;
 use core::sync::atomic::{fence, Ordering};
 
+use crate::mmio::{
+    self, Regs, ACKNOWLEDGE, CONFIG, CONFIG_GENERATION, DEVICE_FEATURES, DEVICE_FEATURES_SEL,
+    DRIVER, DRIVER_FEATURES, DRIVER_FEATURES_SEL, DRIVER_OK, FAILED, FEATURES_OK, ID_BLOCK,
+    NEEDS_RESET, QUEUE_DESC, QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_NOTIFY, QUEUE_NUM, QUEUE_NUM_MAX,
+    QUEUE_READY, QUEUE_SEL, STATUS,
+};
 use crate::setup::carve;
 use crate::{Bad, Line, Range, Rng, PAGE};
-pub use mmio::Devs;
-use mmio::{
-    Regs, ACKNOWLEDGE, CONFIG, CONFIG_GENERATION, DEVICE_FEATURES, DEVICE_FEATURES_SEL, DRIVER,
-    DRIVER_FEATURES, DRIVER_FEATURES_SEL, DRIVER_OK, FAILED, FEATURES_OK, NEEDS_RESET, QUEUE_DESC,
-    QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_NOTIFY, QUEUE_NUM, QUEUE_NUM_MAX, QUEUE_READY, QUEUE_SEL,
-    STATUS,
-};
 use work::Pacer;
 
 const MAX_SLOTS: usize = 16;
@@ -42,8 +40,8 @@ const VIRTIO_BLK_T_OUT: u32 = 1;
 
 /// Probes the named devices and sets up the first block device; the disk area is carved from
 /// `ram`. Prints why a named device cannot be used.
-pub fn probe(devs: &Devs, rate_mib: u64, ram: &mut [Range]) -> Option<Disk> {
-    if let Some(r) = mmio::first_block(devs, ram) {
+pub fn probe(devs: &mmio::Devs, rate_mib: u64, ram: &mut [Range]) -> Option<Disk> {
+    if let Some(r) = mmio::first_of(devs, ID_BLOCK, ram, true) {
         return init(r, rate_mib, ram);
     }
     if rate_mib > 0 {

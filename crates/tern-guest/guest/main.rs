@@ -9,7 +9,11 @@
 //! something to gain: 0 compresses about a hundredfold, 50 about twofold),
 //! `tern.disk_rate=<MiB/s>` blocks written per second to the first virtio-blk device of the
 //! `virtio_mmio.device=` entries (0; see disk.rs), whose written blocks are read back and checked
-//! once per check period.
+//! once per check period, `tern.ip=<a.b.c.d>/<len>` the address of the first virtio-net device
+//! of those entries (none: the device is left alone) and `tern.gw=<a.b.c.d>` its default route
+//! (none), for the network workload (see net.rs): ping and ARP, a TCP sink on port 5001 that
+//! checks a stream of little-endian u64 counters, a TCP source of that stream on port 5002, and
+//! a gratuitous ARP whenever the device asks for an announce (after a migration).
 //!
 //! Every page of the working set holds a pattern derived from (page index, generation); the
 //! generations live in a table in guest RAM, updated like a seqlock (odd while the page is being
@@ -20,7 +24,14 @@
 //! `tern-guest check ok <pages>` / `tern-guest check FAIL page=<i> ...`, `tern-guest exit`; with
 //! a disk: `tern-guest disk found addr=<hex> blocks=<n> queue=<N>`, `tern-guest disk ok
 //! <verified> writes=<n>` / `tern-guest disk FAIL block=<i> ...`, and `tern-guest disk FAIL <why>`
-//! or `tern-guest disk warning: <what>` when a device or request fails.
+//! or `tern-guest disk warning: <what>` when a device or request fails; with a net device:
+//! `tern-guest net up mac=<aa:bb:cc:dd:ee:ff> ip=<a.b.c.d/len> queue=<N>` (or `tern-guest net
+//! idle (no tern.ip=)`), `tern-guest net ok sink=<bytes> source=<bytes> rx_frames=<n>
+//! tx_frames=<n>` once per check period (2 s if checks are off; totals since boot), `tern-guest
+//! net sink closed bytes=<n>`, `tern-guest net source closed bytes=<n>` (acknowledged by the
+//! peer) at the end of each connection, `tern-guest net announce <n>` after each announce,
+//! `tern-guest net FAIL sink offset=<o> got=<b> want=<b>` (the first bad byte of a connection),
+//! and `tern-guest net FAIL <why>` when the device or an announce fails.
 
 #![no_std]
 #![no_main]
@@ -174,6 +185,8 @@ macro_rules! say {
 
 // After `say!`, which they use.
 mod disk;
+mod mmio;
+mod net;
 mod pages;
 mod setup;
 
@@ -303,7 +316,7 @@ impl Monitor {
 pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
     if cpu == 0 {
         let boot = rdtsc();
-        let mut disk = setup::setup(start_info);
+        let (mut disk, mut net) = setup::setup(start_info);
         PHASE.store(1, Ordering::Release);
         let cfg = config();
         fill_own(cfg, 0);
@@ -331,7 +344,7 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
             boot,
             print_cost16,
         };
-        run(cfg, 0, Some(&mut mon), disk.as_mut());
+        run(cfg, 0, Some(&mut mon), disk.as_mut(), net.as_mut());
     }
     while PHASE.load(Ordering::Acquire) < 1 {
         core::hint::spin_loop();
@@ -347,15 +360,16 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
     while PHASE.load(Ordering::Acquire) < 2 {
         core::hint::spin_loop();
     }
-    run(cfg, cpu, None, None)
+    run(cfg, cpu, None, None, None)
 }
 
-/// vCPU 0 passes its Monitor and the disk, if any.
+/// vCPU 0 passes its Monitor and the disk and network, if any.
 fn run(
     cfg: &Config,
     cpu: u64,
     mut mon: Option<&mut Monitor>,
     mut disk: Option<&mut disk::Disk>,
+    mut net: Option<&mut net::Net>,
 ) -> ! {
     let mut d = Dirtier::new(cfg, cpu);
     loop {
@@ -365,6 +379,9 @@ fn run(
             m.step(cfg, now);
             if let Some(k) = disk.as_deref_mut() {
                 k.step(cfg, m, now);
+            }
+            if let Some(n) = net.as_deref_mut() {
+                n.step(cfg, m, now);
             }
         }
         core::hint::spin_loop();

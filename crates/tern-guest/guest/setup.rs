@@ -5,8 +5,8 @@ use core::fmt::Write;
 use core::sync::atomic::Ordering;
 
 use crate::{
-    disk, power_off, tern_ncpus, Config, Line, Pattern, Range, CONFIG, MAX_CPUS, MAX_RANGES, PAGE,
-    RAM_CEIL, RAM_FLOOR, WORDS,
+    disk, mmio, net, power_off, tern_ncpus, Config, Line, Pattern, Range, CONFIG, MAX_CPUS,
+    MAX_RANGES, PAGE, RAM_CEIL, RAM_FLOOR, WORDS,
 };
 
 const E820_RAM: u32 = 1;
@@ -56,7 +56,31 @@ struct Knobs {
     tsc_khz: u64,
     entropy: u64,
     disk_rate: u64,
-    devs: disk::Devs,
+    devs: mmio::Devs,
+    /// `tern.ip=A.B.C.D/LEN` and `tern.gw=A.B.C.D`.
+    ip: Option<([u8; 4], u8)>,
+    gw: Option<[u8; 4]>,
+}
+
+/// `A.B.C.D`.
+fn parse_ipv4(s: &[u8]) -> Option<[u8; 4]> {
+    let mut ip = [0; 4];
+    let mut parts = s.split(|&c| c == b'.');
+    for b in &mut ip {
+        let part = parts.next()?;
+        if part.len() > 3 {
+            return None;
+        }
+        *b = u8::try_from(parse_u64(part)?).ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+/// `A.B.C.D/LEN`.
+fn parse_cidr(s: &[u8]) -> Option<([u8; 4], u8)> {
+    let slash = s.iter().position(|&c| c == b'/')?;
+    let len = parse_u64(&s[slash + 1..]).filter(|&l| l <= 32)?;
+    Some((parse_ipv4(&s[..slash])?, len as u8))
 }
 
 fn parse_cmdline(cmd: &[u8]) -> Knobs {
@@ -70,7 +94,9 @@ fn parse_cmdline(cmd: &[u8]) -> Knobs {
         tsc_khz: 0,
         entropy: 100,
         disk_rate: 0,
-        devs: disk::Devs::new(),
+        devs: mmio::Devs::new(),
+        ip: None,
+        gw: None,
     };
     for word in cmd.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
         let Some(eq) = word.iter().position(|&c| c == b'=') else {
@@ -88,6 +114,8 @@ fn parse_cmdline(cmd: &[u8]) -> Knobs {
             (b"tern.entropy", Some(v)) if v <= 100 => k.entropy = v,
             (b"tern.disk_rate", Some(v)) => k.disk_rate = v,
             (b"virtio_mmio.device", _) => k.devs.add(val),
+            (b"tern.ip", _) if parse_cidr(val).is_some() => k.ip = parse_cidr(val),
+            (b"tern.gw", _) if parse_ipv4(val).is_some() => k.gw = parse_ipv4(val),
             (b"tern.pattern", _) => match val {
                 b"seq" => k.pattern = Pattern::Seq,
                 b"random" => k.pattern = Pattern::Random,
@@ -142,8 +170,8 @@ pub fn carve(ranges: &mut [Range], pages: u64) -> Option<u64> {
     Some(base)
 }
 
-/// Lays out memory and publishes CONFIG; returns the disk, if there is one.
-pub fn setup(start_info: u64) -> Option<disk::Disk> {
+/// Lays out memory and publishes CONFIG; returns the disk and the network, if there are.
+pub fn setup(start_info: u64) -> (Option<disk::Disk>, Option<net::Net>) {
     let ncpus = u64::from(tern_ncpus.load(Ordering::Relaxed).clamp(1, MAX_CPUS as u32));
     // SAFETY: start_info was placed in RAM by the VMM (PVH); hvm_start_info layout.
     let (cmdline_paddr, memmap_paddr, memmap_entries) = unsafe {
@@ -184,8 +212,15 @@ pub fn setup(start_info: u64) -> Option<disk::Disk> {
             nranges += 1;
         }
     }
-    // The disk area first, so that the working set is what is left.
+    // The disk and net areas first, so that the working set is what is left.
     let disk = disk::probe(&knobs.devs, knobs.disk_rate, &mut ranges[..nranges]);
+    let net = net::probe(
+        &knobs.devs,
+        knobs.ip,
+        knobs.gw,
+        tsc_hz,
+        &mut ranges[..nranges],
+    );
     let avail: u64 = ranges[..nranges].iter().map(|r| r.pages).sum();
     // Each working-set page costs a page of data and 8 bytes of generation table.
     let max_pages = (avail * PAGE / (PAGE + 8)).saturating_sub(1);
@@ -242,5 +277,8 @@ pub fn setup(start_info: u64) -> Option<disk::Disk> {
     if let Some(d) = &disk {
         d.announce();
     }
-    disk
+    if let Some(n) = &net {
+        n.print_up();
+    }
+    (disk, net)
 }

@@ -2,8 +2,9 @@
 //! register windows.
 //!
 //! The devices are the command line's `virtio_mmio.device=<size>@<addr>:<irq>[:<id>]` entries
-//! (Linux's format); the first block device among them is used. Its registers are reached by
-//! 32-bit loads and stores to unbacked guest-physical memory, which exit to the VMM as MMIO.
+//! (Linux's format); the disk uses the first block device among them, the network the first net
+//! device. Their registers are reached by 32-bit loads and stores to unbacked guest-physical
+//! memory, which exit to the VMM as MMIO.
 
 use core::fmt::Write;
 use core::ptr::{read_volatile, write_volatile};
@@ -32,7 +33,10 @@ pub const QUEUE_DEVICE: u64 = 0x0a0;
 pub const CONFIG_GENERATION: u64 = 0x0fc;
 pub const CONFIG: u64 = 0x100;
 const MAGIC_VALUE: u32 = 0x7472_6976;
-const ID_BLOCK: u32 = 2;
+
+// Device IDs.
+pub const ID_NET: u32 = 1;
+pub const ID_BLOCK: u32 = 2;
 
 // Device status bits.
 pub const ACKNOWLEDGE: u32 = 1;
@@ -122,7 +126,7 @@ fn parse_dev(s: &[u8]) -> Option<(u64, u64)> {
     (rest.is_empty() && size > 0).then_some((size, addr))
 }
 
-/// A device's register window, checked by `window_ok` (only `first_block` makes one).
+/// A device's register window, checked by `window_ok` (only `first_of` makes one).
 #[derive(Clone, Copy)]
 pub struct Regs(u64);
 
@@ -166,33 +170,42 @@ fn window_ok(addr: u64, size: u64, ram: &[Range]) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The first of the named devices that is a virtio-mmio version 2 block device. Prints why a
-/// named device before it cannot be used.
-pub fn first_block(devs: &Devs, ram: &[Range]) -> Option<Regs> {
+/// The first of the named devices that is a virtio-mmio version 2 device with ID `id`. With
+/// `report`, prints why a named device before it cannot be used (the disk, probed first, reports;
+/// the network, probed after it, does not repeat that).
+pub fn first_of(devs: &Devs, id: u32, ram: &[Range], report: bool) -> Option<Regs> {
     for i in 0..devs.n {
         let (addr, size) = (devs.addr[i], devs.size[i]);
         if let Err(why) = window_ok(addr, size, ram) {
-            say!("tern-guest disk FAIL virtio_mmio.device at {addr:#x} {why}");
+            if report {
+                say!("tern-guest disk FAIL virtio_mmio.device at {addr:#x} {why}");
+            }
             continue;
         }
         let r = Regs(addr);
         let magic = r.read(MAGIC);
         if magic != MAGIC_VALUE {
-            say!("tern-guest disk FAIL no virtio-mmio device at {addr:#x} (magic {magic:#x})");
+            if report {
+                say!("tern-guest disk FAIL no virtio-mmio device at {addr:#x} (magic {magic:#x})");
+            }
             continue;
         }
         match r.read(VERSION) {
             2 => {}
             1 => {
-                say!("tern-guest disk warning: legacy virtio-mmio at {addr:#x} (run QEMU with -global virtio-mmio.force-legacy=false)");
+                if report {
+                    say!("tern-guest disk warning: legacy virtio-mmio at {addr:#x} (run QEMU with -global virtio-mmio.force-legacy=false)");
+                }
                 continue;
             }
             v => {
-                say!("tern-guest disk FAIL unknown virtio-mmio version {v} at {addr:#x}");
+                if report {
+                    say!("tern-guest disk FAIL unknown virtio-mmio version {v} at {addr:#x}");
+                }
                 continue;
             }
         }
-        if r.read(DEVICE_ID) == ID_BLOCK {
+        if r.read(DEVICE_ID) == id {
             return Some(r);
         }
     }
