@@ -73,6 +73,8 @@ const CTRL_OK: u8 = 0;
 
 /// How often the config status is read for ANNOUNCE (each read is an exit).
 const STATUS_POLL_MS: u64 = 20;
+/// How long after a pause the status is polled every millisecond.
+const QUICK_POLL_MS: u64 = 100;
 /// How long a control command may take.
 const CTRL_TIMEOUT_MS: u64 = 1000;
 
@@ -279,6 +281,7 @@ fn init(
         tsc_hz,
         last_now: t0,
         clock: 0,
+        quick_until: 0,
         failed: false,
         next_status: 0,
         next_ok: 0,
@@ -360,6 +363,8 @@ pub struct Net {
     /// The TSC at the last step, and smoltcp's time in TSC ticks without pauses.
     last_now: u64,
     clock: u64,
+    /// Until then the status is polled every millisecond (after a pause).
+    quick_until: u64,
     /// A device failure was reported.
     failed: bool,
     next_status: u64,
@@ -396,8 +401,19 @@ impl Net {
             self.next_ok = now + period;
         }
         self.phy.tx.reclaim();
+        // A step that comes 10 ms or more after the last one: the guest was paused, perhaps
+        // for a migration that just ended here. The device asks for the announce right after
+        // the guest runs again, so look at once, then every millisecond for a while, rather
+        // than every 20 ms: until then, the acknowledgements our TCP senders wait for go to
+        // the old host.
+        let d = now.wrapping_sub(self.last_now);
+        if d > self.tsc_hz / 100 {
+            self.next_status = now;
+            self.quick_until = now + muldiv(QUICK_POLL_MS, self.tsc_hz, 1000);
+        }
         if self.can_announce && now >= self.next_status {
-            self.next_status = now + muldiv(STATUS_POLL_MS, self.tsc_hz, 1000);
+            let every = if now < self.quick_until { 1 } else { STATUS_POLL_MS };
+            self.next_status = now + muldiv(every, self.tsc_hz, 1000);
             if self.regs.read(CONFIG + 4) & S_ANNOUNCE != 0 {
                 self.pending = true;
             }
@@ -410,7 +426,6 @@ impl Net {
         // smoltcp's clock leaves out pauses (at most 1 s a step): a migration's downtime or a
         // postcopy stall must not count towards its 60 s connection timeout, which would reset
         // both streams when the guest runs again.
-        let d = now.wrapping_sub(self.last_now);
         self.last_now = now;
         self.clock += if d > self.tsc_hz { self.tsc_hz } else { d };
         let t = Instant::from_micros(muldiv(self.clock, 1_000_000, self.tsc_hz) as i64);
