@@ -34,3 +34,6 @@ if command -v qemu-system-x86_64 >/dev/null 2>&1; then
 else
     echo "bench: SKIPPED (QEMU 10 could not be installed)"
 fi
+# The network study's experiment, once, tern only (namespaces it makes and removes): a TCP stream
+# through a migration between two hosts; it fails if a byte is lost or the stream does not resume.
+python3 bench/network.py --quick --out target/bench-network-quick

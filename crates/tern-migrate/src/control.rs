@@ -106,8 +106,8 @@ impl MigrationControl {
         })
     }
 
-    /// Runs `f` once the guest runs here while the migration is still under way (an on-demand
-    /// restore: the guest runs long before every page is in).
+    /// Runs `f` once the guest runs here: at GO, at postcopy's RUN (long before every page is
+    /// in), or when an on-demand restore starts it.
     pub fn on_guest_running(&self, f: impl FnOnce() + Send + 'static) {
         *self.on_running.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }

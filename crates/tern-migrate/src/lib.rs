@@ -120,6 +120,9 @@ pub trait SourceVm: Send + Sync {
     fn ram_digest(&self) -> u64;
     /// Bytes of CPU and device state, for the downtime estimate.
     fn state_size_hint(&self) -> u64;
+    /// The migration completed: the guest runs on the target, never again here (devices drop
+    /// what waited for it: a NIC's frames).
+    fn migrated_away(&self) {}
     /// Makes the VM's storage durable, the guest stopped (the switch-over, however the guest
     /// came to be stopped); an error fails the migration before anything is committed.
     fn flush_storage(&self) -> Result<()> {

@@ -157,6 +157,12 @@ pub struct MigrationParams {
     pub max_postcopy_bandwidth: u64,
     /// Whether precopy switches to postcopy by itself (`x-tern-auto-postcopy`).
     pub auto_postcopy: AutoPostcopy,
+    /// How the target announces the guest's NICs after an incoming migration (QEMU's
+    /// `announce-initial`, `announce-max`, `announce-step` in ms, `announce-rounds`).
+    pub announce_initial_ms: u64,
+    pub announce_max_ms: u64,
+    pub announce_rounds: u64,
+    pub announce_step_ms: u64,
 }
 
 /// `x-tern-auto-postcopy`: when precopy hands over to postcopy by itself (with `postcopy-ram`).
@@ -278,6 +284,10 @@ impl Default for MigrationParams {
             dirty_log: DirtyLogMode::Clear,
             max_postcopy_bandwidth: 0,
             auto_postcopy: AutoPostcopy::Off,
+            announce_initial_ms: 50,
+            announce_max_ms: 550,
+            announce_rounds: 5,
+            announce_step_ms: 100,
         }
     }
 }
@@ -290,7 +300,6 @@ const NOT_YET: &[&str] = &[
     "tls-hostname",
     "tls-authz",
     "compress-level",
-    "announce-initial",
 ];
 
 fn int_in(k: &str, v: &Value, lo: u64, hi: u64) -> Result<u64, String> {
@@ -325,6 +334,10 @@ impl MigrationParams {
             "x-tern-dirty-log": self.dirty_log.as_str(),
             "max-postcopy-bandwidth": self.max_postcopy_bandwidth,
             "x-tern-auto-postcopy": self.auto_postcopy.as_str(),
+            "announce-initial": self.announce_initial_ms,
+            "announce-max": self.announce_max_ms,
+            "announce-rounds": self.announce_rounds,
+            "announce-step": self.announce_step_ms,
         })
     }
 
@@ -377,6 +390,11 @@ impl MigrationParams {
                     }
                 }
                 "multifd-zstd-level" => p.multifd_zstd_level = int_in(k, v, 0, 20)? as u8,
+                // QEMU's bounds.
+                "announce-initial" => p.announce_initial_ms = int_in(k, v, 0, 100_000)?,
+                "announce-max" => p.announce_max_ms = int_in(k, v, 0, 100_000)?,
+                "announce-rounds" => p.announce_rounds = int_in(k, v, 0, 1000)?,
+                "announce-step" => p.announce_step_ms = int_in(k, v, 1, 10_000)?,
                 "x-tern-auto-postcopy" => {
                     p.auto_postcopy = match v.as_str() {
                         Some("off") => AutoPostcopy::Off,

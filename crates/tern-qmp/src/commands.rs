@@ -102,6 +102,26 @@ pub enum Command {
         size: u64,
         filename: String,
     },
+    /// Announces the NICs now (QEMU's): RARP frames and the guest's own announce, on QEMU's
+    /// schedule; a parameter left out takes the migration parameter's value.
+    #[serde(rename = "announce-self")]
+    AnnounceSelf {
+        #[serde(default)]
+        initial: Option<u64>,
+        #[serde(default)]
+        max: Option<u64>,
+        #[serde(default)]
+        rounds: Option<u64>,
+        #[serde(default)]
+        step: Option<u64>,
+        #[serde(default)]
+        interfaces: Option<Vec<String>>,
+        #[serde(default)]
+        id: Option<String>,
+    },
+    /// Each NIC's counters (frames, bytes, drops, announces).
+    #[serde(rename = "x-tern-query-nics")]
+    XTernQueryNics {},
     /// Test aid: writes a u64 into guest RAM.
     #[serde(rename = "x-tern-write-guest-memory")]
     XTernWriteGuestMemory { addr: u64, value: u64 },
@@ -131,6 +151,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "calc-dirty-rate",
     "query-dirty-rate",
     "pmemsave",
+    "announce-self",
+    "x-tern-query-nics",
     "getfd",
     "closefd",
 ];
@@ -188,6 +210,8 @@ impl Command {
             Command::CalcDirtyRate { .. } => "calc-dirty-rate",
             Command::QueryDirtyRate { .. } => "query-dirty-rate",
             Command::Pmemsave { .. } => "pmemsave",
+            Command::AnnounceSelf { .. } => "announce-self",
+            Command::XTernQueryNics {} => "x-tern-query-nics",
             Command::XTernWriteGuestMemory { .. } => "x-tern-write-guest-memory",
         }
     }

@@ -39,6 +39,10 @@ pub struct MachineDescription {
     /// The virtio-blk disks, in slot order (streams before disks had none).
     #[serde(default)]
     pub disks: Vec<DiskDescription>,
+    /// The virtio-net devices' MACs, in slot order after the disks (streams before networks
+    /// had none).
+    #[serde(default)]
+    pub nets: Vec<String>,
 }
 
 /// A disk as the source describes it (and as the target sees its own).
@@ -69,6 +73,8 @@ pub struct Requested {
     pub vcpus: Option<u32>,
     /// The target's `--disk` options, described (a stream's disks must match them).
     pub disks: Vec<DiskDescription>,
+    /// The target's `--net` MACs (a stream's NICs must match them).
+    pub nets: Vec<String>,
     /// The stream comes from a live source (not a saved file): a disk it does not copy must be
     /// shared or read-only, or the guest would run on whatever the target's file holds.
     pub live: bool,
@@ -158,6 +164,7 @@ impl MachineDescription {
             tsc_khz,
             cpu_features,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -230,6 +237,22 @@ impl MachineDescription {
             }
         }
         out.extend(disk_mismatches(&self.disks, &want.disks, want.live));
+        if self.nets.len() != want.nets.len() {
+            out.push(format!(
+                "the source has {} network device(s), this VM {} (give the target the same --net \
+                 options, each with its own TAP and the same mac=)",
+                self.nets.len(),
+                want.nets.len()
+            ));
+        } else {
+            for (i, (s, m)) in self.nets.iter().zip(&want.nets).enumerate() {
+                if s != m {
+                    out.push(format!(
+                        "network {i}: the guest's MAC is {s} on the source, {m} here (--net ...,mac={s})"
+                    ));
+                }
+            }
+        }
         let source: Vec<kvm_cpuid_entry2> = self
             .cpu_features
             .iter()
@@ -369,6 +392,7 @@ mod tests {
                 memory: Some(1 << 30),
                 vcpus: Some(2),
                 disks: vec![],
+                nets: vec![],
                 live: true,
             },
         );
@@ -402,9 +426,32 @@ mod tests {
             memory: Some(6 << 30),
             vcpus: None,
             disks: vec![],
+            nets: vec![],
             live: true,
         };
         assert!(m.mismatches(&host(), &want).is_empty());
+    }
+
+    #[test]
+    fn networks_must_match_in_number_and_mac() {
+        let mut m = machine();
+        m.nets = vec!["52:54:00:12:34:56".into()];
+        let want = |nets: &[&str]| Requested {
+            nets: nets.iter().map(|s| s.to_string()).collect(),
+            ..Requested::default()
+        };
+        assert!(m
+            .mismatches(&host(), &want(&["52:54:00:12:34:56"]))
+            .is_empty());
+        let got = m.mismatches(&host(), &want(&[])).join("\n");
+        assert!(got.contains("1 network device(s), this VM 0"), "{got}");
+        let got = m
+            .mismatches(&host(), &want(&["52:54:00:12:34:57"]))
+            .join("\n");
+        assert!(
+            got.contains("MAC is 52:54:00:12:34:56 on the source, 52:54:00:12:34:57 here"),
+            "{got}"
+        );
     }
 
     #[test]

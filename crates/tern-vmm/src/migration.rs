@@ -294,6 +294,7 @@ impl SourceVm for Vm {
                 desc
             })
             .collect();
+        m.nets = self.net_macs.iter().map(crate::tap::format_mac).collect();
         serde_json::to_value(m).unwrap_or_default()
     }
 
@@ -323,6 +324,10 @@ impl SourceVm for Vm {
     fn resume(&self) -> Result<()> {
         Vm::resume(self);
         Ok(())
+    }
+
+    fn migrated_away(&self) {
+        self.retire_devices();
     }
 
     fn is_running(&self) -> bool {

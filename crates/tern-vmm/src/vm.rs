@@ -17,6 +17,8 @@ use crate::boot::{self, BootInfo};
 use crate::devices::cpu::Vcpu;
 use crate::devices::kvm::{Clock, IrqChip, Pit};
 use crate::devices::serial::{SerialPort, ShutdownPort};
+use crate::devices::virtio::mmio::VirtioMmio;
+use crate::devices::virtio::net::NetStats;
 use crate::devices::virtio::{self, event::EventThread};
 use crate::devices::{DeviceManager, LoadStage};
 use crate::dirty_ring::DirtyRings;
@@ -24,6 +26,7 @@ use crate::disk::{Disk, DiskConfig};
 use crate::error::kvm as kvm_err;
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::serial::{IrqTrigger, SerialDevice, SerialOutput, SerialSink, COM1_BASE, COM1_IRQ};
+use crate::tap::NetConfig;
 use crate::vcpu::{self, Control};
 use crate::{cpuid, Error, Result, MAX_VCPUS};
 
@@ -55,6 +58,8 @@ pub struct VmConfig {
     pub kvm_path: PathBuf,
     /// virtio-blk disks, in slot order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices on TAPs, in the slots after the disks.
+    pub nets: Vec<NetConfig>,
 }
 
 /// Whether the guest runs.
@@ -99,13 +104,13 @@ pub struct Vm {
     pub(crate) vm_fd: VmFd,
     pub(crate) ram: GuestRam,
     pub(crate) devices: Arc<Devices>,
-    control: Arc<Control>,
+    pub(crate) control: Arc<Control>,
     pub(crate) vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// This VM, for threads that must not keep it alive (the throttle timer).
     pub(crate) me: std::sync::Weak<Vm>,
     /// Whether the throttle timer thread runs.
-    throttle_thread: Mutex<bool>,
+    pub(crate) throttle_thread: Mutex<bool>,
     state: Mutex<RunState>,
     started: std::sync::atomic::AtomicBool,
     vcpus: u32,
@@ -118,6 +123,12 @@ pub struct Vm {
     boot: Mutex<Option<BootInfo>>,
     /// The disks behind the virtio-blk devices, in slot order.
     pub(crate) disks: Vec<Arc<Disk>>,
+    /// The virtio-net devices and their counters, in slot order.
+    pub(crate) nets: Vec<(Arc<VirtioMmio>, Arc<NetStats>)>,
+    /// The MACs of the virtio-net devices, in slot order.
+    pub(crate) net_macs: Vec<[u8; 6]>,
+    /// Which announce schedule runs (a new one stops the one before).
+    pub(crate) announce_gen: std::sync::atomic::AtomicU64,
     /// Serves the virtio devices' queues (dropped, it stops).
     _virtio_io: Option<EventThread>,
     /// `-S` on a target: GO loads the guest but does not run it.
@@ -167,6 +178,8 @@ pub struct MachineConfig {
     pub kvm_path: PathBuf,
     /// virtio-blk disks, in slot order (a target's must match the source's).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, after the disks (a target's must match the source's).
+    pub nets: Vec<NetConfig>,
 }
 
 impl Vm {
@@ -188,6 +201,7 @@ impl Vm {
             serial: cfg.serial.clone(),
             kvm_path: cfg.kvm_path.clone(),
             disks: cfg.disks.clone(),
+            nets: cfg.nets.clone(),
         })?;
         vm.boot(&cfg.kernel, &cfg.cmdline, cfg.initrd.as_deref())?;
         Ok(vm)
@@ -298,7 +312,7 @@ impl Vm {
         }
         manager.add_state(Arc::new(Pit), LoadStage::Interrupts);
         manager.add_state(Arc::new(Clock), LoadStage::Clock);
-        let (disks, virtio) = virtio::attach_disks(&vm_fd, &ram, &cfg.disks, &mut manager)?;
+        let virtio = virtio::attach(&vm_fd, &ram, &cfg.disks, &cfg.nets, &mut manager)?;
         extra(&mut manager);
 
         if cfg.dirty_ring_size > 0 {
@@ -380,8 +394,11 @@ impl Vm {
             dirty_manual: std::sync::atomic::AtomicBool::new(false),
             dirty_buf: Default::default(),
             boot: Mutex::new(None),
-            disks,
-            _virtio_io: virtio,
+            disks: virtio.disks,
+            nets: virtio.nets,
+            net_macs: cfg.nets.iter().map(|n| n.mac).collect(),
+            announce_gen: Default::default(),
+            _virtio_io: virtio.thread,
             hold_at_go: std::sync::atomic::AtomicBool::new(false),
             copy_disks: std::sync::atomic::AtomicBool::new(true),
         }))
@@ -391,7 +408,7 @@ impl Vm {
     pub fn boot(&self, kernel: &[u8], cmdline: &str, initrd: Option<&[u8]>) -> Result<()> {
         // Each virtio device is announced as Linux (and QEMU's microvm) expects.
         let mut cmdline = cmdline.to_string();
-        for i in 0..self.disks.len() {
+        for i in 0..self.disks.len() + self.nets.len() {
             if !cmdline.is_empty() {
                 cmdline.push(' ');
             }
@@ -434,7 +451,7 @@ impl Vm {
         Ok(())
     }
 
-    fn kick_all(&self) {
+    pub(crate) fn kick_all(&self) {
         let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         for t in threads.iter() {
             // SAFETY: the pthread handle belongs to a thread we spawned and have not joined;
@@ -529,42 +546,6 @@ impl Vm {
     /// Ends the VM from the host side (QMP `quit`): wakes `wait_exit` with this reason.
     pub fn request_exit(&self, exit: VmExit) {
         self.devices.report_exit(exit);
-    }
-
-    /// Auto-converge: takes `percent` (0-99) of every vCPU's time away. As in QEMU, a timer
-    /// kicks each vCPU out of the guest every `10 ms / (1 - p)`, and the vCPU thread then sleeps
-    /// `10 ms * p / (1 - p)` (a pause or stop request wakes it at once).
-    pub fn set_throttle(&self, percent: u8) {
-        let percent = percent.min(99);
-        self.control.set_throttle(percent);
-        let mut running = self
-            .throttle_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if percent == 0 || *running {
-            return;
-        }
-        let me = self.me.clone();
-        let spawned = std::thread::Builder::new()
-            .name("vcpu-throttle".into())
-            .spawn(move || loop {
-                let Some(vm) = me.upgrade() else { return };
-                let p = vm.control.throttle();
-                if p == 0 || vm.control.stopping() {
-                    *vm.throttle_thread.lock().unwrap_or_else(|e| e.into_inner()) = false;
-                    return;
-                }
-                vm.kick_all();
-                drop(vm);
-                let run = vcpu::THROTTLE_TIMESLICE.as_secs_f64();
-                std::thread::sleep(std::time::Duration::from_secs_f64(
-                    run / (1.0 - f64::from(p) / 100.0),
-                ));
-            });
-        match spawned {
-            Ok(_) => *running = true,
-            Err(e) => tracing::warn!("cannot start the vCPU throttle timer: {e}"),
-        }
     }
 
     /// Stops the vCPU threads and joins them.

@@ -205,6 +205,61 @@ impl Backend for RunBackend {
                     .map_err(generic)?;
                 Ok(json!({}))
             }
+            Command::AnnounceSelf {
+                initial,
+                max,
+                rounds,
+                step,
+                interfaces,
+                id: _,
+            } => {
+                let vm = self.vm()?;
+                if self.phase() == Phase::PostMigrate {
+                    return Err(generic(
+                        "The guest runs elsewhere now (migrated): announcing it here would pull its traffic back"
+                            .to_string(),
+                    ));
+                }
+                let p = self.app.mig.params();
+                let check = |v: Option<u64>, dflt: u64, name: &str, lo: u64, hi: u64| {
+                    let v = v.unwrap_or(dflt);
+                    if (lo..=hi).contains(&v) {
+                        Ok(v)
+                    } else {
+                        Err(generic(format!(
+                            "Parameter '{name}' expects an integer in the range of {lo} to {hi}"
+                        )))
+                    }
+                };
+                let params = tern_vmm::AnnounceParams {
+                    initial: check(initial, p.announce_initial_ms, "initial", 0, 100_000)?,
+                    max: check(max, p.announce_max_ms, "max", 0, 100_000)?,
+                    rounds: check(rounds, p.announce_rounds, "rounds", 0, 1000)?,
+                    step: check(step, p.announce_step_ms, "step", 1, 10_000)?,
+                };
+                let names = vm.nic_names();
+                let which = match interfaces {
+                    None => None,
+                    Some(list) => Some(
+                        list.iter()
+                            .map(|n| {
+                                names.iter().position(|m| m == n).ok_or_else(|| {
+                                    generic(format!(
+                                        "no network interface '{n}' (this VM has: {})",
+                                        names.join(", ")
+                                    ))
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>()?,
+                    ),
+                };
+                vm.announce(params, which);
+                Ok(json!({}))
+            }
+            Command::XTernQueryNics {} => {
+                let vm = self.vm()?;
+                Ok(serde_json::to_value(vm.nics()).unwrap_or_default())
+            }
             Command::MigrateCancel {} => {
                 self.app.mig.cancel().map_err(|e| generic(e.to_string()))?;
                 Ok(json!({}))

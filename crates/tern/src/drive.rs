@@ -102,6 +102,9 @@ pub struct RestoreArgs {
     /// had, as the guest left them).
     #[arg(long = "disk", value_name = "path=FILE,...")]
     pub disks: Vec<String>,
+    /// The VM's networks, as for `tern run` (the same MACs; the guest is announced on them).
+    #[arg(long = "net", value_name = "tap=NAME,...")]
+    pub nets: Vec<String>,
     #[command(flatten)]
     pub consoles: crate::run::Consoles,
 }
@@ -388,6 +391,7 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
         kvm_device: "/dev/kvm".into(),
         on_demand: args.on_demand,
         disks: args.disks,
+        nets: args.nets,
         paused: false,
     })
 }

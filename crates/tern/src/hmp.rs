@@ -35,6 +35,7 @@ migrate [-d] [-r] uri -- migrate to URI (tcp:HOST:PORT, unix:PATH, fd:NAME, exec
 migrate_cancel -- cancel the current VM migration
 migrate_start_postcopy -- switch the running migration to postcopy
 migrate_pause -- pause a postcopy migration (as if its link broke)
+announce_self [net0,...] -- send RARPs and ask the guest to announce itself (announce-* schedule)
 migrate_recover uri -- on the target: take a paused postcopy migration's source back on URI
 migrate_incoming uri -- continue an incoming migration from URI
 migrate_set_capability capability state -- enable or disable a capability (on|off)
@@ -161,6 +162,16 @@ pub fn execute(backend: &RunBackend, line: &str) -> (String, bool) {
             qmp(backend, "migrate-start-postcopy", json!({})).map(|_| String::new())
         }
         "migrate_pause" => qmp(backend, "migrate-pause", json!({})).map(|_| String::new()),
+        "announce_self" => match rest {
+            [] => qmp(backend, "announce-self", json!({})).map(|_| String::new()),
+            [names] => qmp(
+                backend,
+                "announce-self",
+                json!({"interfaces": names.split(',').collect::<Vec<_>>()}),
+            )
+            .map(|_| String::new()),
+            _ => Err("usage: announce_self [net0,net1,...]".into()),
+        },
         "migrate_recover" => match rest {
             [uri] => qmp(backend, "migrate-recover", json!({"uri": uri})).map(|_| String::new()),
             _ => Err("usage: migrate_recover URI".into()),

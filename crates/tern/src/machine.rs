@@ -67,6 +67,8 @@ pub(crate) struct MachineSpec {
     pub(crate) on_demand: bool,
     /// `--disk` options, in slot order.
     pub(crate) disks: Vec<tern_vmm::DiskConfig>,
+    /// `--net` options, in the slots after the disks.
+    pub(crate) nets: Vec<tern_vmm::NetConfig>,
     /// False with `-S`: a migrated guest is loaded and waits for `cont`.
     pub(crate) autostart: bool,
 }
@@ -242,11 +244,20 @@ impl App {
                 *app.phase() = Phase::Live;
             }
         });
-        // An on-demand restore runs the guest while pages still come: it is live from then.
-        let weak = Arc::downgrade(self);
+        // Once the guest runs here, the network learns where it is (at GO, at postcopy's RUN, or
+        // when an on-demand restore starts it; QEMU announces at the same points). An on-demand
+        // restore runs the guest while pages still come: it is live from then.
+        let (weak, restore) = (Arc::downgrade(self), mapped.is_some());
+        let announced = Arc::new(AtomicBool::new(false));
+        let once = announced.clone();
         ctl.on_guest_running(move || {
             if let Some(app) = weak.upgrade() {
-                *app.phase() = Phase::Live;
+                if restore {
+                    *app.phase() = Phase::Live;
+                }
+                if !once.swap(true, Ordering::SeqCst) {
+                    app.announce_guest();
+                }
             }
         });
         let (app, keep) = (self.clone(), ctl.clone());
@@ -271,6 +282,10 @@ impl App {
                 };
                 app.mig.finish(&ctl, || match result {
                     Ok(()) => {
+                        // A restore that loaded everything first starts the guest only now.
+                        if !announced.swap(true, Ordering::SeqCst) {
+                            app.announce_guest();
+                        }
                         app.emit("RESUME", None);
                         app.set_incoming(IncomingState::Done);
                     }
@@ -381,11 +396,37 @@ impl App {
                 memory: app.machine.memory,
                 vcpus: app.machine.vcpus,
                 disks,
+                nets: app
+                    .machine
+                    .nets
+                    .iter()
+                    .map(|n| tern_vmm::tap::format_mac(&n.mac))
+                    .collect(),
                 live: !app.incoming_from_file.load(Ordering::SeqCst),
             };
             let mismatches = m.mismatches(&host, &wanted);
             if !mismatches.is_empty() {
                 return Err(MigrateError::Mismatch(mismatches.join("; ")));
+            }
+            // TAP descriptors passed with getfd are taken now; the VM attaches through its own
+            // duplicates, and these close when the VM is built (or fails to be).
+            let mut nets = app.machine.nets.clone();
+            let mut passed = Vec::new();
+            for n in &mut nets {
+                if let tern_vmm::tap::TapSource::FdName(name) = &n.tap {
+                    let fd = app
+                        .server
+                        .get()
+                        .and_then(|s| s.take_fd(name))
+                        .ok_or_else(|| {
+                            MigrateError::Vm(format!(
+                                "--net fd={name}: no descriptor was passed under that name \
+                                 (QMP getfd {name} before migrate-incoming)"
+                            ))
+                        })?;
+                    n.tap = tern_vmm::tap::TapSource::Fd(std::os::fd::AsRawFd::as_raw_fd(&fd));
+                    passed.push(fd);
+                }
             }
             let vm = Vm::create(&MachineConfig {
                 memory: m.memory,
@@ -395,12 +436,21 @@ impl App {
                 serial: app.machine.serial.clone(),
                 kvm_path: app.machine.kvm_path.clone(),
                 disks: app.machine.disks.clone(),
+                nets,
             })
             .map_err(|e| MigrateError::Vm(format!("{e:#}")))?;
+            drop(passed);
             vm.set_autostart(app.machine.autostart);
             let _ = app.vm.set(vm.clone());
             Ok(vm as Arc<dyn TargetVm>)
         })
+    }
+
+    /// Announces the guest's NICs with the migration parameters' schedule.
+    pub(crate) fn announce_guest(&self) {
+        if let Some(vm) = self.vm.get() {
+            vm.announce(announce_params(&self.mig.params()), None);
+        }
     }
 
     /// Waits for an incoming migration to finish; returns the reason if it failed.
@@ -447,4 +497,14 @@ pub(crate) fn pmemsave(
     }
     f.flush()
         .map_err(|e| format!("writing '{}': {e}", path.display()))
+}
+
+/// QEMU's `announce-*` migration parameters, as the VMM takes them.
+pub(crate) fn announce_params(p: &tern_migrate::MigrationParams) -> tern_vmm::AnnounceParams {
+    tern_vmm::AnnounceParams {
+        initial: p.announce_initial_ms,
+        max: p.announce_max_ms,
+        rounds: p.announce_rounds,
+        step: p.announce_step_ms,
+    }
 }

@@ -53,6 +53,11 @@ pub struct RunArgs {
     /// size, or with shared=on the very same storage).
     #[arg(long = "disk", value_name = "path=FILE,...")]
     pub disks: Vec<String>,
+    /// A virtio-net device on an existing TAP: tap=NAME[,mac=52:54:00:12:34:56], or fd=N for
+    /// an attached TAP's inherited descriptor (repeat for more; a target gives the same MACs,
+    /// each on its own TAP).
+    #[arg(long = "net", value_name = "tap=NAME,...")]
+    pub nets: Vec<String>,
     #[command(flatten)]
     pub consoles: Consoles,
     /// Do not start the guest (QEMU's -S): it waits, paused, for QMP `cont`; with --incoming,
@@ -130,6 +135,31 @@ pub(crate) fn parse_disks(specs: &[String]) -> Result<Vec<tern_vmm::DiskConfig>>
     for s in specs {
         let cfg = tern_vmm::DiskConfig::parse(s).map_err(|e| anyhow::anyhow!("--disk {s}: {e}"))?;
         open.push(tern_vmm::Disk::open(&cfg)?);
+        cfgs.push(cfg);
+    }
+    Ok(cfgs)
+}
+
+/// The `--net` options, parsed, each TAP checked now (it exists, is a TAP, is free) rather than
+/// when a migration arrives.
+pub(crate) fn parse_nets(specs: &[String], first_slot: usize) -> Result<Vec<tern_vmm::NetConfig>> {
+    if specs.len() + first_slot > 8 {
+        bail!(
+            "at most 8 virtio devices (disks and networks), not {}",
+            specs.len() + first_slot
+        );
+    }
+    let mut cfgs: Vec<tern_vmm::NetConfig> = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let cfg =
+            tern_vmm::NetConfig::parse(s, i).map_err(|e| anyhow::anyhow!("--net {s}: {e}"))?;
+        if cfgs.iter().any(|c| c.tap == cfg.tap) {
+            bail!("--net {s}: the same TAP is given twice");
+        }
+        if cfgs.iter().any(|c| c.mac == cfg.mac) {
+            bail!("--net {s}: two NICs with one MAC address");
+        }
+        tern_vmm::tap::Tap::check(&cfg).map_err(|e| anyhow::anyhow!("--net {s}: {e}"))?;
         cfgs.push(cfg);
     }
     Ok(cfgs)
@@ -266,6 +296,19 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         bail!("--incoming and --kernel exclude each other: the guest comes from the stream");
     }
     let disks = parse_disks(&args.disks)?;
+    let nets = parse_nets(&args.nets, disks.len())?;
+    if args.incoming.as_deref() != Some("defer") {
+        if let Some(n) = nets.iter().find_map(|n| match &n.tap {
+            tern_vmm::tap::TapSource::FdName(name) => Some(name),
+            _ => None,
+        }) {
+            bail!(
+                "--net fd={n}: a descriptor passed by name (QMP getfd) is for a target started \
+                 with --incoming defer, whose VM is built when the migration arrives; here give \
+                 tap=NAME or an inherited fd=N"
+            );
+        }
+    }
     if let Some(inc) = args.incoming.as_deref() {
         if inc != "defer" {
             Uri::parse(inc).map_err(|e| anyhow::anyhow!("--incoming: {e}"))?;
@@ -287,6 +330,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             kvm_path: args.kvm_device.clone(),
             on_demand: args.on_demand,
             disks: disks.clone(),
+            nets: nets.clone(),
             autostart: !args.paused,
         },
     );
@@ -326,6 +370,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             serial,
             kvm_path: args.kvm_device.clone(),
             disks,
+            nets,
         };
         let vm = match args.paused {
             false => Vm::start(cfg)?,

@@ -141,6 +141,7 @@ pub fn run_outgoing(
     // A panic is a failed migration, never a status left non-final: unwinding dropped the
     // Session, which resumed the source unless GO had gone out; the channel is shut so the target
     // stops waiting; after the commit the outcome is in doubt.
+    let vm2 = vm.clone();
     let result =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| outgoing(vm, uri, fd, ctl)))
             .unwrap_or_else(|p| {
@@ -152,6 +153,11 @@ pub fn run_outgoing(
                     Err(e)
                 }
             });
+    // After a migration into a file or a command the guest may continue here (`cont`): keep
+    // what waits for it.
+    if result.is_ok() && !matches!(uri, Uri::File(_) | Uri::Exec(_)) {
+        vm2.migrated_away();
+    }
     let status = match &result {
         Ok(()) => MigrationStatus::Completed,
         Err(MigrateError::Cancelled) => MigrationStatus::Cancelled,

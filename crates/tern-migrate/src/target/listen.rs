@@ -301,6 +301,7 @@ impl Receiver {
             }
         }
         vm.resume()?;
+        ctl.guest_running();
         super::recover::pause_on_request(ctl, &self.conn, self.urgent.as_ref());
         ctl.postcopy_active();
         if let Err(e) = send(&self.conn, &ReturnMessage::Running) {

@@ -292,6 +292,7 @@ impl Receiver {
         }
         self.enter(State::Running);
         vm.resume()?;
+        ctl.guest_running();
         if self.two_way {
             // The guest runs here whatever happens to this message: a source that misses it
             // reports the switch-over in doubt and stays paused.

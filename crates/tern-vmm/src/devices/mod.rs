@@ -386,6 +386,7 @@ mod tests {
             serial: SerialOutput::Null,
             kvm_path: "/dev/kvm".into(),
             disks: vec![],
+            nets: vec![],
         }
     }
 

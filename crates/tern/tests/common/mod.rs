@@ -91,6 +91,7 @@ impl Proc {
                     assert!(
                         !line.contains("check FAIL")
                             && !line.contains("disk FAIL")
+                            && !line.contains("net FAIL")
                             && !line.contains("FAULT")
                             && !line.contains("PANIC"),
                         "guest reported a failure while waiting for {what}: {line}"

@@ -19,6 +19,8 @@ pub struct EventThread {
 }
 
 const STOP: u64 = u64::MAX;
+/// Marks an event of a device's backend (a TAP), not of a queue's notification eventfd.
+const BACKEND: u64 = 1 << 15;
 
 impl EventThread {
     /// Starts serving `devices`.
@@ -36,6 +38,19 @@ impl EventThread {
         for (d, dev) in devices.iter().enumerate() {
             for (q, n) in dev.notify.iter().enumerate() {
                 add(n.as_raw_fd(), ((d as u64) << 16) | q as u64)?;
+            }
+            // Edge-triggered: the device reads until the backend is empty or the guest has no
+            // room; in the second case the guest's next notification brings it back, and a
+            // level-triggered wait would spin meanwhile.
+            if let Some((fd, q)) = dev.backend() {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(
+                        EventSet::IN | EventSet::EDGE_TRIGGERED,
+                        ((d as u64) << 16) | BACKEND | q as u64,
+                    ),
+                )?;
             }
         }
         let stop2 = stop.try_clone()?;
@@ -65,10 +80,13 @@ fn run(epoll: Epoll, devices: Vec<Arc<VirtioMmio>>, _stop: EventFd) {
         }
         for ev in &events[..n] {
             let data = ev.data();
-            let (d, q) = ((data >> 16) as usize, (data & 0xffff) as usize);
+            let (d, q) = ((data >> 16) as usize, (data & 0x7fff) as usize);
             if let Some(dev) = devices.get(d) {
-                // Consume the count first: a notification that comes while we serve is seen.
-                let _ = dev.notify[q].read();
+                if data & BACKEND == 0 {
+                    // Consume the count first: a notification that comes while we serve is
+                    // seen.
+                    let _ = dev.notify[q].read();
+                }
                 dev.serve(q);
             }
         }

@@ -119,7 +119,6 @@ impl VirtioMmio {
         MMIO_BASE + u64::from(self.index) * MMIO_SIZE + 0x50
     }
 
-    /// Serves queue `q` (the event thread, on its notification).
     /// Serves one batch of queue `q`. If it had work, the queue's eventfd is signalled again
     /// so that the event thread comes back to it after whatever else waits (a stop, another
     /// device): a guest that keeps its queue full never holds the thread.
@@ -165,6 +164,32 @@ impl VirtioMmio {
                 0
             }
         }
+    }
+
+    /// The device's backend descriptor and the queue its readiness is for.
+    pub(crate) fn backend(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        self.regs().device.backend()
+    }
+
+    /// Announces the guest (after a migration): the device does what it can on its own (a NIC's
+    /// RARP), and if it asks the guest to announce itself, the configuration-change interrupt —
+    /// not while the VM is paused (its state may be being saved; a `-S` target's guest is
+    /// announced by the rounds after `cont`).
+    pub(crate) fn announce(&self) {
+        let mut r = self.regs();
+        let driver_ok = r.status & S_DRIVER_OK != 0
+            && r.status & S_NEEDS_RESET == 0
+            && !self.paused.load(Ordering::SeqCst);
+        if r.device.announce(driver_ok) {
+            r.config_generation = r.config_generation.wrapping_add(1);
+            r.interrupt_status |= INT_CONFIG;
+            let _ = self.irq.write(1);
+        }
+    }
+
+    /// The guest runs elsewhere now: the device drops what waited for it (see the device).
+    pub(crate) fn retire(&self) -> Option<String> {
+        self.regs().device.retire()
     }
 
     fn reset(r: &mut Regs) {

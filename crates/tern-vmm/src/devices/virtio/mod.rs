@@ -29,6 +29,7 @@
 pub mod block;
 pub mod event;
 pub mod mmio;
+pub mod net;
 
 use std::sync::Arc;
 
@@ -40,10 +41,12 @@ use crate::devices::{DeviceManager, LoadStage};
 use crate::disk::{Disk, DiskConfig};
 use crate::error::kvm as kvm_err;
 use crate::memory::{GuestMemory, GuestRam};
+use crate::tap::{NetConfig, Tap};
 use crate::Error;
 use block::Block;
 use event::EventThread;
 use mmio::VirtioMmio;
+use net::{Net, NetStats};
 
 /// First slot's address: the top of the 32-bit hole below the IOAPIC, as in QEMU's microvm.
 pub const MMIO_BASE: u64 = 0xfeb0_0000;
@@ -67,6 +70,8 @@ pub const S_FAILED: u32 = 0x80;
 
 /// Interrupt status: the used ring changed.
 pub const INT_VRING: u32 = 1;
+/// Interrupt status: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
 
 /// A device behind the transport.
 pub trait VirtioDevice: Send {
@@ -96,6 +101,21 @@ pub trait VirtioDevice: Send {
     fn load(&mut self, section: &tern_wire::Section) -> Result<(), tern_wire::StateError>;
     /// Its section's schema.
     fn schema(&self) -> &'static tern_wire::Schema;
+    /// A descriptor whose readiness means work for a queue (a TAP's frames for the receive
+    /// queue): the event thread waits on it too, edge-triggered.
+    fn backend(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
+    }
+    /// Announces the guest on its network (after a migration); `driver_ok`: the driver runs.
+    /// True: the configuration changed, raise its interrupt.
+    fn announce(&mut self, _driver_ok: bool) -> bool {
+        false
+    }
+    /// The guest runs elsewhere now (a completed migration): drops what waited for it and says
+    /// what that was.
+    fn retire(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// The command-line entry Linux (and the built-in guest) finds slot `index` by.
@@ -108,62 +128,91 @@ pub fn cmdline_entry(index: usize) -> String {
     )
 }
 
-/// Opens the disks and puts a virtio-blk device for each in the next virtio-mmio slot, its
-/// interrupt an irqfd and its queue notification an ioeventfd; starts the event thread.
-pub(crate) fn attach_disks(
+/// What [`attach`] built.
+pub(crate) struct Attached {
+    pub disks: Vec<Arc<Disk>>,
+    pub nets: Vec<(Arc<VirtioMmio>, Arc<NetStats>)>,
+    pub thread: Option<EventThread>,
+}
+
+/// Opens the disks and the TAPs and puts a virtio-blk device for each disk, then a virtio-net
+/// device for each network, in the next virtio-mmio slots, each with an irqfd for its interrupt
+/// and ioeventfds for its queue notifications; starts the event thread.
+pub(crate) fn attach(
     vm_fd: &VmFd,
     ram: &GuestRam,
-    cfgs: &[DiskConfig],
+    disk_cfgs: &[DiskConfig],
+    net_cfgs: &[NetConfig],
     manager: &mut DeviceManager,
-) -> crate::Result<(Vec<Arc<Disk>>, Option<EventThread>)> {
-    if cfgs.len() > MAX_DEVICES {
+) -> crate::Result<Attached> {
+    let count = disk_cfgs.len() + net_cfgs.len();
+    if count > MAX_DEVICES {
         return Err(Error::InvalidConfig(format!(
-            "at most {} disks, not {}",
-            MAX_DEVICES,
-            cfgs.len()
+            "at most {MAX_DEVICES} virtio devices (disks and networks), not {count}"
         )));
     }
-    let io = |what: &str| {
-        let what = what.to_string();
-        move |e: std::io::Error| Error::Io { what, source: e }
-    };
     let mut disks = Vec::new();
+    let mut nets = Vec::new();
     let mut devs = Vec::new();
-    for (i, cfg) in cfgs.iter().enumerate() {
+    for cfg in disk_cfgs {
         let disk = Arc::new(Disk::open(cfg)?);
-        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(io("eventfd for a virtio IRQ"))?;
-        vm_fd
-            .register_irqfd(&irq, IRQ_BASE + i as u32)
-            .map_err(kvm_err("KVM_IRQFD"))?;
-        let dev = Arc::new(
-            VirtioMmio::new(
-                i as u32,
-                Box::new(Block::new(disk.clone(), i)),
-                ram.shared_memory(),
-                irq,
-            )
-            .map_err(io("eventfd for a virtio queue"))?,
-        );
-        for (q, n) in dev.notify.iter().enumerate() {
-            let addr = kvm_ioctls::IoEventAddress::Mmio(dev.notify_addr());
-            if let Err(e) = vm_fd.register_ioevent(n, &addr, q as u32) {
-                // The vCPU then signals the same eventfd from the MMIO exit.
-                tracing::warn!("no ioeventfd for virtio slot {i} ({e}): notifications exit");
-            }
-        }
-        let base = MMIO_BASE + i as u64 * MMIO_SIZE;
-        manager.add_mmio_device(dev.clone(), base..base + MMIO_SIZE, LoadStage::Devices);
-        manager.add_state(
-            Arc::new(mmio::DeviceSection::new(dev.clone())),
-            LoadStage::Devices,
-        );
+        let dev = Box::new(Block::new(disk.clone(), devs.len()));
+        devs.push(add_slot(vm_fd, ram, devs.len(), dev, manager)?);
         disks.push(disk);
-        devs.push(dev);
+    }
+    for cfg in net_cfgs {
+        let tap = Tap::open(cfg)?;
+        let stats = Arc::new(NetStats::default());
+        let dev = Box::new(Net::new(tap, cfg.mac, stats.clone()));
+        let slot = add_slot(vm_fd, ram, devs.len(), dev, manager)?;
+        nets.push((slot.clone(), stats));
+        devs.push(slot);
     }
     let thread = match devs.is_empty() {
         true => None,
         false => Some(EventThread::start(devs).map_err(io("starting the virtio event thread"))?),
     };
-    Ok((disks, thread))
+    Ok(Attached {
+        disks,
+        nets,
+        thread,
+    })
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.to_string();
+    move |e: std::io::Error| Error::Io { what, source: e }
+}
+
+/// Puts `device` in slot `i`.
+fn add_slot(
+    vm_fd: &VmFd,
+    ram: &GuestRam,
+    i: usize,
+    device: Box<dyn VirtioDevice>,
+    manager: &mut DeviceManager,
+) -> crate::Result<Arc<VirtioMmio>> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(io("eventfd for a virtio IRQ"))?;
+    vm_fd
+        .register_irqfd(&irq, IRQ_BASE + i as u32)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let dev = Arc::new(
+        VirtioMmio::new(i as u32, device, ram.shared_memory(), irq)
+            .map_err(io("eventfd for a virtio queue"))?,
+    );
+    for (q, n) in dev.notify.iter().enumerate() {
+        let addr = kvm_ioctls::IoEventAddress::Mmio(dev.notify_addr());
+        if let Err(e) = vm_fd.register_ioevent(n, &addr, q as u32) {
+            // The vCPU then signals the same eventfd from the MMIO exit.
+            tracing::warn!("no ioeventfd for virtio slot {i} ({e}): notifications exit");
+        }
+    }
+    let base = MMIO_BASE + i as u64 * MMIO_SIZE;
+    manager.add_mmio_device(dev.clone(), base..base + MMIO_SIZE, LoadStage::Devices);
+    manager.add_state(
+        Arc::new(mmio::DeviceSection::new(dev.clone())),
+        LoadStage::Devices,
+    );
+    Ok(dev)
 }
