@@ -160,6 +160,7 @@ class Timing:
         self.buckets = []
         self.stall = (0.0, None)     # (seconds, monotonic time it started)
         self.stalls = []             # every gap over 50 ms: (start, seconds)
+        self.gaps = []               # every gap over 5 ms (for the gap at the switch-over)
 
     def add(self, now, n):
         if self.t0 is None:
@@ -169,6 +170,8 @@ class Timing:
             self.stall = (gap, self.last)
         if gap > 0.05 and len(self.stalls) < 1000:
             self.stalls.append((self.last, gap))
+        if gap > 0.005 and len(self.gaps) < 200000:
+            self.gaps.append((self.last, gap))
         self.last = now
         b = int((now - self.t0) / BUCKET)
         if b >= len(self.buckets):
@@ -180,6 +183,12 @@ class Timing:
         if self.last is not None and now - self.last > self.stall[0]:
             self.stall = (now - self.last, self.last)
             self.stalls.append((self.last, now - self.last))
+        if self.last is not None:
+            self.gaps.append((self.last, now - self.last))
+
+    def longest_within(self, a, b):
+        """The longest gap that overlaps [a, b] (seconds, or 0)."""
+        return max((g for t, g in self.gaps if t <= b and t + g >= a), default=0.0)
 
     def bytes_between(self, a, b):
         """Bytes in the buckets whose start lies in [a, b) (monotonic times)."""
@@ -307,6 +316,10 @@ def report(a, chk, tm, t_start, t_end, end):
             res["longest_stall_from_migrate_start_ms"] = round((tm.stall[1] - ms) * 1000, 1)
         if me is not None:
             res["longest_stall_from_migrate_end_ms"] = round((tm.stall[1] - me) * 1000, 1)
+    if ms is not None and me is not None:
+        # The stall the switch-over caused: the longest gap overlapping the migration, up to
+        # 0.5 s after it ended (a gap before the migration is the stream's own).
+        res["switch_stall_ms"] = round(tm.longest_within(ms, me + 0.5) * 1000, 1)
     if ms is not None:
         res["mbps_before"] = rate(first, ms)
         res["bytes_before"] = tm.bytes_between(first, ms)

@@ -225,6 +225,7 @@ def run_one(vmm, elf, d, prefix, a):
         res["stream_line"] = out[-1] if out else None
         c = json.load(open(cjson))
         res.update(bytes=c["bytes"], lost=c["lost"], stall_ms=c["longest_stall_ms"],
+                   switch_stall_ms=c.get("switch_stall_ms"),
                    stall_from_migrate_start_ms=c.get("longest_stall_from_migrate_start_ms"),
                    mbps_before=c.get("mbps_before"), mbps_during=c.get("mbps_during"),
                    mbps_after=c.get("mbps_after"), bytes_after=c.get("bytes_after"), client_end=c["end"],
@@ -301,13 +302,14 @@ def report(a, results, vmms):
     p()
     p("live migration with a TCP stream to a client (%s, guest -> client), %s wires, median (min-max) of %d run(s)" % (
         a.stream, a.rate, a.runs))
-    hdr = "%-5s %-5s %-19s %-17s %-19s %-20s %-20s %-20s %-5s %-17s %s"
-    p(hdr % ("vmm", "runs", "total ms", "downtime ms", "longest stall ms", "MB/s before", "MB/s during",
-             "MB/s after", "lost", "RTT ms", "fdb after"))
+    hdr = "%-5s %-5s %-19s %-17s %-19s %-19s %-20s %-20s %-20s %-5s %-17s %s"
+    p(hdr % ("vmm", "runs", "total ms", "downtime ms", "stall at switch ms", "longest stall ms",
+             "MB/s before", "MB/s during", "MB/s after", "lost", "RTT ms", "fdb after"))
     for v in vmms:
         rs = [r for r in results if r["vmm"] == v]
         ok = [r for r in rs if r.get("status") == "completed"]
         p(hdr % (v, "%d/%d" % (len(ok), len(rs)), spread(ok, "total_ms"), spread(ok, "downtime_ms"),
+                 spread(ok, "switch_stall_ms", "%.1f"),
                  spread(ok, "stall_ms", "%.1f"), spread(ok, "mbps_before", "%.1f"), spread(ok, "mbps_during", "%.1f"),
                  spread(ok, "mbps_after", "%.1f"), sum(r.get("lost") or 0 for r in ok),
                  spread(ok, "rtt_ms", "%.2f"), ",".join(r.get("fdb_after", "-") for r in ok) or "-"))
@@ -315,19 +317,22 @@ def report(a, results, vmms):
             for why in r["problems"]:
                 p("      %s run %d: %s" % (v, r["run"], why))
     tern = [r for r in results if r["vmm"] == "tern" and r.get("status") == "completed"
-            and r.get("stall_ms") is not None and r.get("downtime_ms") is not None]
+            and r.get("switch_stall_ms") is not None and r.get("downtime_ms") is not None]
     if tern:
+        p("(stall at switch: the longest gap in the stream overlapping the migration, up to 0.5 s after it;"
+          " longest stall: over the whole stream, before the migration too)")
         for r in tern:
             r["goal_ms"] = round(2 * r["downtime_ms"] + r["rtt_ms"], 1)
-        met = [r for r in tern if r["stall_ms"] < r["goal_ms"]]
-        p("goal: tern's longest stall < 2 x its downtime + 1 RTT: %s (met in %d of %d run(s): %s)" % (
+        met = [r for r in tern if r["switch_stall_ms"] < r["goal_ms"]]
+        p("goal: tern's stall at the switch < 2 x its downtime + 1 RTT: %s (met in %d of %d run(s): %s)" % (
             "met" if len(met) == len(tern) else "MISSED", len(met), len(tern),
-            ", ".join("%.1f < %.1f" % (r["stall_ms"], r["goal_ms"]) if r in met else
-                      "%.1f >= %.1f" % (r["stall_ms"], r["goal_ms"]) for r in tern)))
-        qs = med([r for r in results if r["vmm"] == "qemu" and r.get("status") == "completed"], "stall_ms")
+            ", ".join("%.1f < %.1f" % (r["switch_stall_ms"], r["goal_ms"]) if r in met else
+                      "%.1f >= %.1f" % (r["switch_stall_ms"], r["goal_ms"]) for r in tern)))
+        qs = med([r for r in results if r["vmm"] == "qemu" and r.get("status") == "completed"
+                  and r.get("switch_stall_ms") is not None], "switch_stall_ms")
         if qs is not None:
-            ts = med(tern, "stall_ms")
-            p("goal: tern's longest stall shorter than QEMU's: %s (median %.1f ms vs %.1f ms)" % (
+            ts = med(tern, "switch_stall_ms")
+            p("goal: tern's stall at the switch shorter than QEMU's: %s (median %.1f ms vs %.1f ms)" % (
                 "met" if ts < qs else "MISSED", ts, qs))
     out = os.path.join(a.out, "results.json")
     json.dump({"args": vars(a), "results": results}, open(out, "w"), indent=1)
