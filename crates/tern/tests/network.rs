@@ -420,10 +420,16 @@ fn rarp_alone_moves_a_silent_guests_mac_to_its_new_port() {
     // QEMU's command, one round, on the named NIC; an unknown NIC is refused by name.
     let e = src.q.err("announce-self", json!({"interfaces": ["net7"]}));
     assert!(e.contains("no network interface 'net7'"), "{e}");
-    src.q.ok("announce-self", json!({"rounds": 1, "interfaces": ["net0"]}));
+    src.q.ok(
+        "announce-self",
+        json!({"rounds": 1, "interfaces": ["net0"]}),
+    );
     let t = Instant::now();
     while h.fdb() != "a" {
-        assert!(t.elapsed() < Duration::from_secs(2), "the RARP never reached the switch");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the RARP never reached the switch"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let (mut dst, uri) = h.target(&d, "dst", &[]);
@@ -434,7 +440,10 @@ fn rarp_alone_moves_a_silent_guests_mac_to_its_new_port() {
     continues_on(&mut dst.p, n);
     let t = Instant::now();
     while h.fdb() != "b" {
-        assert!(t.elapsed() < Duration::from_secs(2), "the target's RARP never moved the guest");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the target's RARP never moved the guest"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // QEMU's default schedule: 5 rounds over 350 ms.
@@ -447,7 +456,10 @@ fn rarp_alone_moves_a_silent_guests_mac_to_its_new_port() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(nics[0]["rarps"], 5, "{nics}");
-    assert_eq!(nics[0]["guest-announces"], 0, "no driver, no guest announce: {nics}");
+    assert_eq!(
+        nics[0]["guest-announces"], 0,
+        "no driver, no guest announce: {nics}"
+    );
     // The source, migrated, may not pull the guest back.
     let e = src.q.err("announce-self", json!({}));
     assert!(e.contains("runs elsewhere"), "{e}");
