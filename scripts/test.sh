@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run). Installs what it needs on a fresh Debian 12
 # machine with a Rust toolchain: binutils (links the built-in guest), util-linux (setpriv, for the
-# unreadable-/dev/kvm test) and QEMU 10 from bookworm-backports (the guest must boot under QEMU
-# too). Then: formatting, clippy, and every test, including the ones that boot real guests.
+# unreadable-/dev/kvm test), openssl (the TLS tests make their certificates) and QEMU 10 from
+# bookworm-backports (the guest must boot under QEMU too). Then: formatting, clippy, and every
+# test, including the ones that boot real guests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v ld >/dev/null 2>&1 || need+=(binutils)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

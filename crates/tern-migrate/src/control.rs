@@ -70,6 +70,8 @@ pub struct MigrationControl {
     before_final: Mutex<Option<FinalHook>>,
     /// What the VMM does once the guest runs before the migration ended.
     on_running: Mutex<Option<RunningHook>>,
+    /// TLS on every connection of this migration (`tls-creds`).
+    tls: Mutex<Option<Arc<crate::transport::tls::TlsSettings>>>,
 }
 
 impl MigrationControl {
@@ -98,6 +100,7 @@ impl MigrationControl {
             channel_shut: AtomicBool::new(false),
             bandwidth_limit: Arc::new(AtomicU64::new(params.max_bandwidth)),
             accepted: Arc::new(AtomicU64::new(0)),
+            tls: Mutex::new(None),
             params,
             caps,
             events,
@@ -110,6 +113,16 @@ impl MigrationControl {
     /// in), or when an on-demand restore starts it.
     pub fn on_guest_running(&self, f: impl FnOnce() + Send + 'static) {
         *self.on_running.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Secures every connection of this migration with `tls` (set before it starts).
+    pub fn set_tls(&self, tls: Option<Arc<crate::transport::tls::TlsSettings>>) {
+        *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = tls;
+    }
+
+    /// The migration's TLS, if any.
+    pub fn tls(&self) -> Option<Arc<crate::transport::tls::TlsSettings>> {
+        self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The guest runs here (see [`Self::on_guest_running`]).

@@ -2,6 +2,7 @@
 //! the timeline path, and the migration in progress. Starting a migration is one decision under
 //! one lock, so two `migrate` commands racing on two monitor connections start exactly one.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::{Map, Value};
 
 use crate::control::{CancelRefused, MigrationControl, MigrationEvent};
+use crate::transport::tls::{TlsCreds, TlsSettings};
 use crate::{Capabilities, MigrationParams};
 
 /// QEMU's words for "another migration runs".
@@ -25,9 +27,35 @@ struct Inner {
     current: Option<(Arc<MigrationControl>, bool)>,
     /// A `calc-dirty-rate` runs (it owns the dirty log: no migration may start meanwhile).
     measuring: bool,
+    /// `tls-creds-x509` objects by id (`object-add`, `--object`).
+    objects: HashMap<String, Arc<TlsCreds>>,
+    /// `tls-creds`, `tls-hostname`, `tls-authz` ("" for none).
+    tls: [String; 3],
 }
 
+/// The TLS migration parameters, in [`Inner::tls`]'s order.
+const TLS_PARAMS: [&str; 3] = ["tls-creds", "tls-hostname", "tls-authz"];
+
 impl Inner {
+    /// The TLS a new migration takes (none without `tls-creds`), built from `tls`.
+    fn tls_settings_of(&self, tls: &[String; 3]) -> Result<Option<Arc<TlsSettings>>, String> {
+        if tls[0].is_empty() {
+            return Ok(None);
+        }
+        let creds = self.objects.get(&tls[0]).cloned().ok_or_else(|| {
+            format!(
+                "No TLS credentials with id '{}' (object-add a tls-creds-x509 first)",
+                tls[0]
+            )
+        })?;
+        let name = |s: &String| (!s.is_empty()).then(|| s.clone());
+        TlsSettings::new(creds, name(&tls[1]), name(&tls[2])).map(|s| Some(Arc::new(s)))
+    }
+
+    fn tls_settings(&self) -> Result<Option<Arc<TlsSettings>>, String> {
+        self.tls_settings_of(&self.tls)
+    }
+
     /// The migration in progress: its thread has not finished and its status is not final (a
     /// final status is published only after the VMM's run state changed: see
     /// [`MigrationControl::before_final`]).
@@ -53,6 +81,8 @@ impl Default for MigrationManager {
                 timeline: None,
                 current: None,
                 measuring: false,
+                objects: HashMap::new(),
+                tls: Default::default(),
             }),
         }
     }
@@ -82,6 +112,9 @@ impl MigrationManager {
     pub fn params_qmp(&self) -> Value {
         let g = self.lock();
         let mut v = g.params.to_qmp();
+        for (k, t) in TLS_PARAMS.iter().zip(&g.tls) {
+            v[*k] = Value::String(t.clone());
+        }
         v["x-tern-timeline"] = Value::String(
             g.timeline
                 .as_ref()
@@ -104,10 +137,28 @@ impl MigrationManager {
                 )
             }
         };
+        let mut tls: [Option<String>; 3] = Default::default();
+        for (k, slot) in TLS_PARAMS.iter().zip(&mut tls) {
+            match rest.remove(*k) {
+                None => {}
+                Some(Value::String(s)) => *slot = Some(s),
+                Some(_) => return Err(format!("Parameter '{k}' expects a string")),
+            }
+        }
         let mut g = self.lock();
+        let mut next = g.tls.clone();
+        for (t, new) in next.iter_mut().zip(tls) {
+            if let Some(v) = new {
+                *t = v;
+            }
+        }
+        // The credentials and names together, checked now (a bad name, tls-authz without
+        // verify-peer): never at a connection.
+        g.tls_settings_of(&next)?;
         let mut p = g.params;
         p.apply(&rest)?;
         g.params = p;
+        g.tls = next;
         if let Some(t) = timeline {
             g.timeline = (!t.is_empty()).then(|| PathBuf::from(t));
         }
@@ -165,10 +216,43 @@ impl MigrationManager {
         if g.measuring {
             return Err(MEASURING.into());
         }
+        let tls = g.tls_settings()?;
         allowed()?;
         let ctl = MigrationControl::new(g.params, g.caps, events(g.caps));
+        ctl.set_tls(tls);
         g.current = Some((ctl.clone(), false));
         Ok(ctl)
+    }
+
+    /// Whether the TLS parameters suit the side `endpoint` (a source needs client credentials,
+    /// a target server ones); refused before a migration starts.
+    pub fn check_tls(&self, endpoint: crate::transport::tls::TlsEndpoint) -> Result<(), String> {
+        match self.lock().tls_settings()? {
+            Some(t) => t.expect(endpoint),
+            None => Ok(()),
+        }
+    }
+
+    /// `object-add` of a `tls-creds-x509` (loaded by the caller); its id must be new.
+    pub fn add_tls_creds(&self, creds: TlsCreds) -> Result<(), String> {
+        let mut g = self.lock();
+        if g.objects.contains_key(&creds.id) {
+            return Err(format!("An object with id '{}' exists already", creds.id));
+        }
+        g.objects.insert(creds.id.clone(), Arc::new(creds));
+        Ok(())
+    }
+
+    /// `object-del`: refused while `tls-creds` names it.
+    pub fn del_object(&self, id: &str) -> Result<(), String> {
+        let mut g = self.lock();
+        if g.tls[0] == id {
+            return Err(format!("Object '{id}' is in use (tls-creds)"));
+        }
+        g.objects
+            .remove(id)
+            .map(drop)
+            .ok_or_else(|| format!("object '{id}' not found"))
     }
 
     /// Takes the dirty log for a `calc-dirty-rate` if no migration and no other measurement

@@ -296,9 +296,6 @@ impl Default for MigrationParams {
 const NOT_YET: &[&str] = &[
     "xbzrle-cache-size",
     "avail-switchover-bandwidth",
-    "tls-creds",
-    "tls-hostname",
-    "tls-authz",
     "compress-level",
 ];
 

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use crate::{MigrateError, Result};
 
 mod listener;
+pub mod tls;
 pub use listener::Listener;
 
 /// Where to migrate to or from.
@@ -105,6 +106,8 @@ enum Endpoint {
     Unix(UnixStream),
     /// A file or a pipe: one-way.
     File(File),
+    /// A TLS session over a TCP or unix socket.
+    Tls(Box<tls::TlsStream>),
 }
 
 /// A connected migration channel. Clones are handles on the *same* descriptor (no `dup`): the
@@ -137,6 +140,7 @@ impl Connection {
         let _ = match &*self.0 {
             Endpoint::Tcp(s) => s.shutdown(Shutdown::Both),
             Endpoint::Unix(s) => s.shutdown(Shutdown::Both),
+            Endpoint::Tls(s) => s.shutdown(Shutdown::Both),
             Endpoint::File(_) => Ok(()),
         };
     }
@@ -147,6 +151,7 @@ impl Connection {
         let _ = match &*self.0 {
             Endpoint::Tcp(s) => s.shutdown(Shutdown::Read),
             Endpoint::Unix(s) => s.shutdown(Shutdown::Read),
+            Endpoint::Tls(s) => s.shutdown(Shutdown::Read),
             Endpoint::File(_) => Ok(()),
         };
     }
@@ -157,6 +162,7 @@ impl Connection {
         let _ = match &*self.0 {
             Endpoint::Tcp(s) => s.shutdown(Shutdown::Write),
             Endpoint::Unix(s) => s.shutdown(Shutdown::Write),
+            Endpoint::Tls(s) => s.shutdown(Shutdown::Write),
             Endpoint::File(_) => Ok(()),
         };
     }
@@ -166,6 +172,7 @@ impl Connection {
         match &*self.0 {
             Endpoint::Tcp(s) => s.set_read_timeout(t),
             Endpoint::Unix(s) => s.set_read_timeout(t),
+            Endpoint::Tls(s) => s.sock.set_read_timeout(t),
             Endpoint::File(_) => Ok(()),
         }
     }
@@ -175,6 +182,7 @@ impl Connection {
         match &*self.0 {
             Endpoint::Tcp(s) => s.set_write_timeout(t),
             Endpoint::Unix(s) => s.set_write_timeout(t),
+            Endpoint::Tls(s) => s.sock.set_write_timeout(t),
             Endpoint::File(_) => Ok(()),
         }
     }
@@ -202,6 +210,7 @@ impl Read for Connection {
         match &*self.0 {
             Endpoint::Tcp(s) => (&mut &*s).read(buf),
             Endpoint::Unix(s) => (&mut &*s).read(buf),
+            Endpoint::Tls(s) => (&mut &**s).read(buf),
             Endpoint::File(f) => (&mut &*f).read(buf),
         }
     }
@@ -212,6 +221,7 @@ impl Write for Connection {
         match &*self.0 {
             Endpoint::Tcp(s) => (&mut &*s).write(buf),
             Endpoint::Unix(s) => (&mut &*s).write(buf),
+            Endpoint::Tls(s) => (&mut &**s).write(buf),
             Endpoint::File(f) => (&mut &*f).write(buf),
         }
     }

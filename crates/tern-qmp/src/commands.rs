@@ -119,6 +119,11 @@ pub enum Command {
         #[serde(default)]
         id: Option<String>,
     },
+    /// Makes an object (QEMU's; tern knows `tls-creds-x509`): the arguments as given.
+    #[serde(rename = "object-add")]
+    ObjectAdd(Map<String, Value>),
+    #[serde(rename = "object-del")]
+    ObjectDel { id: String },
     /// Each NIC's counters (frames, bytes, drops, announces).
     #[serde(rename = "x-tern-query-nics")]
     XTernQueryNics {},
@@ -153,6 +158,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "pmemsave",
     "announce-self",
     "x-tern-query-nics",
+    "object-add",
+    "object-del",
     "getfd",
     "closefd",
 ];
@@ -211,6 +218,8 @@ impl Command {
             Command::QueryDirtyRate { .. } => "query-dirty-rate",
             Command::Pmemsave { .. } => "pmemsave",
             Command::AnnounceSelf { .. } => "announce-self",
+            Command::ObjectAdd(_) => "object-add",
+            Command::ObjectDel { .. } => "object-del",
             Command::XTernQueryNics {} => "x-tern-query-nics",
             Command::XTernWriteGuestMemory { .. } => "x-tern-write-guest-memory",
         }

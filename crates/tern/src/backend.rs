@@ -256,6 +256,15 @@ impl Backend for RunBackend {
                 vm.announce(params, which);
                 Ok(json!({}))
             }
+            Command::ObjectAdd(args) => {
+                let creds = crate::objects::tls_creds(&args).map_err(generic)?;
+                self.app.mig.add_tls_creds(creds).map_err(generic)?;
+                Ok(json!({}))
+            }
+            Command::ObjectDel { id } => {
+                self.app.mig.del_object(&id).map_err(generic)?;
+                Ok(json!({}))
+            }
             Command::XTernQueryNics {} => {
                 let vm = self.vm()?;
                 Ok(serde_json::to_value(vm.nics()).unwrap_or_default())

@@ -392,6 +392,7 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
         on_demand: args.on_demand,
         disks: args.disks,
         nets: args.nets,
+        objects: vec![],
         paused: false,
     })
 }

@@ -216,6 +216,8 @@ impl App {
     /// `migrate-incoming`), decided under the migration manager's lock.
     pub(crate) fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
         let uri = Uri::parse(uri).map_err(|e| e.to_string())?;
+        self.mig
+            .check_tls(tern_migrate::transport::tls::TlsEndpoint::Server)?;
         let mut listener = None;
         let ctl = self.mig.begin(
             || {
@@ -313,6 +315,8 @@ impl App {
             .get()
             .cloned()
             .ok_or("The VM is not there yet: an incoming migration is pending")?;
+        self.mig
+            .check_tls(tern_migrate::transport::tls::TlsEndpoint::Client)?;
         let mut fd = None;
         let ctl = self.mig.begin(
             || {

@@ -16,6 +16,7 @@ mod demo;
 mod drive;
 mod hmp;
 mod machine;
+mod objects;
 mod report;
 mod run;
 mod size;

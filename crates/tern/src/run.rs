@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// each on its own TAP).
     #[arg(long = "net", value_name = "tap=NAME,...")]
     pub nets: Vec<String>,
+    /// An object, as QEMU's -object: tls-creds-x509,id=ID,dir=DIR,endpoint=server|client
+    /// [,verify-peer=on|off] (then migrate-set-parameters tls-creds=ID; repeatable).
+    #[arg(long = "object", value_name = "TYPE,id=ID,...")]
+    pub objects: Vec<String>,
     #[command(flatten)]
     pub consoles: Consoles,
     /// Do not start the guest (QEMU's -S): it waits, paused, for QMP `cont`; with --incoming,
@@ -334,6 +338,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             autostart: !args.paused,
         },
     );
+    for spec in &args.objects {
+        let creds = crate::objects::parse_cli(spec)
+            .and_then(|m| crate::objects::tls_creds(&m))
+            .map_err(|e| anyhow::anyhow!("--object {spec}: {e}"))?;
+        app.mig
+            .add_tls_creds(creds)
+            .map_err(|e| anyhow::anyhow!("--object {spec}: {e}"))?;
+    }
 
     // The monitor sockets first: a path another tern serves is refused before anything starts.
     // (Clients that connect now get their greeting once the sockets are served, below.)

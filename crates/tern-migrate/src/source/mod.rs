@@ -227,7 +227,7 @@ fn outgoing(
             "multifd needs a tcp: or unix: URI (the target accepts several connections), not {uri}"
         )));
     }
-    let channel = Channel::connect(uri, fd)?;
+    let channel = open(uri, fd, ctl)?;
     // (A cancel that came while connecting applies now.)
     ctl.set_conn(channel.canceller());
     // Each connection says hello as soon as it is open, the main one first: the target reads the
@@ -255,6 +255,25 @@ fn outgoing(
     }
     ctl.clear_conn();
     result
+}
+
+/// Connects to `uri`, and with `tls-creds` secures the connection (the handshake, the target's
+/// acceptance) before a byte of the stream goes out.
+pub(super) fn open(uri: &Uri, fd: Option<OwnedFd>, ctl: &MigrationControl) -> Result<Channel> {
+    if ctl.tls().is_some() && matches!(uri, Uri::File(_) | Uri::Exec(_)) {
+        return Err(MigrateError::Vm(format!(
+            "TLS needs a socket (tcp:, unix:, or an fd: that is one), not {uri}"
+        )));
+    }
+    let mut ch = Channel::connect(uri, fd)?;
+    if let Some(tls) = ctl.tls() {
+        let host = match uri {
+            Uri::Tcp(h, _) => Some(h.as_str()),
+            _ => None,
+        };
+        ch.conn = ch.conn.tls_client(&tls, host)?;
+    }
+    Ok(ch)
 }
 
 /// Says the main channel's hello and, with the `multifd` capability, connects and greets
@@ -286,14 +305,14 @@ fn data_channels(
     let data = (0..n)
         .map(|i| {
             ctl.check_cancel()?;
-            let c = Channel::connect(uri, None)?.conn;
+            let c = open(uri, None, ctl)?.conn;
             hello(&c, session, ChannelRole::Data, i, all)?;
             Ok(c)
         })
         .collect::<Result<Vec<_>>>()?;
     let urgent = if urgent {
         ctl.check_cancel()?;
-        let c = Channel::connect(uri, None)?.conn;
+        let c = open(uri, None, ctl)?.conn;
         hello(&c, session, ChannelRole::PostcopyUrgent, 0, all)?;
         Some(c)
     } else {

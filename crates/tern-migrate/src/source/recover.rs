@@ -201,7 +201,7 @@ fn reconnect(
             "postcopy recovery needs a tcp: or unix: URI, not {uri}"
         )));
     }
-    let Channel { conn, end } = Channel::connect(uri, None)?;
+    let Channel { conn, end } = super::open(uri, None, ctl)?;
     end.detach();
     ctl.set_conn(Canceller::Socket(conn.clone()));
     link.conn = Some(conn.clone());

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use tern_wire::{record_type, ChannelHello, ChannelRole, RecordReader};
 
+use crate::transport::tls::TlsSettings;
 use crate::transport::{Channel, Connection, Listener};
 use crate::{MigrateError, Result};
 
@@ -18,11 +19,29 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) fn accept_source(
     listener: &Listener,
     cancelled: &dyn Fn() -> bool,
+    tls: Option<&TlsSettings>,
 ) -> Result<(Channel, Option<ChannelHello>)> {
     loop {
-        let ch = listener.accept_unless(cancelled)?;
+        let mut ch = listener.accept_unless(cancelled)?;
         if !ch.two_way() {
+            if tls.is_some() {
+                return Err(MigrateError::Vm(
+                    "TLS needs a socket: tcp:, unix:, or an fd: that is a socket".into(),
+                ));
+            }
             return Ok((ch, None));
+        }
+        if let Some(tls) = tls {
+            // A peer without a certificate our CA signed gets no further (it is told why, in
+            // the TLS alert); the listener keeps waiting for the real source.
+            match ch.conn.tls_server(tls) {
+                Ok(c) => ch.conn = c,
+                Err(e) if listener.reusable() => {
+                    tracing::warn!("refused a connection: {e}; still waiting");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
         ch.conn
             .set_read_timeout(Some(HELLO_TIMEOUT))
@@ -82,6 +101,7 @@ pub(super) fn accept_data(
     listener: &Listener,
     main: &ChannelHello,
     cancelled: &dyn Fn() -> bool,
+    tls: Option<&TlsSettings>,
 ) -> Result<(Vec<Connection>, Option<Connection>)> {
     let n = usize::from(main.channels - 1);
     let mut slots: Vec<Option<Connection>> = vec![None; n];
@@ -99,6 +119,16 @@ pub(super) fn accept_data(
             }
             other => other?,
         };
+        let mut ch = ch;
+        if let Some(tls) = tls {
+            match ch.conn.tls_server(tls) {
+                Ok(c) => ch.conn = c,
+                Err(e) => {
+                    tracing::warn!("refused a connection: {e}; still waiting for data channels");
+                    continue;
+                }
+            }
+        }
         ch.conn
             .set_read_timeout(Some(HELLO_TIMEOUT))
             .map_err(MigrateError::io("setting the hello timeout"))?;

@@ -66,9 +66,11 @@ pub fn run_incoming(
     ctl: &MigrationControl,
 ) -> Result<IncomingOutcome> {
     let cancelled = || ctl.is_cancelled();
-    let accepted = accept::accept_source(listener, &cancelled).and_then(|(ch, hello)| {
+    let tls = ctl.tls();
+    let tls = tls.as_deref();
+    let accepted = accept::accept_source(listener, &cancelled, tls).and_then(|(ch, hello)| {
         let (data, urgent) = match &hello {
-            Some(h) if h.channels > 1 => accept::accept_data(listener, h, &cancelled)?,
+            Some(h) if h.channels > 1 => accept::accept_data(listener, h, &cancelled, tls)?,
             _ => (Vec::new(), None),
         };
         Ok((ch, data, urgent, hello.map(|h| h.session)))

@@ -174,11 +174,15 @@ fn reconnect(
     };
     let (conn, r) = loop {
         // `migrate-pause` stops the wait.
-        let (Channel { conn, end }, hello) =
-            accept::accept_source(&listener, &|| ctl.pause_asked()).map_err(|e| match e {
-                MigrateError::Cancelled => MigrateError::Vm("migrate-pause while waiting".into()),
-                e => e,
-            })?;
+        let (Channel { conn, end }, hello) = accept::accept_source(
+            &listener,
+            &|| ctl.pause_asked(),
+            ctl.tls().as_deref(),
+        )
+        .map_err(|e| match e {
+            MigrateError::Cancelled => MigrateError::Vm("migrate-pause while waiting".into()),
+            e => e,
+        })?;
         end.detach();
         match open_resumed(conn.clone(), hello, who) {
             Ok(r) => break (conn, r),
