@@ -72,6 +72,8 @@ pub struct MigrationControl {
     on_running: Mutex<Option<RunningHook>>,
     /// TLS on every connection of this migration (`tls-creds`).
     tls: Mutex<Option<Arc<crate::transport::tls::TlsSettings>>>,
+    /// Descriptors the source passed (a hand-over's memory), until the VM is built.
+    received_fds: Mutex<Vec<std::os::fd::OwnedFd>>,
 }
 
 impl MigrationControl {
@@ -101,6 +103,7 @@ impl MigrationControl {
             bandwidth_limit: Arc::new(AtomicU64::new(params.max_bandwidth)),
             accepted: Arc::new(AtomicU64::new(0)),
             tls: Mutex::new(None),
+            received_fds: Mutex::new(Vec::new()),
             params,
             caps,
             events,
@@ -118,6 +121,16 @@ impl MigrationControl {
     /// Secures every connection of this migration with `tls` (set before it starts).
     pub fn set_tls(&self, tls: Option<Arc<crate::transport::tls::TlsSettings>>) {
         *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = tls;
+    }
+
+    /// Keeps what came over the main connection with the source's hello.
+    pub(crate) fn set_received_fds(&self, fds: Vec<std::os::fd::OwnedFd>) {
+        *self.received_fds.lock().unwrap_or_else(|e| e.into_inner()) = fds;
+    }
+
+    /// The descriptors the source passed with its hello (`mode` `cpr-transfer`: the memory).
+    pub fn take_received_fds(&self) -> Vec<std::os::fd::OwnedFd> {
+        std::mem::take(&mut *self.received_fds.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The migration's TLS, if any.

@@ -39,8 +39,8 @@ pub use control::{CancelRefused, MigrationControl, MigrationEvent};
 pub use error::MigrateError;
 pub use manager::MigrationManager;
 pub use params::{
-    AutoPostcopy, Capabilities, DirtyLogMode, FaultAction, LimitAction, MigrationParams,
-    MultifdCompression, SwitchoverFault, SwitchoverStep,
+    AutoPostcopy, Capabilities, DirtyLogMode, FaultAction, LimitAction, MigrationMode,
+    MigrationParams, MultifdCompression, SwitchoverFault, SwitchoverStep,
 };
 pub use participant::{LoadParticipant, Progress, SaveParticipant};
 pub use ram::{RamLoader, RamSaver};
@@ -121,8 +121,19 @@ pub trait SourceVm: Send + Sync {
     /// Bytes of CPU and device state, for the downtime estimate.
     fn state_size_hint(&self) -> u64;
     /// The migration completed: the guest runs on the target, never again here (devices drop
-    /// what waited for it: a NIC's frames).
+    /// what waited for it: a NIC's frames; a memory handed over is unmapped).
     fn migrated_away(&self) {}
+    /// Called as every outgoing migration starts: with `on`, the guest's memory will be handed
+    /// over (`mode` `cpr-transfer`) — returns the descriptor that holds it, and RAM is then no
+    /// participant of this migration; without, it moves as usual.
+    fn handover_memory(&self, on: bool) -> Result<Option<std::os::fd::OwnedFd>> {
+        match on {
+            false => Ok(None),
+            true => Err(MigrateError::Vm(
+                "this VM cannot hand its memory over".into(),
+            )),
+        }
+    }
     /// Makes the VM's storage durable, the guest stopped (the switch-over, however the guest
     /// came to be stopped); an error fails the migration before anything is committed.
     fn flush_storage(&self) -> Result<()> {

@@ -163,6 +163,28 @@ pub struct MigrationParams {
     pub announce_max_ms: u64,
     pub announce_rounds: u64,
     pub announce_step_ms: u64,
+    /// How the memory moves (`mode`).
+    pub mode: MigrationMode,
+}
+
+/// How the guest's memory moves (QEMU's `mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MigrationMode {
+    /// Copied, page by page.
+    #[default]
+    Normal,
+    /// Handed over: on one host, over a `unix:` socket, the memory's memfd goes to the target
+    /// (SCM_RIGHTS) and only the device state is sent.
+    CprTransfer,
+}
+
+impl MigrationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationMode::Normal => "normal",
+            MigrationMode::CprTransfer => "cpr-transfer",
+        }
+    }
 }
 
 /// `x-tern-auto-postcopy`: when precopy hands over to postcopy by itself (with `postcopy-ram`).
@@ -288,6 +310,7 @@ impl Default for MigrationParams {
             announce_max_ms: 550,
             announce_rounds: 5,
             announce_step_ms: 100,
+            mode: MigrationMode::Normal,
         }
     }
 }
@@ -335,6 +358,7 @@ impl MigrationParams {
             "announce-max": self.announce_max_ms,
             "announce-rounds": self.announce_rounds,
             "announce-step": self.announce_step_ms,
+            "mode": self.mode.as_str(),
         })
     }
 
@@ -392,6 +416,22 @@ impl MigrationParams {
                 "announce-max" => p.announce_max_ms = int_in(k, v, 0, 100_000)?,
                 "announce-rounds" => p.announce_rounds = int_in(k, v, 0, 1000)?,
                 "announce-step" => p.announce_step_ms = int_in(k, v, 1, 10_000)?,
+                "mode" => {
+                    p.mode = match v.as_str() {
+                        Some("normal") => MigrationMode::Normal,
+                        Some("cpr-transfer") => MigrationMode::CprTransfer,
+                        Some(other @ ("cpr-reboot" | "cpr-exec")) => {
+                            return Err(format!(
+                        "Parameter '{k}': {other} is not supported by tern (normal, cpr-transfer)"
+                    ))
+                        }
+                        _ => {
+                            return Err(format!(
+                                "Parameter '{k}' expects 'normal' or 'cpr-transfer'"
+                            ))
+                        }
+                    }
+                }
                 "x-tern-auto-postcopy" => {
                     p.auto_postcopy = match v.as_str() {
                         Some("off") => AutoPostcopy::Off,

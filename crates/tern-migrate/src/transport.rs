@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::{MigrateError, Result};
 
+pub mod fds;
 mod listener;
 pub mod tls;
 pub use listener::Listener;
@@ -102,8 +103,9 @@ pub fn inherited_fd(n: RawFd) -> Result<OwnedFd> {
 #[derive(Debug)]
 enum Endpoint {
     Tcp(TcpStream),
-    /// A unix socket, or any socket passed as a descriptor.
-    Unix(UnixStream),
+    /// A unix socket, or any socket passed as a descriptor, and the descriptors that came over
+    /// it (a local hand-over's memory), until taken.
+    Unix(UnixStream, Mutex<Vec<OwnedFd>>),
     /// A file or a pipe: one-way.
     File(File),
     /// A TLS session over a TCP or unix socket.
@@ -123,7 +125,7 @@ impl Connection {
     }
 
     fn unix(s: UnixStream) -> Connection {
-        Connection(Arc::new(Endpoint::Unix(s)))
+        Connection(Arc::new(Endpoint::Unix(s, Mutex::new(Vec::new()))))
     }
 
     fn file(f: File) -> Connection {
@@ -139,7 +141,7 @@ impl Connection {
     pub fn shutdown(&self) {
         let _ = match &*self.0 {
             Endpoint::Tcp(s) => s.shutdown(Shutdown::Both),
-            Endpoint::Unix(s) => s.shutdown(Shutdown::Both),
+            Endpoint::Unix(s, _) => s.shutdown(Shutdown::Both),
             Endpoint::Tls(s) => s.shutdown(Shutdown::Both),
             Endpoint::File(_) => Ok(()),
         };
@@ -150,7 +152,7 @@ impl Connection {
     pub fn shutdown_read(&self) {
         let _ = match &*self.0 {
             Endpoint::Tcp(s) => s.shutdown(Shutdown::Read),
-            Endpoint::Unix(s) => s.shutdown(Shutdown::Read),
+            Endpoint::Unix(s, _) => s.shutdown(Shutdown::Read),
             Endpoint::Tls(s) => s.shutdown(Shutdown::Read),
             Endpoint::File(_) => Ok(()),
         };
@@ -161,7 +163,7 @@ impl Connection {
     pub fn shutdown_write(&self) {
         let _ = match &*self.0 {
             Endpoint::Tcp(s) => s.shutdown(Shutdown::Write),
-            Endpoint::Unix(s) => s.shutdown(Shutdown::Write),
+            Endpoint::Unix(s, _) => s.shutdown(Shutdown::Write),
             Endpoint::Tls(s) => s.shutdown(Shutdown::Write),
             Endpoint::File(_) => Ok(()),
         };
@@ -171,7 +173,7 @@ impl Connection {
     pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         match &*self.0 {
             Endpoint::Tcp(s) => s.set_read_timeout(t),
-            Endpoint::Unix(s) => s.set_read_timeout(t),
+            Endpoint::Unix(s, _) => s.set_read_timeout(t),
             Endpoint::Tls(s) => s.sock.set_read_timeout(t),
             Endpoint::File(_) => Ok(()),
         }
@@ -181,9 +183,30 @@ impl Connection {
     pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         match &*self.0 {
             Endpoint::Tcp(s) => s.set_write_timeout(t),
-            Endpoint::Unix(s) => s.set_write_timeout(t),
+            Endpoint::Unix(s, _) => s.set_write_timeout(t),
             Endpoint::Tls(s) => s.sock.set_write_timeout(t),
             Endpoint::File(_) => Ok(()),
+        }
+    }
+
+    /// Takes the descriptors that came over this connection so far (a unix socket's).
+    pub fn take_fds(&self) -> Vec<OwnedFd> {
+        match &*self.0 {
+            Endpoint::Unix(_, kept) => {
+                std::mem::take(&mut *kept.lock().unwrap_or_else(|e| e.into_inner()))
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Writes `bytes` with `fds` attached to the first (a unix socket only).
+    pub fn send_with_fds(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        match &*self.0 {
+            Endpoint::Unix(s, _) => fds::send(s, bytes, fds),
+            _ => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "descriptors go only over a unix socket",
+            )),
         }
     }
 
@@ -209,7 +232,8 @@ impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match &*self.0 {
             Endpoint::Tcp(s) => (&mut &*s).read(buf),
-            Endpoint::Unix(s) => (&mut &*s).read(buf),
+            // recvmsg: descriptors sent with the bytes are kept (see `fds`).
+            Endpoint::Unix(s, kept) => fds::recv(s, buf, kept),
             Endpoint::Tls(s) => (&mut &**s).read(buf),
             Endpoint::File(f) => (&mut &*f).read(buf),
         }
@@ -220,7 +244,7 @@ impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match &*self.0 {
             Endpoint::Tcp(s) => (&mut &*s).write(buf),
-            Endpoint::Unix(s) => (&mut &*s).write(buf),
+            Endpoint::Unix(s, _) => (&mut &*s).write(buf),
             Endpoint::Tls(s) => (&mut &**s).write(buf),
             Endpoint::File(f) => (&mut &*f).write(buf),
         }

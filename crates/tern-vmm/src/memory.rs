@@ -118,12 +118,20 @@ impl FromStr for MemoryBackend {
     }
 }
 
+mod handover;
+
 /// Size of the huge pages a `memfd-hugetlb` backend uses.
 const HUGE_PAGE: u64 = 2 << 20;
 
 /// Guest RAM: its backing and mapping.
 pub struct GuestRam {
     backend: MemoryBackend,
+    /// The memory was handed over by another process (`cpr-transfer`), or handed away and
+    /// unmapped here (see `handover`).
+    handover: std::sync::atomic::AtomicU8,
+    /// Readers of guest memory outside the guest (pmemsave) hold it shared; a hand-over's
+    /// release takes it whole, so that no read ever meets the unmapped range.
+    access: std::sync::RwLock<()>,
     /// The memfd, for the memfd backends.
     memfd: Option<File>,
     regions: Vec<RamRegion>,
@@ -202,6 +210,11 @@ impl GuestRam {
                 Some(create_memfd(size, true)?)
             }
         };
+        Self::map(regions, backend, memfd)
+    }
+
+    /// Maps `regions` of `memfd` (anonymous memory without one).
+    fn map(regions: Vec<RamRegion>, backend: MemoryBackend, memfd: Option<File>) -> Result<Self> {
         let ranges: Vec<_> = regions
             .iter()
             .map(|r| {
@@ -224,6 +237,8 @@ impl GuestRam {
             .map_err(|e| Error::Memory(format!("mapping guest RAM: {e}")))?;
         let ram = GuestRam {
             backend,
+            handover: Default::default(),
+            access: Default::default(),
             memfd,
             regions,
             mem: std::sync::Arc::new(mem),

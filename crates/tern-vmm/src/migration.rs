@@ -264,6 +264,19 @@ impl GuestRam for Vm {
     }
 }
 
+impl Vm {
+    /// Memory handed over by the source is the guest's as it runs there: no record of the stream
+    /// may write it (the source could resume on it until the commit).
+    fn not_handed_in(&self) -> Result<()> {
+        if self.ram.handed_in() {
+            return Err(MigrateError::Vm(
+                "the guest's memory was handed over: the stream may not write it".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn flush_checked(d: &crate::Disk) -> Result<()> {
     d.flush_checked().map_err(|e| MigrateError::Io {
         what: format!("flushing disk {}", d.config().path.display()),
@@ -328,6 +341,17 @@ impl SourceVm for Vm {
 
     fn migrated_away(&self) {
         self.retire_devices();
+        // Handed over: the target runs the guest on these very pages; we never touch them again.
+        if self.ram.handing_out() {
+            self.ram.release();
+        }
+    }
+
+    fn handover_memory(&self, on: bool) -> Result<Option<std::os::fd::OwnedFd>> {
+        self.ram
+            .hand_out(on)
+            .map(|f| f.map(std::os::fd::OwnedFd::from))
+            .map_err(|e| MigrateError::Vm(format!("{e:#}")))
     }
 
     fn is_running(&self) -> bool {
@@ -351,7 +375,11 @@ impl SourceVm for Vm {
     }
 
     fn save_participants(self: Arc<Self>) -> Vec<Box<dyn SaveParticipant>> {
-        let mut parts: Vec<Box<dyn SaveParticipant>> = vec![Box::new(RamSaver::new(self.clone()))];
+        let mut parts: Vec<Box<dyn SaveParticipant>> = Vec::new();
+        // Memory handed over (cpr-transfer) is the target's as it is: nothing of it is sent.
+        if !self.ram.handing_out() {
+            parts.push(Box::new(RamSaver::new(self.clone())));
+        }
         let copy = self.copy_disks.load(Ordering::SeqCst);
         for (i, d) in self.disks.iter().enumerate() {
             if copy && crate::migration_block::is_copied(d) {
@@ -402,6 +430,7 @@ impl TargetRam for Vm {
     }
 
     fn write_pages(&self, region: u32, first_page: u64, data: &[u8]) -> Result<()> {
+        self.not_handed_in()?;
         let (_, host) = self.check_range(region, first_page, data.len() as u64)?;
         // SAFETY: checked to lie inside the region's mapping; the target's vCPUs do not run yet.
         unsafe {
@@ -421,6 +450,7 @@ impl TargetRam for Vm {
         count: u64,
         fill: &mut dyn FnMut(&mut [u8]),
     ) -> Result<()> {
+        self.not_handed_in()?;
         let bytes = count
             .checked_mul(PAGE)
             .ok_or_else(|| MigrateError::Vm("page run overflows".into()))?;
@@ -440,6 +470,7 @@ impl TargetRam for Vm {
     }
 
     fn zero_pages(&self, region: u32, first_page: u64, count: u64) -> Result<()> {
+        self.not_handed_in()?;
         let bytes = count
             .checked_mul(PAGE)
             .ok_or_else(|| MigrateError::Vm("zero run overflows".into()))?;
@@ -474,7 +505,11 @@ impl TargetVm for Vm {
     }
 
     fn load_participants(self: Arc<Self>) -> Vec<Box<dyn LoadParticipant>> {
-        let mut parts: Vec<Box<dyn LoadParticipant>> = vec![Box::new(RamLoader::new(self.clone()))];
+        let mut parts: Vec<Box<dyn LoadParticipant>> = Vec::new();
+        // Memory handed over by the source holds the guest already: nothing to load.
+        if !self.ram.handed_in() {
+            parts.push(Box::new(RamLoader::new(self.clone())));
+        }
         for (i, d) in self.disks.iter().enumerate() {
             if crate::migration_block::is_copied(d) {
                 parts.push(Box::new(crate::migration_block::BlockLoader::new(

@@ -180,6 +180,9 @@ pub struct MachineConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, after the disks (a target's must match the source's).
     pub nets: Vec<NetConfig>,
+    /// Guest RAM handed over by another process (`cpr-transfer`): map this memfd instead of
+    /// allocating.
+    pub memory_fd: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Vm {
@@ -202,6 +205,7 @@ impl Vm {
             kvm_path: cfg.kvm_path.clone(),
             disks: cfg.disks.clone(),
             nets: cfg.nets.clone(),
+            memory_fd: None,
         })?;
         vm.boot(&cfg.kernel, &cfg.cmdline, cfg.initrd.as_deref())?;
         Ok(vm)
@@ -262,7 +266,16 @@ impl Vm {
             }
         }
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let ram = GuestRam::with_backend(cfg.memory, cfg.memory_backend)?;
+        let ram = match &cfg.memory_fd {
+            Some(fd) => GuestRam::from_memfd(
+                cfg.memory,
+                std::fs::File::from(fd.try_clone().map_err(|e| Error::Io {
+                    what: "dup of the memory handed over".into(),
+                    source: e,
+                })?),
+            )?,
+            None => GuestRam::with_backend(cfg.memory, cfg.memory_backend)?,
+        };
         set_memory_slots(&vm_fd, &ram, 0)?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)

@@ -23,6 +23,9 @@ pub fn record_size(len: usize) -> usize {
 
 /// Header flag: the file has the mapped layout (`docs/stream-format.md`, *Mapped layout*).
 pub const FLAG_MAPPED: u32 = 1;
+/// Header flag: the guest's memory is handed over, not in the stream (`cpr-transfer`). A reader
+/// that does not know it must refuse the stream (it would run a guest without its memory).
+pub const FLAG_HANDOVER: u32 = 2;
 
 /// Encodes the stream header.
 pub(crate) fn encode_header(flags: u32) -> [u8; HEADER_LEN] {
@@ -58,8 +61,9 @@ pub(crate) fn decode_header(h: &[u8; HEADER_LEN]) -> Result<u32, ErrorKind> {
         return Err(ErrorKind::HeaderChecksum { stored, computed });
     }
     let flags = u32_at(h, 12);
-    if flags & 0xffff & !FLAG_MAPPED != 0 {
-        return Err(ErrorKind::UnknownFlags(flags & 0xffff & !FLAG_MAPPED));
+    let known = FLAG_MAPPED | FLAG_HANDOVER;
+    if flags & 0xffff & !known != 0 {
+        return Err(ErrorKind::UnknownFlags(flags & 0xffff & !known));
     }
     let page = u32_at(h, 16);
     if page as usize != PAGE_SIZE {
@@ -538,7 +542,14 @@ mod tests {
             decode_header(&encode_header(FLAG_MAPPED)).unwrap(),
             FLAG_MAPPED
         );
-        assert!(decode_header(&encode_header(2)).is_err());
+        assert_eq!(
+            decode_header(&encode_header(FLAG_HANDOVER)).unwrap(),
+            FLAG_HANDOVER
+        );
+        assert!(matches!(
+            decode_header(&encode_header(4)),
+            Err(ErrorKind::UnknownFlags(4))
+        ));
         let mut bad = h;
         bad[0] = b'X';
         assert!(matches!(decode_header(&bad), Err(ErrorKind::BadMagic)));

@@ -28,7 +28,9 @@ pub use control::{
 pub use crc32c::crc32c;
 pub use desc::{FieldDesc, RamRegionDesc, SectionDesc, SubsectionDesc, VmDescription};
 pub use error::{ErrorKind, StateError, WireError};
-pub use frame::{record_size, PagePlacer, RawRecord, RecordReader, RecordWriter, FLAG_MAPPED};
+pub use frame::{
+    record_size, PagePlacer, RawRecord, RecordReader, RecordWriter, FLAG_HANDOVER, FLAG_MAPPED,
+};
 pub use mapped_file::{write_mapped, MappedFile, STATE_RESERVE};
 pub use postcopy::{PostcopyCommand, MAX_DISCARD_RANGES};
 pub use ram::{

@@ -29,6 +29,17 @@ impl<W: Write> StreamWriter<W> {
         })
     }
 
+    /// Starts a stream whose guest memory is handed over, not sent (header flag HANDOVER: a
+    /// reader that does not know it refuses the stream).
+    pub fn new_handover(w: W) -> Result<Self, WireError> {
+        let mut w = RecordWriter::new(w);
+        w.write_stream_header(crate::FLAG_HANDOVER)?;
+        Ok(StreamWriter {
+            w,
+            totals: Totals::default(),
+        })
+    }
+
     /// Starts a mapped-layout file's records (header flag MAPPED).
     pub fn new_mapped(w: W) -> Result<Self, WireError> {
         let mut w = RecordWriter::new(w);

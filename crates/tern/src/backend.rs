@@ -122,6 +122,11 @@ impl RunBackend {
     /// hand the guest to a target) between the checks and the resume.
     fn cont(&self) -> Result<Value, QmpError> {
         let vm = self.vm()?;
+        if vm.ram().released() {
+            return Err(QmpError::generic(
+                "The guest's memory was handed to the target at the commit (cpr-transfer): the guest cannot run here any more",
+            ));
+        }
         let resumed = self
             .app
             .mig

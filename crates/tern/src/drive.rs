@@ -42,6 +42,11 @@ pub struct MigrateArgs {
     /// Write the migration's timeline (every round, the downtime split) as JSON to FILE.
     #[arg(long)]
     pub timeline: Option<PathBuf>,
+    /// `normal` (the memory is copied) or `cpr-transfer` (QEMU's: to a tern on this host over a
+    /// unix: socket, the memory is handed over, not copied; then the old tern exits: a live
+    /// upgrade of tern under a running guest).
+    #[arg(long, default_value = "normal", value_parser = ["normal", "cpr-transfer"])]
+    pub mode: String,
 }
 
 #[derive(Args, Debug)]
@@ -244,6 +249,10 @@ pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
         let abs = std::path::absolute(t).context("--timeline")?;
         params.insert("x-tern-timeline".into(), json!(abs.display().to_string()));
     }
+    // Only when asked: an older tern (the one a live upgrade replaces) may not know `mode`.
+    if args.mode != "normal" {
+        params.insert("mode".into(), json!(args.mode));
+    }
     if !params.is_empty() {
         qmp.execute("migrate-set-parameters", Value::Object(params))
             .context("setting the migration parameters")?;
@@ -262,7 +271,14 @@ pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
     qmp.execute("migrate", json!({"uri": args.uri}))
         .context("starting the migration")?;
     let outcome = follow(&mut qmp, "migrate")?;
+    let handed_over = args.mode == "cpr-transfer" && matches!(outcome, Outcome::Completed(_));
     let code = exit_for(outcome, "migration");
+    if handed_over {
+        // The guest runs in the new tern on the same memory; the old one has nothing left.
+        qmp.execute("quit", json!({}))
+            .context("asking the old tern to exit")?;
+        say!("the old tern exits: the guest runs in the new one");
+    }
     if let Some(t) = &args.timeline {
         say!("timeline: {}", t.display());
     }

@@ -400,7 +400,15 @@ fn set_parameter(backend: &RunBackend, name: &str, value: &str) -> Result<String
             "off" => json!(false),
             other => return Err(format!("'{other}' is not a state: use on or off")),
         },
-        "x-tern-limit-action" | "x-tern-timeline" | "multifd-compression" => json!(value),
+        "x-tern-limit-action"
+        | "x-tern-timeline"
+        | "multifd-compression"
+        | "mode"
+        | "tls-creds"
+        | "tls-hostname"
+        | "tls-authz"
+        | "x-tern-auto-postcopy"
+        | "x-tern-dirty-log" => json!(value),
         _ => json!(value
             .parse::<u64>()
             .map_err(|_| format!("'{value}' is not a number for {name}"))?),

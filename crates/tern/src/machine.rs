@@ -53,6 +53,9 @@ pub(crate) struct App {
     quit_reason: Mutex<&'static str>,
     /// The incoming migration reads a saved file (a restore), not a live source.
     incoming_from_file: AtomicBool,
+    /// What this host offers, asked of KVM while the target waits (a throw-away VM: some
+    /// milliseconds that would otherwise fall inside the migration).
+    host: Mutex<Option<HostInfo>>,
 }
 
 /// The target's machine options, if given (the stream must match them).
@@ -118,6 +121,7 @@ impl App {
             quitting: AtomicBool::new(false),
             quit_reason: Mutex::new("host-qmp-quit"),
             incoming_from_file: AtomicBool::new(false),
+            host: Mutex::new(None),
         })
     }
 
@@ -218,6 +222,9 @@ impl App {
         let uri = Uri::parse(uri).map_err(|e| e.to_string())?;
         self.mig
             .check_tls(tern_migrate::transport::tls::TlsEndpoint::Server)?;
+        if let Ok(h) = HostInfo::probe(&self.machine.kvm_path) {
+            *self.host.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        }
         let mut listener = None;
         let ctl = self.mig.begin(
             || {
@@ -274,13 +281,15 @@ impl App {
                         .and_then(|f| {
                             tern_migrate::restore_mapped(
                                 f,
-                                app.factory(),
+                                app.factory(None),
                                 &ctl,
                                 app.machine.on_demand,
                             )
                         })
                         .map(|_| ()),
-                    None => run_incoming(&listener, app.factory(), &ctl).map(|_| ()),
+                    None => {
+                        run_incoming(&listener, app.factory(Some(ctl.clone())), &ctl).map(|_| ())
+                    }
                 };
                 app.mig.finish(&ctl, || match result {
                     Ok(()) => {
@@ -383,12 +392,40 @@ impl App {
 
     /// Builds the target VM from the stream's description, checked against our options and this
     /// host first (every mismatch named), before anything is allocated.
-    fn factory(self: &Arc<Self>) -> tern_migrate::TargetFactory<'static> {
+    fn factory(
+        self: &Arc<Self>,
+        ctl: Option<Arc<tern_migrate::MigrationControl>>,
+    ) -> tern_migrate::TargetFactory<'static> {
         let app = self.clone();
         Box::new(move |desc| {
+            // A hand-over (cpr-transfer): the guest's memory came with the source's hello.
+            let memory_fd = match desc.machine.get("x-tern-handover") {
+                Some(serde_json::Value::Bool(true)) => {
+                    let fd = ctl
+                        .as_ref()
+                        .and_then(|c| c.take_received_fds().into_iter().next())
+                        .ok_or_else(|| {
+                            MigrateError::Vm(
+                                "the source hands its memory over (cpr-transfer), but no \
+                                 descriptor came with it (it needs a unix: socket on this host)"
+                                    .into(),
+                            )
+                        })?;
+                    Some(Arc::new(fd))
+                }
+                _ => None,
+            };
             let m =
                 MachineDescription::from_stream(&desc.machine).map_err(MigrateError::Mismatch)?;
-            let host = HostInfo::probe(&app.machine.kvm_path).map_err(MigrateError::Vm)?;
+            let cached = app.host.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let mut host = match cached {
+                Some(h) => h,
+                None => HostInfo::probe(&app.machine.kvm_path).map_err(MigrateError::Vm)?,
+            };
+            if memory_fd.is_some() {
+                // The memory handed over exists already: it takes nothing more of the host's.
+                host.available = None;
+            }
             let disks = app
                 .machine
                 .disks
@@ -441,6 +478,7 @@ impl App {
                 kvm_path: app.machine.kvm_path.clone(),
                 disks: app.machine.disks.clone(),
                 nets,
+                memory_fd,
             })
             .map_err(|e| MigrateError::Vm(format!("{e:#}")))?;
             drop(passed);
@@ -480,6 +518,10 @@ pub(crate) fn pmemsave(
 ) -> Result<(), String> {
     use std::io::Write;
     use vm_memory::{Bytes, GuestAddress};
+    let _access = vm
+        .ram()
+        .read_access()
+        .ok_or("The guest's memory was handed to another process (cpr-transfer)")?;
     let end = addr
         .checked_add(size)
         .ok_or_else(|| format!("Invalid parameter 'size': {addr:#x} + {size:#x} overflows"))?;

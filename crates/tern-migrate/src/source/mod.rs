@@ -154,8 +154,12 @@ pub fn run_outgoing(
                 }
             });
     // After a migration into a file or a command the guest may continue here (`cont`): keep
-    // what waits for it.
-    if result.is_ok() && !matches!(uri, Uri::File(_) | Uri::Exec(_)) {
+    // what waits for it. Memory handed over is the target's from the commit, even when the end
+    // is in doubt: nothing may run on it here again.
+    let handed = ctl.params.mode == crate::MigrationMode::CprTransfer && ctl.is_committed();
+    let away = result.is_ok() && !matches!(uri, Uri::File(_) | Uri::Exec(_));
+    if handed && !away {
+        // In doubt: before anyone may `cont` (the final status allows it).
         vm2.migrated_away();
     }
     let status = match &result {
@@ -197,6 +201,12 @@ pub fn run_outgoing(
         s.throttle_percent = 0;
     }
     ctl.finalize(status);
+    // Completed: the source is in postmigrate (nothing runs the guest here again), so the
+    // cleanup — unmapping memory handed over costs milliseconds per GiB the guest touched —
+    // need not delay the migration's end.
+    if away {
+        vm2.migrated_away();
+    }
     result
 }
 
@@ -227,13 +237,30 @@ fn outgoing(
             "multifd needs a tcp: or unix: URI (the target accepts several connections), not {uri}"
         )));
     }
+    let handover = ctl.params.mode == crate::MigrationMode::CprTransfer;
+    if handover {
+        let refuse = |why: String| Err(MigrateError::Vm(format!("mode cpr-transfer: {why}")));
+        if !matches!(uri, Uri::Unix(_)) {
+            return refuse(format!(
+                "the memory is handed over a unix: socket to a target on this host, not {uri}"
+            ));
+        }
+        if ctl.caps().postcopy_ram {
+            return refuse("no memory moves, so postcopy-ram does not apply".into());
+        }
+        if ctl.tls().is_some() {
+            return refuse("a hand-over stays on this host: tls-creds does not apply".into());
+        }
+    }
+    // Every migration says whether it hands the memory over (a failed hand-over's mark goes).
+    let memfd = vm.handover_memory(handover)?;
     let channel = open(uri, fd, ctl)?;
     // (A cancel that came while connecting applies now.)
     ctl.set_conn(channel.canceller());
     // Each connection says hello as soon as it is open, the main one first: the target reads the
     // main hello before it accepts the data channels.
     let session = session_id();
-    let (data, urgent) = match data_channels(&channel.conn, uri, session, ctl) {
+    let (data, urgent) = match data_channels(&channel.conn, uri, session, ctl, memfd) {
         Ok(d) => d,
         Err(e) => {
             ctl.shut_channel();
@@ -285,6 +312,7 @@ fn data_channels(
     uri: &Uri,
     session: [u8; 16],
     ctl: &MigrationControl,
+    memfd: Option<OwnedFd>,
 ) -> Result<(Vec<Connection>, Option<Connection>)> {
     let n = if ctl.caps().multifd {
         u16::from(ctl.params.multifd_channels)
@@ -299,7 +327,19 @@ fn data_channels(
         )));
     }
     let all = 1 + n + u16::from(urgent);
-    if main.two_way() {
+    if let Some(fd) = memfd {
+        // The memory's descriptor goes with the hello's bytes (SCM_RIGHTS).
+        let mut bytes = Vec::new();
+        let h = ChannelHello {
+            session,
+            role: ChannelRole::Main,
+            index: 0,
+            channels: all,
+        };
+        RecordWriter::new(&mut bytes).write(record_type::CHANNEL_HELLO, 0, &h.encode())?;
+        main.send_with_fds(&bytes, &[std::os::fd::AsRawFd::as_raw_fd(&fd)])
+            .map_err(MigrateError::io("handing the memory over"))?;
+    } else if main.two_way() {
         hello(main, session, ChannelRole::Main, 0, all)?;
     }
     let data = (0..n)
@@ -346,7 +386,11 @@ fn transfer(
         256 << 10,
         RateLimited::new(conn, ctl.bandwidth_limit.clone(), ctl.accepted_counter()),
     ));
-    let out = StreamWriter::new(writer)?;
+    let out = if ctl.params.mode == crate::MigrationMode::CprTransfer {
+        StreamWriter::new_handover(writer)?
+    } else {
+        StreamWriter::new(writer)?
+    };
     // Nothing below returns early until the teardown, which ends this thread.
     let ret = match &two_way {
         Some(c) => Some(ReturnPath::start(c.clone())?),

@@ -60,7 +60,11 @@ pub(super) fn setup(
     started: Instant,
 ) -> Result<()> {
     let vm = &session.vm;
-    let desc = describe(&**vm);
+    let mut desc = describe(&**vm);
+    if ctl.params.mode == crate::MigrationMode::CprTransfer {
+        // The target maps the memory it was handed (the descriptor came with the hello).
+        desc.machine["x-tern-handover"] = json!(true);
+    }
     let out = &mut link.out;
     out.source_info(&json!({
         "tern": env!("CARGO_PKG_VERSION"),
@@ -248,7 +252,9 @@ pub(super) fn rounds(
             expected,
             "precopy round done"
         );
-        if convergence::converged(&m, limit_ms) {
+        // Nothing iterates (memory handed over, no copied disk): nothing to wait for, whatever
+        // the downtime limit.
+        if convergence::converged(&m, limit_ms) || session.parts.is_empty() {
             ctl.stats().stop_reason = Some("converged");
             return Ok(round);
         }

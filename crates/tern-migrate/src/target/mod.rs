@@ -91,6 +91,8 @@ pub fn run_incoming(
         };
     }
     ctl.set_status(MigrationStatus::Active);
+    // A hand-over's memory came with the hello; the VM factory takes it.
+    ctl.set_received_fds(channel.conn.take_fds());
     let Channel { conn, end } = channel;
     let two_way = conn.two_way();
     if two_way {

@@ -515,7 +515,7 @@ impl Connection {
             .map_err(|_| MigrateError::Vm("TLS: the connection is already shared".into()))?;
         let sock = match ep {
             Endpoint::Tcp(s) => Sock::Tcp(s),
-            Endpoint::Unix(s) => Sock::Unix(s),
+            Endpoint::Unix(s, _) => Sock::Unix(s),
             Endpoint::File(_) => {
                 return Err(MigrateError::Vm(
                     "TLS needs a socket: tcp:, unix:, or an fd: that is a socket".into(),

@@ -387,6 +387,7 @@ mod tests {
             kvm_path: "/dev/kvm".into(),
             disks: vec![],
             nets: vec![],
+            memory_fd: None,
         }
     }
 
