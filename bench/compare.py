@@ -43,15 +43,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _ticks(stat):
+    """(user, system) clock ticks of a /proc stat line."""
     f = stat[stat.rindex(")") + 2:].split()
-    return int(f[11]) + int(f[12])
+    return int(f[11]), int(f[12])
 
 
-def cpu_seconds(pid):
-    """CPU time of a VMM process except its vCPU threads (the guest's own work): what the
-    migration costs the host. The process's total counts threads that have exited too."""
+def cpu_split(pid):
+    """(user, system) CPU seconds of a VMM process except its vCPU threads (the guest's own
+    work): what the migration costs the host. The process's totals count threads that have
+    exited too."""
     try:
-        total = _ticks(open("/proc/%d/stat" % pid).read())
+        u, s = _ticks(open("/proc/%d/stat" % pid).read())
         for t in os.listdir("/proc/%d/task" % pid):
             try:
                 stat = open("/proc/%d/task/%s/stat" % (pid, t)).read()
@@ -59,10 +61,16 @@ def cpu_seconds(pid):
                 continue
             comm = stat[stat.index("(") + 1:stat.rindex(")")]
             if (comm.startswith("vcpu") and comm[4:].isdigit()) or (comm.startswith("CPU ") and comm.endswith("/KVM")):
-                total -= _ticks(stat)
+                tu, ts = _ticks(stat)
+                u, s = u - tu, s - ts
     except OSError:
-        return 0
-    return total / CLK_TCK
+        return 0, 0
+    return u / CLK_TCK, s / CLK_TCK
+
+
+def cpu_seconds(pid):
+    """[`cpu_split`] summed."""
+    return sum(cpu_split(pid))
 
 
 def free_port():

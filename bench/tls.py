@@ -64,7 +64,7 @@ target output in --out/logs. Exit status 1 if any run did not complete.
 import argparse, json, mmap, os, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import CLK_TCK, Proc, Qmp, TERN, ROOT, free_port, cpu_seconds, hb, med, spread  # noqa: E402
+from compare import Proc, Qmp, TERN, ROOT, free_port, cpu_seconds, cpu_split, hb, med, spread  # noqa: E402
 
 GUEST = "tern.wss=1024 tern.rate=0 tern.check=0 tern.hb=100"
 MEM = "2G"
@@ -83,25 +83,9 @@ WARM = 3 << 30  # the target's RAM (2 GiB) and a margin
 
 
 def user_sys(pid):
-    """(user, system) CPU seconds of a process but its vCPU threads: compare.cpu_seconds split in
-    two (crypto is user time; zeroing fresh memory and the socket copies are system time)."""
-    def two(stat):
-        f = stat[stat.rindex(")") + 2:].split()
-        return int(f[11]), int(f[12])
-    try:
-        u, s = two(open("/proc/%d/stat" % pid).read())
-        for t in os.listdir("/proc/%d/task" % pid):
-            try:
-                stat = open("/proc/%d/task/%s/stat" % (pid, t)).read()
-            except OSError:
-                continue
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-            if comm.startswith("vcpu") and comm[4:].isdigit():
-                tu, ts = two(stat)
-                u, s = u - tu, s - ts
-    except OSError:
-        return 0, 0
-    return u / CLK_TCK, s / CLK_TCK
+    """(user, system) CPU seconds of a process but its vCPU threads (crypto is user time;
+    zeroing fresh memory and the socket copies are system time)."""
+    return cpu_split(pid)
 
 
 def warm_host_memory(n):

@@ -16,10 +16,10 @@ use core::ptr::write_volatile;
 use core::sync::atomic::{fence, Ordering};
 
 use crate::mmio::{
-    self, Regs, ACKNOWLEDGE, CONFIG, CONFIG_GENERATION, DEVICE_FEATURES, DEVICE_FEATURES_SEL,
-    DRIVER, DRIVER_FEATURES, DRIVER_FEATURES_SEL, DRIVER_OK, FAILED, FEATURES_OK, ID_BLOCK,
-    NEEDS_RESET, QUEUE_DESC, QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_NOTIFY, QUEUE_NUM, QUEUE_NUM_MAX,
-    QUEUE_READY, QUEUE_SEL, STATUS,
+    self, Regs, ACKNOWLEDGE, CONFIG, CONFIG_GENERATION, DEVICE_FEATURES, DRIVER, DRIVER_FEATURES,
+    DRIVER_FEATURES_SEL, DRIVER_OK, FAILED, FEATURES_OK, ID_BLOCK, NEEDS_RESET, QUEUE_DESC,
+    QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_NOTIFY, QUEUE_NUM, QUEUE_NUM_MAX, QUEUE_READY, QUEUE_SEL,
+    STATUS,
 };
 use crate::setup::carve;
 use crate::{Bad, Line, Range, Rng, PAGE};
@@ -58,17 +58,9 @@ fn give_up(r: Regs, why: core::fmt::Arguments) -> Option<Disk> {
 }
 
 fn init(r: Regs, rate_mib: u64, ram: &mut [Range]) -> Option<Disk> {
-    r.write(STATUS, 0);
-    if !(0..1000).any(|_| r.read(STATUS) == 0) {
-        return give_up(r, format_args!("device reset did not complete"));
+    if let Err(why) = crate::mmio::start(r) {
+        return give_up(r, format_args!("{why}"));
     }
-    r.write(STATUS, ACKNOWLEDGE);
-    r.write(STATUS, ACKNOWLEDGE | DRIVER);
-    r.write(DEVICE_FEATURES_SEL, 1);
-    if r.read(DEVICE_FEATURES) & 1 == 0 {
-        return give_up(r, format_args!("device lacks VIRTIO_F_VERSION_1"));
-    }
-    r.write(DEVICE_FEATURES_SEL, 0);
     if r.read(DEVICE_FEATURES) & VIRTIO_BLK_F_RO != 0 && rate_mib > 0 {
         return give_up(
             r,

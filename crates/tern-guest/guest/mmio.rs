@@ -126,6 +126,23 @@ fn parse_dev(s: &[u8]) -> Option<(u64, u64)> {
     (rest.is_empty() && size > 0).then_some((size, addr))
 }
 
+/// The start every driver makes (virtio 1.x, 3.1.1): reset, ACKNOWLEDGE, DRIVER, and the
+/// device must offer VIRTIO_F_VERSION_1 (feature bit 32); feature word 0 is selected after.
+pub fn start(r: Regs) -> Result<(), &'static str> {
+    r.write(STATUS, 0);
+    if !(0..1000).any(|_| r.read(STATUS) == 0) {
+        return Err("device reset did not complete");
+    }
+    r.write(STATUS, ACKNOWLEDGE);
+    r.write(STATUS, ACKNOWLEDGE | DRIVER);
+    r.write(DEVICE_FEATURES_SEL, 1);
+    if r.read(DEVICE_FEATURES) & 1 == 0 {
+        return Err("device lacks VIRTIO_F_VERSION_1");
+    }
+    r.write(DEVICE_FEATURES_SEL, 0);
+    Ok(())
+}
+
 /// A device's register window, checked by `window_ok` (only `first_of` makes one).
 #[derive(Clone, Copy)]
 pub struct Regs(u64);
@@ -152,7 +169,7 @@ impl Regs {
 }
 
 fn window_ok(addr: u64, size: u64, ram: &[Range]) -> Result<(), &'static str> {
-    if addr % 4 != 0 {
+    if !addr.is_multiple_of(4) {
         return Err("is not 4-byte aligned");
     }
     if size < CONFIG + 8 {

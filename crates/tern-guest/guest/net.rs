@@ -23,14 +23,11 @@ use smoltcp::iface::{
 };
 use smoltcp::socket::tcp::{Socket, SocketBuffer};
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{
-    EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address, Ipv4Cidr,
-};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
 use crate::mmio::{
-    self, Regs, ACKNOWLEDGE, CONFIG, CONFIG_GENERATION, DEVICE_FEATURES, DEVICE_FEATURES_SEL,
-    DRIVER, DRIVER_FEATURES, DRIVER_FEATURES_SEL, DRIVER_OK, FAILED, FEATURES_OK, ID_NET,
-    NEEDS_RESET, STATUS,
+    self, Regs, ACKNOWLEDGE, CONFIG, CONFIG_GENERATION, DEVICE_FEATURES, DRIVER, DRIVER_FEATURES,
+    DRIVER_FEATURES_SEL, DRIVER_OK, FAILED, FEATURES_OK, ID_NET, NEEDS_RESET, STATUS,
 };
 use crate::setup::carve;
 use crate::{muldiv, rdtsc, Config, Line, Monitor, Range, PAGE};
@@ -138,17 +135,9 @@ fn init(
     tsc_hz: u64,
     ram: &mut [Range],
 ) -> Option<Net> {
-    r.write(STATUS, 0);
-    if !(0..1000).any(|_| r.read(STATUS) == 0) {
-        return give_up(r, format_args!("device reset did not complete"));
+    if let Err(why) = crate::mmio::start(r) {
+        return give_up(r, format_args!("{why}"));
     }
-    r.write(STATUS, ACKNOWLEDGE);
-    r.write(STATUS, ACKNOWLEDGE | DRIVER);
-    r.write(DEVICE_FEATURES_SEL, 1);
-    if r.read(DEVICE_FEATURES) & 1 == 0 {
-        return give_up(r, format_args!("device lacks VIRTIO_F_VERSION_1"));
-    }
-    r.write(DEVICE_FEATURES_SEL, 0);
     let offered = r.read(DEVICE_FEATURES);
     let mut features = offered & (F_MAC | F_STATUS | F_CTRL_VQ);
     if offered & (F_GUEST_ANNOUNCE | F_CTRL_VQ | F_STATUS)
@@ -412,7 +401,11 @@ impl Net {
             self.quick_until = now + muldiv(QUICK_POLL_MS, self.tsc_hz, 1000);
         }
         if self.can_announce && now >= self.next_status {
-            let every = if now < self.quick_until { 1 } else { STATUS_POLL_MS };
+            let every = if now < self.quick_until {
+                1
+            } else {
+                STATUS_POLL_MS
+            };
             self.next_status = now + muldiv(every, self.tsc_hz, 1000);
             if self.regs.read(CONFIG + 4) & S_ANNOUNCE != 0 {
                 self.pending = true;
@@ -456,7 +449,11 @@ impl Net {
                     mon,
                     "tern-guest net FAIL device: {} bad used element(s){}",
                     errors,
-                    if overrun { ", a used index past the ring" } else { "" }
+                    if overrun {
+                        ", a used index past the ring"
+                    } else {
+                        ""
+                    }
                 );
             }
             report!(

@@ -155,7 +155,7 @@ impl Dirtier {
             Pattern::Hot => {
                 let r = self.rng.next();
                 let hot = (self.own / 10).max(1);
-                if r % 10 != 0 {
+                if !r.is_multiple_of(10) {
                     (r >> 8) % hot
                 } else {
                     (r >> 8) % self.own

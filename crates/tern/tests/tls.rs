@@ -147,6 +147,39 @@ fn free_port() -> u16 {
 
 /// A target waiting (`defer`) with the server's credentials from the command line, its log in
 /// `d/{tag}.log`.
+/// A target waiting for `migrate-incoming` (`defer`), with these `--object`s, its log in
+/// `d/{tag}.log`.
+fn deferred(d: &Path, tag: &str, objects: &[String]) -> Vmm {
+    let sock = d.join(format!("{tag}.qmp"));
+    let log = std::fs::File::create(d.join(format!("{tag}.log"))).unwrap();
+    let mut cmd = Command::new(tern_bin());
+    cmd.args(["run", "--incoming", "defer", "--qmp"])
+        .arg(format!("unix:{}", sock.display()));
+    for o in objects {
+        cmd.arg("--object").arg(o);
+    }
+    let p = Proc::spawn_with_stderr(&mut cmd, Stdio::from(log));
+    let q = Qmp::connect(&sock, LINE);
+    Vmm { p, q }
+}
+
+/// Starts listening on a free port of 127.0.0.1; returns it.
+fn listen(q: &mut Qmp) -> u16 {
+    let port = free_port();
+    q.ok(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    );
+    port
+}
+
+fn server_object(pki: &Path, id: &str) -> String {
+    format!(
+        "tls-creds-x509,id={id},dir={},endpoint=server",
+        pki.join("server").display()
+    )
+}
+
 fn tls_target(d: &Path, pki: &Path, tag: &str, authz: Option<&str>) -> (Vmm, u16) {
     tls_target_with(d, pki, tag, authz, &[])
 }
@@ -159,18 +192,7 @@ fn tls_target_with(
     authz: Option<&str>,
     caps: &[&str],
 ) -> (Vmm, u16) {
-    let sock = d.join(format!("{tag}.qmp"));
-    let log = std::fs::File::create(d.join(format!("{tag}.log"))).unwrap();
-    let mut cmd = Command::new(tern_bin());
-    cmd.args(["run", "--incoming", "defer", "--qmp"])
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--object")
-        .arg(format!(
-            "tls-creds-x509,id=tls0,dir={},endpoint=server",
-            pki.join("server").display()
-        ));
-    let p = Proc::spawn_with_stderr(&mut cmd, Stdio::from(log));
-    let mut q = Qmp::connect(&sock, LINE);
+    let Vmm { p, mut q } = deferred(d, tag, &[server_object(pki, "tls0")]);
     let mut params = json!({"tls-creds": "tls0"});
     if let Some(a) = authz {
         params["tls-authz"] = json!(a);
@@ -183,11 +205,7 @@ fn tls_target_with(
             .collect();
         q.ok("migrate-set-capabilities", json!({"capabilities": list}));
     }
-    let port = free_port();
-    q.ok(
-        "migrate-incoming",
-        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-    );
+    let port = listen(&mut q);
     (Vmm { p, q }, port)
 }
 
@@ -212,22 +230,8 @@ fn a_migration_with_mutual_tls_completes_and_nothing_of_the_guest_crosses_in_cle
     );
     // Control: in clear, the relay sees the canary (so the check below can fail).
     {
-        let (mut plain, port) = {
-            let sock = d.join("plain.qmp");
-            let p = Proc::tern_run(&[
-                "--incoming",
-                "defer",
-                "--qmp",
-                &format!("unix:{}", sock.display()),
-            ]);
-            let mut q = Qmp::connect(&sock, LINE);
-            let port = free_port();
-            q.ok(
-                "migrate-incoming",
-                json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-            );
-            (Vmm { p, q }, port)
-        };
+        let mut plain = deferred(&d, "plain", &[]);
+        let port = listen(&mut plain.q);
         let tap = relay(port);
         src.q.ok(
             "migrate",
@@ -333,14 +337,7 @@ fn sources_without_a_good_certificate_are_refused_with_the_reason_and_run_on() {
 fn tls_settings_are_checked_when_given() {
     let d = dir("tls-bad");
     let pki = pki(&d);
-    let sock = d.join("q.qmp");
-    let p = Proc::tern_run(&[
-        "--incoming",
-        "defer",
-        "--qmp",
-        &format!("unix:{}", sock.display()),
-    ]);
-    let mut q = Qmp::connect(&sock, LINE);
+    let Vmm { p, mut q } = deferred(&d, "q", &[]);
     let e = q.err("migrate-set-parameters", json!({"tls-creds": "nope"}));
     assert!(e.contains("No TLS credentials with id 'nope'"), "{e}");
     let e = q.err(
@@ -395,23 +392,11 @@ fn parallel_channels_and_postcopy_preempt_run_over_tls() {
     let mut a = source(&d, "a", "512M", "tern.wss=256 tern.rate=256 tern.check=1");
     // b: a target with both credentials (it will be a source next).
     let (mut b, port) = {
-        let sock = d.join("b.qmp");
-        let log = std::fs::File::create(d.join("b.log")).unwrap();
-        let mut cmd = Command::new(tern_bin());
-        cmd.args(["run", "--incoming", "defer", "--qmp"])
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--object")
-            .arg(format!(
-                "tls-creds-x509,id=srv,dir={},endpoint=server",
-                pki.join("server").display()
-            ))
-            .arg("--object")
-            .arg(format!(
-                "tls-creds-x509,id=cli,dir={},endpoint=client",
-                pki.join("client").display()
-            ));
-        let p = Proc::spawn_with_stderr(&mut cmd, Stdio::from(log));
-        let mut q = Qmp::connect(&sock, LINE);
+        let client = format!(
+            "tls-creds-x509,id=cli,dir={},endpoint=client",
+            pki.join("client").display()
+        );
+        let Vmm { p, mut q } = deferred(&d, "b", &[server_object(&pki, "srv"), client]);
         q.ok(
             "migrate-set-capabilities",
             json!({"capabilities": [{"capability": "multifd", "state": true}]}),
@@ -420,11 +405,7 @@ fn parallel_channels_and_postcopy_preempt_run_over_tls() {
             "migrate-set-parameters",
             json!({"tls-creds": "srv", "multifd-channels": 2}),
         );
-        let port = free_port();
-        q.ok(
-            "migrate-incoming",
-            json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-        );
+        let port = listen(&mut q);
         (Vmm { p, q }, port)
     };
     client_creds(&mut a.q, &pki, "cli", "client");

@@ -88,7 +88,7 @@ impl Disk {
             Pattern::Hot => {
                 let r = self.rng.next();
                 let hot = (self.blocks / 10).max(1);
-                if r % 10 != 0 {
+                if !r.is_multiple_of(10) {
                     (r >> 8) % hot
                 } else {
                     (r >> 8) % self.blocks

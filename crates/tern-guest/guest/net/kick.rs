@@ -102,6 +102,7 @@ pub fn probe(f: &Flow, seq: u32, b: &mut [u8]) {
     tcp[12] = 5 << 4; // header length: 5 words
     tcp[13] = 0x02; // SYN
     tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes()); // window
+
     // The pseudo-header: addresses, protocol, TCP length.
     let pseudo = sum16(&f.ip) + sum16(&f.peer_ip) + 6 + 20;
     let c = fold(pseudo + sum16(tcp));
