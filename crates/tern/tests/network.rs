@@ -306,10 +306,12 @@ fn a_cancelled_migration_leaves_the_sources_network_working() {
     src.q
         .ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
     src.q.ok("migrate", json!({"uri": uri}));
-    let r = wait_migration(&mut src.q, Duration::from_secs(120));
-    assert_eq!(r["status"], "completed", "{r}");
-    let n = paused_last_hb(&mut src.p);
-    continues_on(&mut p, n);
+    completes(
+        &mut src,
+        &mut p,
+        Duration::from_secs(120),
+        "to a deferred target",
+    );
     let a = guest_sent(&mut p, "the stream on host b");
     sent_above(&mut p, a, "more of the stream on host b");
     let rep = client.finish();
@@ -434,10 +436,12 @@ fn rarp_alone_moves_a_silent_guests_mac_to_its_new_port() {
     }
     let (mut dst, uri) = h.target(&d, "dst", &[]);
     src.q.ok("migrate", json!({"uri": uri}));
-    let r = wait_migration(&mut src.q, Duration::from_secs(60));
-    assert_eq!(r["status"], "completed", "{r}");
-    let n = paused_last_hb(&mut src.p);
-    continues_on(&mut dst.p, n);
+    completes(
+        &mut src,
+        &mut dst.p,
+        Duration::from_secs(60),
+        "a silent guest",
+    );
     let t = Instant::now();
     while h.fdb() != "b" {
         assert!(

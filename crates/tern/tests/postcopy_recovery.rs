@@ -132,10 +132,7 @@ fn migrate_pause_on_either_side_then_recover_completes_with_every_page() {
         &mut dst,
         &format!("unix:{}", d.join("r2.sock").display()),
     );
-    let r = wait_migration(&mut src.q, MIGRATE);
-    assert_eq!(r["status"], "completed", "{r}");
-    let n = paused_last_hb(&mut src.p);
-    continues_on(&mut dst.p, n);
+    completes(&mut src, &mut dst.p, MIGRATE, "after the pauses");
     let rd = wait_migration(&mut dst.q, MIGRATE);
     assert_eq!(rd["status"], "completed", "{rd}");
     let on_src = recoveries(&mut src.q, 2);
@@ -271,10 +268,7 @@ fn postcopy_survives_the_link_going_down_at_random_moments_between_two_namespace
             );
             done += 1;
         }
-        let r = wait_migration(&mut src.q, MIGRATE);
-        assert_eq!(r["status"], "completed", "run {run}: {r}");
-        let n = paused_last_hb(&mut src.p);
-        continues_on(&mut dst.p, n);
+        let r = completes(&mut src, &mut dst.p, MIGRATE, &format!("run {run}"));
         let list = recoveries(&mut src.q, done);
         let paused = |l: &[Value]| {
             l.iter()

@@ -237,16 +237,12 @@ fn a_migration_with_mutual_tls_completes_and_nothing_of_the_guest_crosses_in_cle
             "migrate",
             json!({"uri": format!("tcp:127.0.0.1:{}", tap.port)}),
         );
-        let r = wait_migration(&mut src.q, Duration::from_secs(120));
-        assert_eq!(r["status"], "completed", "{r}");
+        completes(&mut src, &mut plain.p, Duration::from_secs(120), "in clear");
         assert!(
             contains(&tap.seen.lock().unwrap(), CANARY.as_bytes()),
             "a migration in clear carries the guest's memory as it is"
         );
-        // Back to the source: the guest was saved, not moved away for good — no: it was moved;
-        // take it back from the plain target to keep one guest.
-        let n = paused_last_hb(&mut src.p);
-        continues_on(&mut plain.p, n);
+        // The guest lives on in the clear target, which becomes the source of the TLS move.
         quit(src);
         src = plain;
         src.q.ok(
@@ -326,10 +322,12 @@ fn sources_without_a_good_certificate_are_refused_with_the_reason_and_run_on() {
         json!({"tls-creds": "good", "tls-hostname": "target.tern"}),
     );
     src.q.ok("migrate", json!({"uri": uri}));
-    let r = wait_migration(&mut src.q, Duration::from_secs(120));
-    assert_eq!(r["status"], "completed", "{r}");
-    let n = paused_last_hb(&mut src.p);
-    continues_on(&mut dst.p, n);
+    completes(
+        &mut src,
+        &mut dst.p,
+        Duration::from_secs(120),
+        "the right source",
+    );
     quit(dst);
 }
 

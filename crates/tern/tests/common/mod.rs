@@ -266,15 +266,22 @@ pub fn continues_on(p: &mut Proc, src_hb: u64) {
     });
 }
 
+/// The migration from `src` completes within `timeout` and the guest carries on in `dst` where
+/// the source stopped ([`continues_on`]). Returns the source's `query-migrate`.
+pub fn completes(src: &mut Vmm, dst: &mut Proc, timeout: Duration, what: &str) -> Value {
+    let r = wait_migration(&mut src.q, timeout);
+    assert_eq!(r["status"], "completed", "{what}: {r}");
+    let n = paused_last_hb(&mut src.p);
+    continues_on(dst, n);
+    r
+}
+
 /// The migration from `src` to `dst` completes within `timeout`, the guest carries on at the
 /// target ([`continues_on`]), and both sides report the same RAM digest at the switch-over (the
 /// source asked for it: `x-tern-ram-digest`). Returns the source's and the target's
 /// `query-migrate`.
 pub fn moved_whole(src: &mut Vmm, dst: &mut Vmm, timeout: Duration, what: &str) -> (Value, Value) {
-    let r = wait_migration(&mut src.q, timeout);
-    assert_eq!(r["status"], "completed", "{what}: {r}");
-    let n = paused_last_hb(&mut src.p);
-    continues_on(&mut dst.p, n);
+    let r = completes(src, &mut dst.p, timeout, what);
     let rd = dst.q.ok("query-migrate", json!({}));
     assert!(r["x-tern-ram-digest"].is_string(), "{what}: {r}");
     assert_eq!(
