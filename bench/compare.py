@@ -32,7 +32,7 @@ point where compression can pay; namespaces are created and removed by the scrip
 
 Prints a table (tern vs QEMU's best, with ratios and the goals) and writes results.json in --out.
 """
-import argparse, json, os, socket, statistics, subprocess, sys, threading, time
+import argparse, json, mmap, os, socket, statistics, subprocess, sys, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERN = os.path.join(ROOT, "target", "release", "tern")
@@ -71,6 +71,25 @@ def cpu_split(pid):
 def cpu_seconds(pid):
     """[`cpu_split`] summed."""
     return sum(cpu_split(pid))
+
+
+def warm_host_memory(n):
+    """Touch n bytes of fresh anonymous memory (huge pages where THP allows) and free them, and
+    return the seconds it took. On a host that is itself a VM giving freed memory back to its
+    hypervisor (free page reporting, DAMON reclaim), a VMM's first touch of memory freed by the
+    previous run costs the outer host's faults, at random and sometimes more than the migration
+    measured; after this, what the next VMM allocates is memory the host already backs, as on
+    bare metal. Benchmarks call it just before they start a migration."""
+    t = time.monotonic()
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass
+    for off in range(0, n, 4096):
+        m[off] = 1
+    m.close()
+    return time.monotonic() - t
 
 
 def free_port():

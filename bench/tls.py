@@ -61,10 +61,10 @@ their row with query-migrate's error-desc and the last lines of the target's out
 results.json and table.txt in --out (default /tmp/tern-bench-tls), and each run's source and
 target output in --out/logs. Exit status 1 if any run did not complete.
 """
-import argparse, json, mmap, os, statistics, subprocess, sys, time
+import argparse, json, os, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import Proc, Qmp, TERN, ROOT, free_port, cpu_seconds, cpu_split, hb, med, spread  # noqa: E402
+from compare import Proc, Qmp, TERN, ROOT, free_port, cpu_seconds, cpu_split, hb, med, spread, warm_host_memory  # noqa: E402
 
 GUEST = "tern.wss=1024 tern.rate=0 tern.check=0 tern.hb=100"
 MEM = "2G"
@@ -80,27 +80,6 @@ CONFIGS = {
 QUICK = ("plain-single", "tls-single")
 KEY = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes"
 WARM = 3 << 30  # the target's RAM (2 GiB) and a margin
-
-
-def user_sys(pid):
-    """(user, system) CPU seconds of a process but its vCPU threads (crypto is user time;
-    zeroing fresh memory and the socket copies are system time)."""
-    return cpu_split(pid)
-
-
-def warm_host_memory(n):
-    """Touch n bytes of fresh anonymous memory (huge pages where THP allows) and free them: what
-    the target allocates next is then memory the host already backs (see the docstring)."""
-    t = time.monotonic()
-    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):
-        pass
-    for off in range(0, n, 4096):
-        m[off] = 1
-    m.close()
-    return time.monotonic() - t
 
 
 def sh(cwd, script):
@@ -174,14 +153,14 @@ def run_one(cfg, out, pkid, run, timeout, warm):
         if warm:
             res["warm_s"] = round(warm_host_memory(WARM), 2)
         c0 = (cpu_seconds(src.p.pid), cpu_seconds(dst.p.pid))
-        us0 = (user_sys(src.p.pid), user_sys(dst.p.pid))
+        us0 = (cpu_split(src.p.pid), cpu_split(dst.p.pid))
         t0 = time.monotonic()
         s.ex("migrate", {"uri": uri})
         while True:
             r = s.ex("query-migrate")
             if r.get("status") in ("completed", "failed", "cancelled"):
                 c1 = (cpu_seconds(src.p.pid), cpu_seconds(dst.p.pid))
-                us1 = (user_sys(src.p.pid), user_sys(dst.p.pid))
+                us1 = (cpu_split(src.p.pid), cpu_split(dst.p.pid))
                 break
             if time.monotonic() - t0 > timeout:
                 s.ex("migrate_cancel")

@@ -210,8 +210,12 @@ pub trait PostcopyRam: Send + Sync {
     fn place(&self, region: u32, first_page: u64, data: &[u8]) -> Result<bool>;
     /// Places zero pages, as [`PostcopyRam::place`].
     fn place_zero(&self, region: u32, first_page: u64, count: u64) -> Result<bool>;
-    /// Waits up to `timeout` for faults; an empty list on a timeout.
+    /// Waits up to `timeout` for faults; an empty list on a timeout or an
+    /// [`PostcopyRam::interrupt`].
     fn faults(&self, timeout: std::time::Duration) -> Result<Vec<PageFault>>;
+    /// Ends a [`PostcopyRam::faults`] wait now (the thread serving faults stops). Without it
+    /// the wait runs to its timeout.
+    fn interrupt(&self) {}
     /// Every page is here: faults are served by the kernel again (missing pages are zero).
     fn finish(&self) -> Result<()>;
     /// The vCPU a thread runs, if it is one (for per-vCPU blocktime).

@@ -125,6 +125,10 @@ impl PostcopyRam for VmPostcopy {
             .collect())
     }
 
+    fn interrupt(&self) {
+        self.uf.interrupt();
+    }
+
     fn finish(&self) -> Result<()> {
         for &(host, size) in &self.regions {
             self.uf.unregister(host, size).map_err(err)?;

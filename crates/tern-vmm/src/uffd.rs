@@ -16,6 +16,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
 
@@ -96,6 +97,8 @@ pub enum Placed {
 #[derive(Debug)]
 pub struct Userfault {
     fd: OwnedFd,
+    /// Signalled by [`Userfault::interrupt`]: ends a [`Userfault::faults`] wait at once.
+    wake: EventFd,
 }
 
 fn os_err(what: &str) -> std::io::Error {
@@ -125,7 +128,8 @@ impl Userfault {
         if unsafe { ioctl_with_mut_ref(&fd, UFFDIO_API_IOCTL(), &mut api) } < 0 {
             return Err(os_err("UFFDIO_API"));
         }
-        Ok(Userfault { fd })
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        Ok(Userfault { fd, wake })
     }
 
     /// Registers `[addr, addr + len)` for MISSING faults: from now on a touch of a page that is
@@ -153,6 +157,14 @@ impl Userfault {
             return Err(os_err("UFFDIO_UNREGISTER"));
         }
         Ok(())
+    }
+
+    /// Ends the current (or the next) [`Userfault::faults`] wait at once: the thread that serves
+    /// faults is stopping, and should not sleep out its poll timeout on the way.
+    pub fn interrupt(&self) {
+        if let Err(e) = self.wake.write(1) {
+            tracing::debug!("waking the postcopy fault thread: {e}");
+        }
     }
 
     /// Places `data` (whole pages) at `dst` atomically and wakes the threads waiting on them;
@@ -230,13 +242,17 @@ impl Userfault {
 
     /// Waits up to `timeout_ms` for faults and returns those that came (none on a timeout).
     pub fn faults(&self, timeout_ms: i32) -> std::io::Result<Vec<Fault>> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+        let mut pfd = [self.fd.as_raw_fd(), self.wake.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        };
-        // SAFETY: one pollfd we own.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        });
+        // SAFETY: two pollfds in an array we own, its length given.
+        let n = unsafe { libc::poll(pfd.as_mut_ptr(), pfd.len() as libc::nfds_t, timeout_ms) };
+        if pfd[1].revents != 0 {
+            // Consumed, so that the next wait waits again; faults pending are read below.
+            let _ = self.wake.read();
+        }
         if n < 0 {
             let e = std::io::Error::last_os_error();
             return match e.raw_os_error() {
@@ -315,5 +331,28 @@ mod tests {
         assert_eq!(firsts, vec![1, 7, 3, 4], "page 1 kept, the others placed");
         // SAFETY: unmapping our own mapping, not used after.
         unsafe { libc::munmap(base, len) };
+    }
+
+    /// `interrupt` ends a wait at once (and only that one: the next wait waits again).
+    #[test]
+    fn an_interrupt_ends_the_wait_for_faults() {
+        let uf = Userfault::open(false).unwrap();
+        let t = std::time::Instant::now();
+        assert!(uf.faults(20).unwrap().is_empty());
+        assert!(t.elapsed() >= std::time::Duration::from_millis(15));
+        uf.interrupt();
+        let t = std::time::Instant::now();
+        assert!(uf.faults(10_000).unwrap().is_empty());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+        let t = std::time::Instant::now();
+        assert!(uf.faults(20).unwrap().is_empty());
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(15),
+            "the wake was consumed"
+        );
     }
 }

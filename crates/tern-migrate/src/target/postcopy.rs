@@ -402,6 +402,8 @@ impl Postcopy {
 
     fn stop_thread(&mut self) -> Result<()> {
         self.stop.store(true, Ordering::SeqCst);
+        // Not to wait out the thread's poll (50 ms) before COMPLETE goes back.
+        self.ram.interrupt();
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(MigrateError::Vm(
