@@ -203,8 +203,12 @@ pub trait PostcopyRam: Send + Sync {
         }
         Ok(())
     }
-    /// From now on a touch of a missing page waits for it (LISTEN).
+    /// From now on a touch of a missing page waits for it (at the first DISCARD, or LISTEN).
     fn listen(&self) -> Result<()>;
+    /// LISTEN, every DISCARD done: the guest is about to run on missing pages. A backing that
+    /// would make each first fault costly (see the implementation) changes that here, until
+    /// [`PostcopyRam::finish`].
+    fn before_faults(&self) {}
     /// Places whole pages atomically and wakes whoever waits on them; false if they were there
     /// already (then nothing changed).
     fn place(&self, region: u32, first_page: u64, data: &[u8]) -> Result<bool>;

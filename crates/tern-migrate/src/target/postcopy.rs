@@ -269,6 +269,7 @@ impl Postcopy {
     /// LISTEN: missing pages fault; the fault thread asks the source for them on `conn`.
     pub(crate) fn listen(&mut self, conn: Connection) -> Result<()> {
         self.register()?;
+        self.ram.before_faults();
         self.listening = true;
         self.account.lock().unwrap_or_else(|e| e.into_inner()).start = Instant::now();
         *self.asks.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
