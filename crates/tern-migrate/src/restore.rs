@@ -173,8 +173,10 @@ fn on_demand_restore(
     t0: Instant,
 ) -> Result<Arc<dyn TargetVm>> {
     let pc = vm.ram().postcopy()?;
-    // Every page of the new guest is missing: any touch faults from here.
+    // Every page of the new guest is missing: any touch faults from here (page by page: see
+    // `before_faults`).
     pc.listen()?;
+    pc.before_faults();
     let stop = AtomicBool::new(false);
     let failed: Mutex<Option<MigrateError>> = Mutex::new(None);
     let faults = AtomicU64::new(0);
@@ -234,6 +236,7 @@ fn on_demand_restore(
             Ok(())
         })();
         stop.store(true, Ordering::SeqCst);
+        pc.interrupt();
         let _ = server.join();
         if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return Err(e);

@@ -123,9 +123,11 @@ impl PostcopyRam for VmPostcopy {
     /// --switch start, perf): clear_page was 6% of the target vCPU's samples, ~30 ms of its
     /// time in the first 300 ms; none with this. So huge pages are off while faults are
     /// handed over, and back on at [`Self::finish`] (khugepaged may collapse the 4 KiB pages
-    /// later). Not before LISTEN: the DISCARDs that come first drop ranges faster with huge
-    /// pages on. The advice itself takes ~0.2 ms for 1 GiB. Advice only: a refusal changes
-    /// speed, not behaviour.
+    /// later). Not for the VM's whole life: with huge pages off on the target, the DISCARDs
+    /// after precopy's rounds dropped a range slower (3.9 against 2.8 µs with one madvise per
+    /// range; bench/results-postcopy-2026-12-06.txt); the advice changes no page already
+    /// mapped. Also for on-demand restore, where every page starts missing. The advice itself
+    /// takes ~0.2 ms for 1 GiB. Advice only: a refusal changes speed, not behaviour.
     fn before_faults(&self) {
         self.advise(libc::MADV_NOHUGEPAGE);
     }
@@ -164,11 +166,13 @@ impl PostcopyRam for VmPostcopy {
     }
 
     fn finish(&self) -> Result<()> {
-        for &(host, size) in &self.regions {
-            self.uf.unregister(host, size).map_err(err)?;
-        }
+        let unregistered = self
+            .regions
+            .iter()
+            .try_for_each(|&(host, size)| self.uf.unregister(host, size));
+        // Huge pages back on whatever happened: their advice only changes speed.
         self.advise(libc::MADV_HUGEPAGE);
-        Ok(())
+        unregistered.map_err(err)
     }
 
     fn vcpu_of(&self, tid: u32) -> Option<usize> {

@@ -128,7 +128,7 @@ impl Userfault {
         if unsafe { ioctl_with_mut_ref(&fd, UFFDIO_API_IOCTL(), &mut api) } < 0 {
             return Err(os_err("UFFDIO_API"));
         }
-        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let wake = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         Ok(Userfault { fd, wake })
     }
 
