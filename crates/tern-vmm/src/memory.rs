@@ -243,16 +243,11 @@ impl GuestRam {
             regions,
             mem: std::sync::Arc::new(mem),
         };
-        if backend == MemoryBackend::Anon {
-            for (host, r) in ram.host_addrs().into_iter().zip(&ram.regions) {
-                // Huge pages where the host grants them (THP `madvise` mode is common), and
-                // no copy-on-write sharing with a child we fork (an `exec:` migration) while
-                // KVM maps the pages. Advice only: a refusal changes speed, not behaviour.
-                for advice in [libc::MADV_HUGEPAGE, libc::MADV_DONTFORK] {
-                    // SAFETY: the range is the region's own mapping, which we just created.
-                    unsafe { libc::madvise(host as *mut libc::c_void, r.size as usize, advice) };
-                }
-            }
+        // Huge pages where the host grants them (THP `madvise` mode is common), and no
+        // copy-on-write sharing with a child we fork (an `exec:` migration) while KVM maps the
+        // pages.
+        for advice in [libc::MADV_HUGEPAGE, libc::MADV_DONTFORK] {
+            ram.advise_anon(advice);
         }
         Ok(ram)
     }
@@ -285,6 +280,21 @@ impl GuestRam {
     /// Total RAM in bytes.
     pub fn size(&self) -> u64 {
         self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Gives `advice` for every region of anonymous RAM (memfd backings get none): huge pages
+    /// on or off, no fork. Advice only: a refusal changes speed, not behaviour.
+    pub fn advise_anon(&self, advice: libc::c_int) {
+        if self.backend != MemoryBackend::Anon {
+            return;
+        }
+        for (host, r) in self.host_addrs().into_iter().zip(&self.regions) {
+            // SAFETY: the region's own mapping, which lives as long as `self`; the advice
+            // given here changes no contents.
+            if unsafe { libc::madvise(host as *mut libc::c_void, r.size as usize, advice) } != 0 {
+                tracing::debug!("madvise({advice}): {}", std::io::Error::last_os_error());
+            }
+        }
     }
 
     /// Host address of each region (same order as [`Self::regions`]).

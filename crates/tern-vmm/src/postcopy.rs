@@ -61,25 +61,6 @@ impl VmPostcopy {
     }
 }
 
-impl VmPostcopy {
-    /// Transparent huge pages on or off for anonymous RAM (memory.rs asks for them there).
-    fn advise(&self, advice: libc::c_int) {
-        if self.vm.ram().backend() != MemoryBackend::Anon {
-            return;
-        }
-        for &(host, size) in &self.regions {
-            // SAFETY: advice on the guest RAM's own mapping, which lives as long as the VM;
-            // neither value changes its contents.
-            if unsafe { libc::madvise(host as *mut libc::c_void, size as usize, advice) } != 0 {
-                tracing::debug!(
-                    "madvise({advice}) on guest RAM: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-    }
-}
-
 fn err(e: std::io::Error) -> MigrateError {
     MigrateError::Vm(format!("postcopy: {e}"))
 }
@@ -129,7 +110,7 @@ impl PostcopyRam for VmPostcopy {
     /// mapped. Also for on-demand restore, where every page starts missing. The advice itself
     /// takes ~0.2 ms for 1 GiB. Advice only: a refusal changes speed, not behaviour.
     fn before_faults(&self) {
-        self.advise(libc::MADV_NOHUGEPAGE);
+        self.vm.ram().advise_anon(libc::MADV_NOHUGEPAGE);
     }
 
     fn place(&self, region: u32, first_page: u64, data: &[u8]) -> Result<bool> {
@@ -171,7 +152,7 @@ impl PostcopyRam for VmPostcopy {
             .iter()
             .try_for_each(|&(host, size)| self.uf.unregister(host, size));
         // Huge pages back on whatever happened: their advice only changes speed.
-        self.advise(libc::MADV_HUGEPAGE);
+        self.vm.ram().advise_anon(libc::MADV_HUGEPAGE);
         unregistered.map_err(err)
     }
 
