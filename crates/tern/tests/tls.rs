@@ -145,8 +145,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A target waiting (`defer`) with the server's credentials from the command line, its log in
-/// `d/{tag}.log`.
 /// A target waiting for `migrate-incoming` (`defer`), with these `--object`s, its log in
 /// `d/{tag}.log`.
 fn deferred(d: &Path, tag: &str, objects: &[String]) -> Vmm {
@@ -173,6 +171,7 @@ fn listen(q: &mut Qmp) -> u16 {
     port
 }
 
+/// The server's credentials as an `--object`.
 fn server_object(pki: &Path, id: &str) -> String {
     format!(
         "tls-creds-x509,id={id},dir={},endpoint=server",
@@ -180,6 +179,8 @@ fn server_object(pki: &Path, id: &str) -> String {
     )
 }
 
+/// A target with the server's credentials from the command line (`tls0`), listening on a free
+/// port of 127.0.0.1 (returned); `tls-authz` set if `authz` is.
 fn tls_target(d: &Path, pki: &Path, tag: &str, authz: Option<&str>) -> (Vmm, u16) {
     tls_target_with(d, pki, tag, authz, &[])
 }
