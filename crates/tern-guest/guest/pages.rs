@@ -63,7 +63,12 @@ fn dirty_page(cfg: &Config, i: u64) {
 pub fn verify_page(cfg: &Config, i: u64) -> Result<(), Bad> {
     let gen = cfg.gen(i);
     let addr = cfg.page_addr(i) as *const u64;
-    let start = rdtsc();
+    // How long this check has waited for a writer, counted only while this vCPU ran: a step
+    // of over 10 ms is the VM paused (a migration's switch, a `-S` target waiting for `cont`)
+    // or the vCPU descheduled, and the writer could not have finished then either. Counting
+    // wall time instead reported a writer caught mid-page by the pause as stuck whenever the
+    // pause outlasted 2 s.
+    let (mut waited, mut prev) = (0u64, rdtsc());
     loop {
         let g1 = gen.load(Ordering::Acquire);
         let base = pattern_base(i, g1);
@@ -89,7 +94,13 @@ pub fn verify_page(cfg: &Config, i: u64) -> Result<(), Bad> {
                 return bad.map_or(Ok(()), Err);
             }
         }
-        if rdtsc().wrapping_sub(start) > 2 * cfg.tsc_hz {
+        let now = rdtsc();
+        let step = now.wrapping_sub(prev);
+        prev = now;
+        if step < cfg.tsc_hz / 100 {
+            waited += step;
+        }
+        if waited > 2 * cfg.tsc_hz {
             return Err(Bad {
                 page: i,
                 gen: g1,
