@@ -20,6 +20,10 @@ fi
 # test says SKIPPED loudly rather than failing everything else.
 bash scripts/install-qemu.sh || echo "WARNING: QEMU 10 could not be installed; the QEMU boot test will report SKIPPED"
 
+# The disk tests write disk images of 256 MiB and some tests save whole guests: say how much room
+# there is, so that a run that fails on ENOSPC says why at its top.
+df -h "${TMPDIR:-/tmp}" . | sed 's/^/disk: /'
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The decoder mutation fuzzer runs for a bounded time (see crates/tern-wire/tests/robustness.rs).

@@ -110,7 +110,7 @@ fn dev_kvm_that_the_user_cannot_open() {
     let d = tmpdir("nobody");
     let bin = d.join("tern");
     std::fs::copy(tern_bin(), &bin).unwrap();
-    for p in [&d, &bin] {
+    for p in [&*d, bin.as_path()] {
         let mut perm = std::fs::metadata(p).unwrap().permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
         std::fs::set_permissions(p, perm).unwrap();

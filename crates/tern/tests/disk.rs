@@ -13,7 +13,9 @@ use common::*;
 use serde_json::{json, Value};
 
 const MIGRATE: Duration = Duration::from_secs(180);
-const GIB: u64 = 1 << 30;
+/// The disks that move: big enough to take several rounds beside the guest's RAM, small enough
+/// that three of them fit a CI machine's disk (the guest writes every block of its disk).
+const DISK: u64 = 256 << 20;
 /// The guest writes its disk at 32 MiB/s while it dirties 64 MiB/s of RAM.
 const WORKLOAD: &str = "tern.wss=128 tern.rate=64 tern.disk_rate=32 tern.check=2";
 
@@ -95,7 +97,10 @@ fn cont_and_continue(src: &mut Vmm, dst: &mut Vmm, r: &Value) {
 fn a_disk_of_its_own_moves_in_the_same_rounds_and_matches_at_the_commit() {
     let _g = exclusive();
     let d = dir("disk-copy");
-    let (s, t) = (disk_file(&d, "src.img", GIB), disk_file(&d, "dst.img", GIB));
+    let (s, t) = (
+        disk_file(&d, "src.img", DISK),
+        disk_file(&d, "dst.img", DISK),
+    );
     let mut src = disk_source(&d, "src", &disk_arg(&s, ""));
     let uri = free_tcp_uri();
     let mut dst = target(&d, "dst", &uri, &["-S", "--disk", &disk_arg(&t, "")]);
@@ -103,15 +108,15 @@ fn a_disk_of_its_own_moves_in_the_same_rounds_and_matches_at_the_commit() {
     src.q.ok("migrate", json!({"uri": uri}));
     // The disk is reported while it moves, in QEMU's `disk` shape.
     let during = wait_until(&mut src.q, "the disk's statistics", |r| {
-        r["disk"]["total"] == json!(GIB) || r["status"] == "completed"
+        r["disk"]["total"] == json!(DISK) || r["status"] == "completed"
     });
     assert!(during.get("disk").is_some(), "{during}");
     let r = wait_migration(&mut src.q, MIGRATE);
     assert_eq!(r["status"], "completed", "{r}");
-    assert_eq!(r["disk"]["total"], json!(GIB), "{r}");
+    assert_eq!(r["disk"]["total"], json!(DISK), "{r}");
     assert_eq!(r["disk"]["remaining"], json!(0), "{r}");
     let sent = r["disk"]["transferred"].as_u64().unwrap();
-    assert!(sent > 0 && sent < 2 * GIB, "{r}");
+    assert!(sent > 0 && sent < 2 * DISK, "{r}");
     // Both sides are stopped at the commit (the target by -S): the files are the same.
     assert_eq!(
         digest(&s),
@@ -127,7 +132,7 @@ fn a_disk_of_its_own_moves_in_the_same_rounds_and_matches_at_the_commit() {
 fn a_shared_disk_is_not_copied_and_changes_hands_at_the_commit() {
     let _g = exclusive();
     let d = dir("disk-shared");
-    let s = disk_file(&d, "shared.img", GIB);
+    let s = disk_file(&d, "shared.img", DISK);
     let arg = disk_arg(&s, ",shared=on");
     let mut src = disk_source(&d, "src", &arg);
     let uri = free_tcp_uri();
@@ -204,13 +209,13 @@ fn source_disk_fine(src: &mut Vmm) {
 fn cancel_and_a_killed_target_leave_the_source_writing_its_disk() {
     let _g = exclusive();
     let d = dir("disk-fail");
-    let s = disk_file(&d, "src.img", GIB);
+    let s = disk_file(&d, "src.img", DISK);
     let mut src = disk_source(&d, "src", &disk_arg(&s, ""));
-    // Slow enough that the disk is still moving when we interfere.
+    // Slow enough that the disk is still moving when we interfere (256 MiB take 16 s).
     src.q
-        .ok("migrate-set-parameters", json!({"max-bandwidth": 64 << 20}));
+        .ok("migrate-set-parameters", json!({"max-bandwidth": 16 << 20}));
     for (i, how) in ["cancel", "kill"].into_iter().enumerate() {
-        let t = disk_file(&d, &format!("dst{i}.img"), GIB);
+        let t = disk_file(&d, &format!("dst{i}.img"), DISK);
         let uri = free_tcp_uri();
         let mut dst = target(&d, &format!("dst{i}"), &uri, &["--disk", &disk_arg(&t, "")]);
         src.q.ok("migrate", json!({"uri": uri}));

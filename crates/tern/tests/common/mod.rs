@@ -24,11 +24,38 @@ pub fn tern_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tern")
 }
 
-pub fn tmpdir(name: &str) -> PathBuf {
+/// A test's own directory under the temporary directory. It is removed when the test passes;
+/// a failed test (a panic) leaves it for the post-mortem, as does `TERN_KEEP_TEST_DIRS=1`.
+/// Disk images and saved streams are large: a CI machine's disk is not, and a suite that left
+/// every passing test's files behind ran it out of space (ENOSPC in the middle of a disk test).
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() && std::env::var_os("TERN_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn tmpdir(name: &str) -> TestDir {
     let d = std::env::temp_dir().join(format!("tern-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TestDir(d)
 }
 
 /// A process whose stdout lines are collected.
@@ -442,7 +469,7 @@ pub struct Vmm {
     pub q: Qmp,
 }
 
-pub fn dir(name: &str) -> PathBuf {
+pub fn dir(name: &str) -> TestDir {
     tmpdir(name)
 }
 
