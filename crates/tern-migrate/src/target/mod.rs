@@ -17,6 +17,7 @@ mod accept;
 mod data;
 mod listen;
 pub(crate) mod postcopy;
+mod readahead;
 mod recover;
 
 use std::io::BufReader;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tern_wire::{RamRecord, ReturnMessage, ENC_RAW, ENC_ZERO, PAGE_SIZE};
 
+use super::readahead::Readahead;
 use crate::transport::Connection;
 use crate::{MigrateError, PostcopyRam, RegionInfo, Result};
 
@@ -438,6 +439,9 @@ fn fault_loop(
     stop: &AtomicBool,
     asks: &Mutex<Option<Connection>>,
 ) -> Result<()> {
+    let mut readahead = Readahead::new(ram.vcpus());
+    // Which vCPU a thread is, read once per thread (/proc, on the path of every fault).
+    let mut vcpus: HashMap<u32, Option<usize>> = HashMap::new();
     while !stop.load(Ordering::SeqCst) {
         for f in ram.faults(Duration::from_millis(50))? {
             let Some(h) = held.get(f.region as usize) else {
@@ -454,7 +458,7 @@ fn fault_loop(
                 continue;
             }
             let now = Instant::now();
-            let vcpu = ram.vcpu_of(f.tid);
+            let vcpu = *vcpus.entry(f.tid).or_insert_with(|| ram.vcpu_of(f.tid));
             let first = {
                 let mut a = account.lock().unwrap_or_else(|e| e.into_inner());
                 let first = !a.pending.contains_key(&(f.region, f.page));
@@ -489,15 +493,22 @@ fn fault_loop(
             };
             let conn = asks.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if let (true, Some(conn)) = (first, conn) {
-                let ask = ReturnMessage::PageRequest {
-                    region: f.region,
-                    first_page: f.page,
-                    count: 1,
-                };
-                // A broken link is the stream thread's to notice (postcopy pauses): the fault
-                // stays waiting and is asked for again once a recovery reconnects.
-                if let Err(e) = super::send(&conn, &ask) {
-                    tracing::debug!("postcopy: a page request could not be sent: {e}");
+                // The faulting page alone first, so that it never waits for the readahead's
+                // pages to be read and placed; then the rest of the window.
+                let window = readahead.window(vcpu, f.region, f.page, h.pages);
+                let asks = [(f.page, 1), (f.page + 1, window - 1)];
+                for (first_page, count) in asks.into_iter().filter(|a| a.1 > 0) {
+                    let ask = ReturnMessage::PageRequest {
+                        region: f.region,
+                        first_page,
+                        count,
+                    };
+                    // A broken link is the stream thread's to notice (postcopy pauses): the
+                    // fault stays waiting and is asked for again once a recovery reconnects.
+                    if let Err(e) = super::send(&conn, &ask) {
+                        tracing::debug!("postcopy: a page request could not be sent: {e}");
+                        break;
+                    }
                 }
             }
         }
