@@ -35,7 +35,8 @@ Prints a table (tern vs QEMU's best, with ratios and the goals) and writes resul
 import argparse, json, mmap, os, socket, statistics, subprocess, sys, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TERN = os.path.join(ROOT, "target", "release", "tern")
+# TERN_BIN: another build to measure (an A/B of two commits), the release build by default.
+TERN = os.environ.get("TERN_BIN") or os.path.join(ROOT, "target", "release", "tern")
 VMMS = ("tern", "tern-multifd2", "tern-multifd4", "qemu", "qemu-multifd")
 TERNS = ("tern", "tern-multifd2", "tern-multifd4")
 QEMUS = ("qemu", "qemu-multifd")

@@ -113,6 +113,7 @@ def run_one(vmm, elf, d, tag, pattern, timeout, switch, warm):
         # What the guest felt: the longest gap of its first heartbeats on the target.
         gaps = [hb(l)[1] for l in dst.lines if hb(l)][:20]
         res["guest_gap_ms"] = round(max(gaps) / 1000, 1) if gaps else None
+        res["guest_gaps_us"] = gaps
         c = dst.wait_line(lambda l: l.startswith("tern-guest check"), 60)
         res["dst_check"] = c.split()[2]
         if timeline and os.path.exists(timeline):
