@@ -106,9 +106,10 @@ pub struct MigrationStats {
     pub multifd_channel_busy_ms: Vec<u64>,
     /// How guest writes are tracked in this migration (`get`, `clear` or `ring`), once set up.
     pub dirty_log: Option<&'static str>,
-    /// Postcopy, both sides: pages asked for (source: requests served; target: sent).
+    /// Postcopy, both sides: page requests (source: PAGE_REQUESTs served, a readahead window
+    /// being a second one; target: faults that asked for their page).
     pub postcopy_requests: u64,
-    /// Postcopy, source: bytes sent after RUN.
+    /// Postcopy, source: bytes sent after RUN, on the main and the urgent channel.
     pub postcopy_bytes: u64,
     /// Postcopy: when the guest started on the target (seconds since the start).
     pub postcopy_start: Option<f64>,

@@ -396,10 +396,13 @@ fn transfer(
         Some(c) => Some(ReturnPath::start(c.clone())?),
         None => None,
     };
+    // The urgent channel's bytes count with the rest (`transferred`, `postcopy-bytes`), but
+    // no cap holds a page a vCPU waits for (max-postcopy-bandwidth is for the background).
     let urgent_out = match urgent.clone() {
-        Some(c) => Some(StreamWriter::new(
-            Box::new(BufWriter::with_capacity(64 << 10, c)) as Box<dyn Write + Send>,
-        )?),
+        Some(c) => Some(StreamWriter::new(Box::new(BufWriter::with_capacity(
+            64 << 10,
+            RateLimited::new(c, Arc::default(), ctl.accepted_counter()),
+        )) as Box<dyn Write + Send>)?),
         None => None,
     };
     let mut link = Link {

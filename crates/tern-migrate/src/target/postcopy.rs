@@ -21,7 +21,8 @@ const DIST_BUCKETS: usize = 32;
 /// What the faults cost, for `query-migrate` on the target.
 #[derive(Clone, Debug, Default)]
 pub struct FaultStats {
-    /// Pages asked of the source.
+    /// Faults that asked the source for their page (the readahead window asked for after one
+    /// is not counted again).
     pub requests: u64,
     /// Faults on pages known to be zero, served here.
     pub zero_faults: u64,
@@ -441,7 +442,7 @@ fn fault_loop(
 ) -> Result<()> {
     let mut readahead = Readahead::new(ram.vcpus());
     // Which vCPU a thread is, read once per thread (/proc, on the path of every fault).
-    let mut vcpus: HashMap<u32, Option<usize>> = HashMap::new();
+    let mut vcpus: HashMap<u32, usize> = HashMap::new();
     while !stop.load(Ordering::SeqCst) {
         for f in ram.faults(Duration::from_millis(50))? {
             let Some(h) = held.get(f.region as usize) else {
@@ -458,7 +459,14 @@ fn fault_loop(
                 continue;
             }
             let now = Instant::now();
-            let vcpu = *vcpus.entry(f.tid).or_insert_with(|| ram.vcpu_of(f.tid));
+            // Only a thread found to be a vCPU is remembered: a read of /proc that failed
+            // once must not make a vCPU count as "other" for good.
+            let vcpu = match vcpus.get(&f.tid) {
+                Some(&v) => Some(v),
+                None => ram.vcpu_of(f.tid).inspect(|&v| {
+                    vcpus.insert(f.tid, v);
+                }),
+            };
             let first = {
                 let mut a = account.lock().unwrap_or_else(|e| e.into_inner());
                 let first = !a.pending.contains_key(&(f.region, f.page));
@@ -493,8 +501,10 @@ fn fault_loop(
             };
             let conn = asks.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if let (true, Some(conn)) = (first, conn) {
-                // The faulting page alone first, so that it never waits for the readahead's
-                // pages to be read and placed; then the rest of the window.
+                // The faulting page alone first, then the rest of the window: with
+                // postcopy-preempt each request is its own record, so the faulting page never
+                // waits for the readahead's pages to be read and placed (on the main channel
+                // both go out in the same flush, behind the background pages anyway).
                 let window = readahead.window(vcpu, f.region, f.page, h.pages);
                 let asks = [(f.page, 1), (f.page + 1, window - 1)];
                 for (first_page, count) in asks.into_iter().filter(|a| a.1 > 0) {

@@ -53,6 +53,11 @@ impl Readahead {
             Some(l) if l.region == region && page >= l.next && page - l.next < l.window => {
                 (l.window * 2).min(MAX_WINDOW)
             }
+            // Inside the last window: the vCPU outran its record, which is on its way. Its
+            // page alone (the source sends nothing it sent already), and the run goes on.
+            Some(l) if l.region == region && page < l.next && l.next - page < l.window => {
+                return 1;
+            }
             _ => 1,
         };
         let count = window.min(pages.saturating_sub(page)).max(1);
@@ -82,6 +87,11 @@ mod tests {
             at += r.window(Some(0), 0, at, 1000);
         }
         assert_eq!(r.window(Some(0), 0, at, 1000), MAX_WINDOW, "capped");
+        // A fault inside the window just asked for (the vCPU outran it) asks for its page and
+        // keeps the run.
+        assert_eq!(r.window(Some(0), 0, at + 10, 1000), 1);
+        at += MAX_WINDOW;
+        assert_eq!(r.window(Some(0), 0, at, 1000), MAX_WINDOW);
         // Another vCPU's faults and the VMM's do not disturb it, a jump resets it.
         assert_eq!(r.window(Some(1), 0, at + 1, 1000), 1);
         assert_eq!(r.window(None, 0, 5, 1000), 1);
