@@ -1,32 +1,13 @@
 //! Any stream decodes in bounded memory: long streams, a flood of unknown optional records,
 //! thousands of sections.
 
+mod common;
+
+use common::desc;
 use tern_wire::{
     limits, record_type, ErrorKind, RamRegionDesc, RamRun, Record, RecordWriter, RunData,
-    SectionDesc, StreamReader, StreamWriter, VmDescription, FLAG_OPTIONAL, PAGE_SIZE,
+    StreamReader, StreamWriter, VmDescription, FLAG_OPTIONAL, PAGE_SIZE,
 };
-
-fn desc(sections: usize) -> VmDescription {
-    VmDescription {
-        machine: serde_json::json!({"memory": 64 * PAGE_SIZE, "vcpus": 1}),
-        ram: vec![RamRegionDesc {
-            id: 0,
-            name: "ram".into(),
-            gpa: 0,
-            size: 64 * PAGE_SIZE as u64,
-        }],
-        sections: (0..sections)
-            .map(|i| SectionDesc {
-                name: format!("dev{i}"),
-                instance: 0,
-                version: 1,
-                min_version: 1,
-                fields: vec![],
-                subsections: vec![],
-            })
-            .collect(),
-    }
-}
 
 #[test]
 fn bounded_memory_on_a_long_stream() {

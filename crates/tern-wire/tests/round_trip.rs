@@ -2,25 +2,14 @@
 //! comes back field for field, and any sequence of page records leaves the pages the last write
 //! of each says. The damage side is in `robustness.rs`.
 
+mod common;
+
+use common::desc;
 use proptest::prelude::*;
 use tern_wire::{
-    RamRegionDesc, RamRun, Record, RunData, Section, StreamReader, StreamWriter, Subsection, Value,
-    VmDescription, ENC_RAW, PAGE_SIZE,
+    RamRun, Record, RunData, Section, StreamReader, StreamWriter, Subsection, Value, ENC_RAW,
+    PAGE_SIZE,
 };
-
-/// One region of 64 pages and no device sections: all a page record needs.
-fn desc() -> VmDescription {
-    VmDescription {
-        machine: serde_json::json!({"memory": 64 * PAGE_SIZE, "vcpus": 1}),
-        ram: vec![RamRegionDesc {
-            id: 0,
-            name: "ram".into(),
-            gpa: 0,
-            size: 64 * PAGE_SIZE as u64,
-        }],
-        sections: vec![],
-    }
-}
 
 fn arb_value() -> impl Strategy<Value = Value> {
     prop_oneof![
@@ -84,7 +73,7 @@ proptest! {
         // Model: 64 pages of region 0; the last write of a page wins.
         let mut model = vec![0u8; 64];
         let mut w = StreamWriter::new(Vec::new()).unwrap();
-        w.description(&desc()).unwrap();
+        w.description(&desc(0)).unwrap();
         let mut data_keep = Vec::new();
         for runs in &records {
             let mut bufs = Vec::new();
