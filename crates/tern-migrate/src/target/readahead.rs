@@ -1,10 +1,11 @@
 //! Readahead for postcopy's page requests. A vCPU whose fault lands just past the pages last
 //! asked for on its behalf reads its memory in order, so the next request asks for more pages
 //! ahead — twice as many each time, up to [`MAX_WINDOW`] — as a file system's readahead does;
-//! any other fault asks for its page alone. The source sends what it has not sent yet of the
-//! window (PAGE_REQUEST carries a count), in one record that is placed at once, so the pages
-//! after a sequential fault are there before the vCPU reaches them instead of each costing a
-//! round trip.
+//! any other fault asks for its page alone. The fault thread asks for the faulting page first
+//! and for the window after it in a second PAGE_REQUEST (which carries a count); the source
+//! sends what it has not sent yet of the window in a record that is placed at once, so the
+//! pages after a sequential fault are there before the vCPU reaches them instead of each
+//! costing a round trip.
 //!
 //! Why: from the start of postcopy, 20–56% of the test guest's faults were on the page right
 //! after its previous fault (its self-check reads pages in order; bench/postcopy.py with
